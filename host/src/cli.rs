@@ -1,0 +1,125 @@
+//! Command-line interface: argument parsing and the `check` and `replay`
+//! commands. `main` only calls [`run`].
+
+use std::io::BufReader;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::runtime::Runtime;
+use crate::state::StateStore;
+
+/// event-host: RabbitMQ events through hot-reloadable WebAssembly handlers.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `event_host=debug`.
+    #[arg(long, global = true, env = "EVENT_HOST_LOG", default_value = "info")]
+    pub log: String,
+    /// Log format.
+    #[arg(long, global = true, env = "EVENT_HOST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a handler component and print its manifest as JSON.
+    Check {
+        /// The `.wasm` file.
+        file: PathBuf,
+    },
+    /// Run handlers over a JSON-lines file of events, with no broker.
+    Replay {
+        /// Folder of handler `.wasm` files.
+        #[arg(long)]
+        handlers: PathBuf,
+        /// JSON-lines events: {"exchange", "routing_key", "payload", "properties"}.
+        #[arg(long)]
+        events: PathBuf,
+        /// Host config file (per-handler config, limits).
+        #[arg(long, env = "EVENT_HOST_CONFIG")]
+        config: Option<PathBuf>,
+        /// State folder to use and keep; without it state is in memory.
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+}
+
+/// Parse arguments, set up logging, run the command.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log, cli.log_format);
+    match execute(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: what failed and why, outermost context first.
+            eprintln!("error: {}", format!("{e:#}").replace('\n', "; "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn execute(command: Command) -> Result<()> {
+    match command {
+        Command::Check { file } => {
+            let config = Config::default();
+            let runtime = Runtime::new(config.runtime.clone())?;
+            let version = crate::handler::load_file(&runtime, &config, &file)?;
+            let out = serde_json::json!({
+                "file": file,
+                "sha256": version.sha256,
+                "manifest": version.declared,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Command::Replay { handlers, events, config, state } => {
+            let config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::default(),
+            };
+            let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
+            let loaded = crate::handler::load_dir(&runtime, &config, &handlers)?;
+            let store = match state {
+                Some(dir) => StateStore::open(&dir, config.durability)?,
+                None => StateStore::in_memory()?,
+            };
+            let dispatcher = Dispatcher::new(runtime, store);
+            let file = std::fs::File::open(&events)
+                .with_context(|| format!("opening events file {}", events.display()))?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let summary = crate::replay::replay(&dispatcher, &loaded, BufReader::new(file), &mut out)?;
+            tracing::info!(invocations = summary.invocations, unroutable = summary.unroutable, "replay finished");
+            Ok(())
+        }
+    }
+}

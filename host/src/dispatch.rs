@@ -1,0 +1,332 @@
+//! The dispatcher: the one place that turns a delivery into a handler call
+//! and a handler call into a disposition (ack, retry, reject).
+//!
+//! The broker consumer and `replay` both go through [`Dispatcher::dispatch`],
+//! so offline runs exercise exactly the code that serves production events.
+//! [`decide`] is the single ack decision.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::bindings;
+use crate::handler::{sha256_hex, HandlerVersion};
+use crate::runtime::{CallResult, Runtime};
+use crate::state::{CommitOutcome, Outgoing, StateStore};
+
+/// One message as it arrived, in host terms (the broker adapter and replay
+/// build these).
+#[derive(Debug, Clone, Default)]
+pub struct Delivery {
+    /// Body bytes.
+    pub payload: Vec<u8>,
+    /// Exchange it was published to.
+    pub exchange: String,
+    /// Routing key it was published with.
+    pub routing_key: String,
+    /// `message-id` property.
+    pub message_id: Option<String>,
+    /// `correlation-id` property.
+    pub correlation_id: Option<String>,
+    /// `content-type` property.
+    pub content_type: Option<String>,
+    /// Application headers.
+    pub headers: Vec<(String, HeaderValue)>,
+    /// `timestamp` property (Unix seconds).
+    pub timestamp: Option<u64>,
+    /// Broker redelivery flag.
+    pub redelivered: bool,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+}
+
+/// A header value in host terms (mirrors the WIT `header-value`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum HeaderValue {
+    /// Text.
+    Text(String),
+    /// Integer.
+    Integer(i64),
+    /// Float.
+    Float(f64),
+    /// Boolean.
+    Boolean(bool),
+    /// Bytes.
+    Bytes(Vec<u8>),
+    /// Nested table or array as JSON text.
+    Json(String),
+}
+
+impl Delivery {
+    fn to_event(&self) -> bindings::Event {
+        bindings::Event {
+            payload: self.payload.clone(),
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            message_id: self.message_id.clone(),
+            correlation_id: self.correlation_id.clone(),
+            content_type: self.content_type.clone(),
+            headers: self
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        HeaderValue::Text(s) => bindings::HeaderValue::Text(s.clone()),
+                        HeaderValue::Integer(i) => bindings::HeaderValue::Integer(*i),
+                        HeaderValue::Float(f) => bindings::HeaderValue::Float(*f),
+                        HeaderValue::Boolean(b) => bindings::HeaderValue::Boolean(*b),
+                        HeaderValue::Bytes(b) => bindings::HeaderValue::Bytes(b.clone()),
+                        HeaderValue::Json(j) => bindings::HeaderValue::Json(j.clone()),
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+            timestamp: self.timestamp,
+            redelivered: self.redelivered,
+            attempt: self.attempt.max(1),
+        }
+    }
+}
+
+/// What to do with a delivery after its handler ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Effects are durable; ack the input.
+    Ack,
+    /// Try again later (retry path), counting an attempt.
+    Retry,
+    /// Dead-letter now.
+    Reject,
+    /// A host-side fault: put the event back without counting an attempt.
+    Requeue,
+}
+
+/// The ack decision: how a call result maps to an outcome, given the
+/// attempt this was and the handler's max attempts. Traps, timeouts and
+/// memory-cap hits are failed attempts like `retry`; once attempts are
+/// used up the event is dead-lettered rather than retried forever.
+pub fn decide(result: &CallResult, attempt: u32, max_attempts: u32) -> (Outcome, Option<String>) {
+    let failed_attempt = |reason: String| {
+        if attempt >= max_attempts {
+            (
+                Outcome::Reject,
+                Some(format!("attempts exhausted ({attempt}/{max_attempts}): {reason}")),
+            )
+        } else {
+            (Outcome::Retry, Some(reason))
+        }
+    };
+    match result {
+        CallResult::Ok => (Outcome::Ack, None),
+        CallResult::Reject(reason) => (Outcome::Reject, Some(reason.clone())),
+        CallResult::Retry(reason) => failed_attempt(reason.clone()),
+        CallResult::Trapped(failure) => failed_attempt(failure.to_string()),
+        CallResult::HostError(reason) => (Outcome::Requeue, Some(format!("host error: {reason}"))),
+    }
+}
+
+/// The result of dispatching one delivery to one handler.
+#[derive(Debug, Clone, Serialize)]
+pub struct Handled {
+    /// What to do with the input.
+    pub outcome: Outcome,
+    /// Why, for anything but a plain ack.
+    pub reason: Option<String>,
+    /// What the handler published (released: the call committed).
+    pub published: Vec<Outgoing>,
+    /// Outbox rows holding `published`, to clear once confirmed.
+    #[serde(skip)]
+    pub outbox_ids: Vec<i64>,
+    /// True when the event had already committed and was not run again.
+    pub duplicate: bool,
+    /// Time spent in the guest (all runs, if a conflict re-ran it).
+    #[serde(skip)]
+    pub elapsed: Duration,
+}
+
+/// How many times an event is re-run when another event of the same
+/// handler changed what it read before it could commit.
+const MAX_CONFLICT_RERUNS: u32 = 8;
+
+/// Runs deliveries through handlers and commits their effects.
+#[derive(Clone)]
+pub struct Dispatcher {
+    runtime: std::sync::Arc<Runtime>,
+    state: StateStore,
+}
+
+impl Dispatcher {
+    /// A dispatcher over this runtime and state store.
+    pub fn new(runtime: std::sync::Arc<Runtime>, state: StateStore) -> Self {
+        Self { runtime, state }
+    }
+
+    /// The state store.
+    pub fn state(&self) -> &StateStore {
+        &self.state
+    }
+
+    /// The Wasm runtime.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// Run `delivery` through `handler` and make its effects durable.
+    ///
+    /// Errors only for host faults (the state store failing); everything a
+    /// guest does is an [`Outcome`].
+    pub fn dispatch(&self, handler: &HandlerVersion, delivery: &Delivery) -> Result<Handled> {
+        let ns = &*handler.name;
+        if let Some(id) = &delivery.message_id {
+            if self.state.is_processed(ns, id)? {
+                return Ok(Handled {
+                    outcome: Outcome::Ack,
+                    reason: Some("duplicate: message id already committed".into()),
+                    published: Vec::new(),
+                    outbox_ids: Vec::new(),
+                    duplicate: true,
+                    elapsed: Duration::ZERO,
+                });
+            }
+        }
+        let event = delivery.to_event();
+        let mut elapsed = Duration::ZERO;
+        let mut conflicts = 0;
+        loop {
+            let call = self.runtime.call(
+                &handler.pre,
+                handler.name.clone(),
+                self.state.clone(),
+                handler.settings.config.clone(),
+                &handler.settings.budget,
+                &event,
+            );
+            elapsed += call.elapsed;
+            log_output(handler, "stdout", &call.effects.stdout);
+            log_output(handler, "stderr", &call.effects.stderr);
+            let (outcome, reason) = decide(&call.result, event.attempt, handler.settings.max_attempts);
+            if outcome != Outcome::Ack {
+                tracing::debug!(handler = %handler.name, ?outcome, reason = reason.as_deref(), "event failed");
+                return Ok(Handled {
+                    outcome,
+                    reason,
+                    published: Vec::new(),
+                    outbox_ids: Vec::new(),
+                    duplicate: false,
+                    elapsed,
+                });
+            }
+            let publishes = stamp_publishes(handler, delivery, call.effects.publishes);
+            let commit = call
+                .effects
+                .txn
+                .into_commit(ns, delivery.message_id.clone(), publishes.clone());
+            let committed = self
+                .state
+                .commit(std::slice::from_ref(&commit))
+                .with_context(|| format!("committing state of handler {ns}"))?;
+            match committed.into_iter().next() {
+                Some(CommitOutcome::Committed { outbox_ids }) => {
+                    return Ok(Handled {
+                        outcome: Outcome::Ack,
+                        reason: None,
+                        published: publishes,
+                        outbox_ids,
+                        duplicate: false,
+                        elapsed,
+                    })
+                }
+                Some(CommitOutcome::Duplicate) => {
+                    return Ok(Handled {
+                        outcome: Outcome::Ack,
+                        reason: Some("duplicate: message id already committed".into()),
+                        published: Vec::new(),
+                        outbox_ids: Vec::new(),
+                        duplicate: true,
+                        elapsed,
+                    })
+                }
+                Some(CommitOutcome::Conflict { key }) if conflicts < MAX_CONFLICT_RERUNS => {
+                    conflicts += 1;
+                    tracing::debug!(handler = %handler.name, key, "state conflict, running the event again");
+                }
+                Some(CommitOutcome::Conflict { key }) => {
+                    return Ok(Handled {
+                        outcome: Outcome::Requeue,
+                        reason: Some(format!("state key {key:?} kept changing under the event")),
+                        published: Vec::new(),
+                        outbox_ids: Vec::new(),
+                        duplicate: false,
+                        elapsed,
+                    })
+                }
+                None => anyhow::bail!("state store returned no outcome for a commit"),
+            }
+        }
+    }
+}
+
+/// Give every publish a stable message id (so a re-run after a crash
+/// publishes the same ids and downstream dedupe works) and carry the input's
+/// correlation id when the guest set none.
+fn stamp_publishes(handler: &HandlerVersion, delivery: &Delivery, mut publishes: Vec<Outgoing>) -> Vec<Outgoing> {
+    if publishes.is_empty() {
+        return publishes;
+    }
+    let base = match &delivery.message_id {
+        Some(id) => format!("{}:{id}", handler.name),
+        None => {
+            let mut seed = Vec::with_capacity(delivery.payload.len() + 64);
+            for part in [handler.name.as_bytes(), delivery.exchange.as_bytes(), delivery.routing_key.as_bytes()] {
+                seed.extend_from_slice(part);
+                seed.push(0);
+            }
+            seed.extend_from_slice(&delivery.payload);
+            format!("{}:{}", handler.name, &sha256_hex(&seed)[..16])
+        }
+    };
+    for (i, p) in publishes.iter_mut().enumerate() {
+        if p.message_id.is_none() {
+            p.message_id = Some(format!("{base}:{i}"));
+        }
+        if p.correlation_id.is_none() {
+            p.correlation_id = delivery.correlation_id.clone();
+        }
+    }
+    publishes
+}
+
+fn log_output(handler: &HandlerVersion, stream: &str, bytes: &[u8]) {
+    if !bytes.is_empty() {
+        tracing::info!(
+            target: "guest",
+            handler = %handler.name,
+            stream,
+            "{}",
+            String::from_utf8_lossy(bytes).trim_end()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::Failure;
+
+    #[test]
+    fn decide_counts_attempts_and_never_acks_failures() {
+        assert_eq!(decide(&CallResult::Ok, 1, 3).0, Outcome::Ack);
+        assert_eq!(decide(&CallResult::Retry("x".into()), 1, 3).0, Outcome::Retry);
+        assert_eq!(decide(&CallResult::Retry("x".into()), 3, 3).0, Outcome::Reject);
+        let trap = CallResult::Trapped(Failure::Timeout(Duration::from_millis(5)));
+        assert_eq!(decide(&trap, 2, 3).0, Outcome::Retry);
+        let (o, reason) = decide(&trap, 3, 3);
+        assert_eq!(o, Outcome::Reject);
+        assert!(reason.unwrap().contains("attempts exhausted (3/3)"));
+        assert_eq!(decide(&CallResult::Reject("bad".into()), 1, 3).0, Outcome::Reject);
+        assert_eq!(decide(&CallResult::HostError("io".into()), 9, 3).0, Outcome::Requeue);
+    }
+}

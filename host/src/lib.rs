@@ -1,0 +1,32 @@
+//! event-host: a RabbitMQ sidecar that runs every event through
+//! hot-reloadable WebAssembly components.
+//!
+//! # Layout
+//!
+//! - [`bindings`]: the one `bindgen!` site, generated from `wit/`.
+//! - [`runtime`]: the Wasm side — engine policy (pooling, epochs, limits),
+//!   compiling and checking components, one call in a fresh instance.
+//! - [`guest`]: what a guest sees of the host — store data and the host side
+//!   of every WIT import (state, publish, logging, config).
+//! - [`state`]: the durable, transactional per-handler state store, dedupe
+//!   records and the outbox.
+//! - [`manifest`], [`handler`]: a handler's self-description and loading a
+//!   `.wasm` file into an immutable, ready-to-run version.
+//! - [`config`]: the TOML file and every knob, with defaults.
+//! - [`dispatch`]: the only module that knows both sides — delivery in,
+//!   handler call, state commit, one ack decision ([`dispatch::decide`]).
+//! - [`cli`]: argument parsing and the commands; `main` only calls it.
+//! - [`router`], [`replay`]: AMQP routing in memory and the offline
+//!   `replay` command built on the real dispatcher.
+
+pub mod bindings;
+pub mod cli;
+pub mod config;
+pub mod dispatch;
+pub mod guest;
+pub mod handler;
+pub mod manifest;
+pub mod replay;
+pub mod router;
+pub mod runtime;
+pub mod state;

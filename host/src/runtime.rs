@@ -1,0 +1,323 @@
+//! The Wasm side: engine policy, compiling and checking components, and
+//! running one handler call in a fresh, bounded instance.
+//!
+//! Engine policy lives here and nowhere else: the pooling allocator (so an
+//! instance is a few page-table operations, not an `mmap`), copy-on-write
+//! memory images, epoch interruption for deadlines, and the resource
+//! limiter for memory caps. The dispatcher asks for "run this event on this
+//! handler version" and gets back a [`CallOutcome`] whatever the guest did.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+use crate::bindings::{self, Handler, HandlerPre};
+use crate::guest::{CallEffects, CallLimits, GuestState, MemoryLimitExceeded};
+use crate::manifest::Manifest;
+use crate::state::StateStore;
+
+/// Engine-wide settings. Per-handler limits (deadline, memory) are in
+/// [`CallLimits`] and the handler config; these bound the whole process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Instances that may exist at once (pool slots). Too low and events
+    /// wait for a slot (they fail with "pool exhausted"); each slot costs
+    /// only address space until used. Default 64.
+    pub max_instances: u32,
+    /// Largest memory cap any handler may be given, in MiB; per-handler
+    /// `memory_mb` is checked against it. Default 1024.
+    pub max_memory_mb: u64,
+    /// Epoch tick in milliseconds: the granularity of per-event deadlines.
+    /// Smaller is more precise and costs a wakeup per tick. Default 5.
+    pub epoch_tick_ms: u64,
+    /// Largest `.wasm` file accepted, in MiB. Default 64.
+    pub max_component_mb: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            max_instances: 64,
+            max_memory_mb: 1024,
+            epoch_tick_ms: 5,
+            max_component_mb: 64,
+        }
+    }
+}
+
+/// A compiled, linked, checked handler component, ready to instantiate.
+pub struct Prepared {
+    /// Pre-instantiation: imports resolved once, so each event only
+    /// allocates and initialises an instance.
+    pub pre: HandlerPre<GuestState>,
+    /// What the component says about itself.
+    pub manifest: Manifest,
+}
+
+/// The per-event budget of one call.
+#[derive(Debug, Clone)]
+pub struct CallBudget {
+    /// Wall-clock deadline for the call (epoch-based).
+    pub deadline: Duration,
+    /// Memory, publish and output limits.
+    pub limits: CallLimits,
+}
+
+/// How a call ended, from the host's point of view.
+#[derive(Debug)]
+pub enum CallResult {
+    /// `handle` returned `ok`.
+    Ok,
+    /// `handle` returned `retry(reason)`.
+    Retry(String),
+    /// `handle` returned `reject(reason)`.
+    Reject(String),
+    /// The guest trapped, timed out, hit its memory cap or exited: a failed
+    /// attempt, with a human reason.
+    Trapped(Failure),
+    /// The host failed (state I/O, instantiation): not the guest's fault.
+    HostError(String),
+}
+
+/// Why a guest call failed without returning.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// The epoch deadline passed.
+    Timeout(Duration),
+    /// Linear memory growth past the cap.
+    MemoryLimit(String),
+    /// Any other trap (panic, stack overflow, bad memory access, exit...).
+    Trap(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Timeout(d) => write!(f, "deadline of {} ms exceeded", d.as_millis()),
+            Failure::MemoryLimit(m) => f.write_str(m),
+            Failure::Trap(m) => write!(f, "trap: {m}"),
+        }
+    }
+}
+
+/// Everything a call returned: how it ended and what it produced.
+#[derive(Debug)]
+pub struct CallOutcome {
+    /// How it ended.
+    pub result: CallResult,
+    /// State transaction, publishes, captured output.
+    pub effects: CallEffects,
+    /// Time spent instantiating and running.
+    pub elapsed: Duration,
+}
+
+/// The Wasm engine and the linker every handler is instantiated against.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    config: RuntimeConfig,
+    /// Ticks the epoch; stops when the engine is dropped.
+    _ticker: std::thread::JoinHandle<()>,
+}
+
+impl Runtime {
+    /// Build the engine with this process's policy.
+    pub fn new(config: RuntimeConfig) -> Result<Self> {
+        let mut pool = PoolingAllocationConfig::default();
+        let slots = config.max_instances.max(1);
+        // A wasm32-wasip2 Rust component is a handful of core instances
+        // (the program plus adapter shims), usually one or two memories.
+        pool.total_component_instances(slots)
+            .total_core_instances(slots * 8)
+            .total_memories(slots * 2)
+            .total_tables(slots * 8)
+            .total_stacks(slots)
+            .max_memory_size((config.max_memory_mb as usize) << 20)
+            // Resetting a slot by memset is cheaper than madvise for the
+            // small heaps handlers dirty per event.
+            .linear_memory_keep_resident(128 << 10)
+            .table_keep_resident(16 << 10);
+
+        let mut wasm = Config::new();
+        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .epoch_interruption(true)
+            .memory_init_cow(true)
+            // The guest's own shadow stack lives in its linear memory; this
+            // bounds the native stack wasm frames may use.
+            .max_wasm_stack(512 << 10)
+            .wasm_component_model(true);
+        let engine = Engine::new(&wasm).map_err(anyhow::Error::from).context("creating the Wasm engine")?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from).context("linking WASI")?;
+        Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
+            .map_err(anyhow::Error::from)
+            .context("linking the handler world")?;
+
+        let weak = engine.weak();
+        let tick = Duration::from_millis(config.epoch_tick_ms.max(1));
+        let ticker = std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || loop {
+                std::thread::sleep(tick);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => return,
+                }
+            })
+            .context("starting the epoch ticker")?;
+
+        Ok(Self {
+            engine,
+            linker,
+            config,
+            _ticker: ticker,
+        })
+    }
+
+    /// The engine-wide settings.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Compile `bytes`, check them against the `handler` world and read the
+    /// manifest. Anything that is not a valid handler component fails here
+    /// with a one-line reason, before it could serve an event.
+    pub fn prepare(&self, bytes: &[u8]) -> Result<Prepared> {
+        let max = (self.config.max_component_mb as usize) << 20;
+        if bytes.len() > max {
+            bail!(
+                "component is {} bytes, over the {} MiB limit",
+                bytes.len(),
+                self.config.max_component_mb
+            );
+        }
+        if !is_component(bytes) {
+            bail!("not a WebAssembly component (a core module or another file type)");
+        }
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| anyhow!("{}", first_line(&format!("{e:#}"))))
+            .context("compiling component")?;
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| anyhow!("{e:#}"))
+            .context("component imports something the handler world does not provide")?;
+        let pre = HandlerPre::new(instance_pre)
+            .map_err(|e| anyhow!("{e:#}"))
+            .context("component does not export the handler world (manifest, handle)")?;
+        let manifest = self.read_manifest(&pre)?;
+        Ok(Prepared { pre, manifest })
+    }
+
+    fn read_manifest(&self, pre: &HandlerPre<GuestState>) -> Result<Manifest> {
+        let limits = CallLimits {
+            memory_bytes: 64 << 20,
+            max_publishes: 0,
+            max_publish_bytes: 0,
+            max_output_bytes: 4096,
+            max_log_lines: 10,
+        };
+        let data = GuestState::new("(loading)".into(), None, Arc::new(BTreeMap::new()), limits);
+        let mut store = self.store(data, Duration::from_secs(1));
+        let raw = pre
+            .instantiate(&mut store)
+            .and_then(|h| h.call_manifest(&mut store))
+            .map_err(|e| anyhow!("{}", describe_error(&e, Duration::from_secs(1)).to_string()))
+            .context("calling manifest()")?;
+        Manifest::try_from(raw)
+    }
+
+    fn store(&self, data: GuestState, deadline: Duration) -> Store<GuestState> {
+        let mut store = Store::new(&self.engine, data);
+        store.limiter(|s| s.limiter());
+        let tick = self.config.epoch_tick_ms.max(1);
+        // +1: the deadline is never shorter than asked, whatever the phase
+        // of the ticker when the call starts.
+        store.set_epoch_deadline(deadline.as_millis() as u64 / tick + 1);
+        store.epoch_deadline_trap();
+        store
+    }
+
+    /// Run one event in a fresh instance. Never fails and never panics on
+    /// anything the guest does; every failure is a [`CallResult`].
+    pub fn call(
+        &self,
+        pre: &HandlerPre<GuestState>,
+        handler: Arc<str>,
+        state: StateStore,
+        config: Arc<BTreeMap<String, String>>,
+        budget: &CallBudget,
+        event: &bindings::Event,
+    ) -> CallOutcome {
+        let started = Instant::now();
+        let data = GuestState::new(handler, Some(state), config, budget.limits.clone());
+        let mut store = self.store(data, budget.deadline);
+        let result = match pre.instantiate(&mut store) {
+            Err(e) => classify(&e, budget.deadline, &mut store, true),
+            Ok(instance) => match instance.call_handle(&mut store, event) {
+                Ok(Ok(())) => CallResult::Ok,
+                Ok(Err(bindings::HandleError::Retry(r))) => CallResult::Retry(r),
+                Ok(Err(bindings::HandleError::Reject(r))) => CallResult::Reject(r),
+                Err(e) => classify(&e, budget.deadline, &mut store, false),
+            },
+        };
+        let effects = store.into_data().into_effects();
+        CallOutcome {
+            result,
+            effects,
+            elapsed: started.elapsed(),
+        }
+    }
+}
+
+/// Turn a wasmtime error from instantiating or calling into a result.
+fn classify(
+    e: &wasmtime::Error,
+    deadline: Duration,
+    store: &mut Store<GuestState>,
+    instantiating: bool,
+) -> CallResult {
+    if let Some(fault) = store.data().host_fault() {
+        return CallResult::HostError(fault);
+    }
+    if instantiating && e.downcast_ref::<Trap>().is_none() && e.downcast_ref::<MemoryLimitExceeded>().is_none() {
+        // Pool exhaustion and the like: the guest never ran.
+        return CallResult::HostError(format!("instantiation failed: {}", first_line(&format!("{e:#}"))));
+    }
+    CallResult::Trapped(describe_error(e, deadline))
+}
+
+fn describe_error(e: &wasmtime::Error, deadline: Duration) -> Failure {
+    if let Some(limit) = e.downcast_ref::<MemoryLimitExceeded>() {
+        return Failure::MemoryLimit(limit.to_string());
+    }
+    if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return Failure::Trap(format!("guest called exit({})", exit.0));
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => Failure::Timeout(deadline),
+        Some(Trap::StackOverflow) => Failure::Trap("stack overflow".into()),
+        Some(Trap::UnreachableCodeReached) => {
+            Failure::Trap("unreachable executed (a Rust guest panicked or aborted)".into())
+        }
+        Some(trap) => Failure::Trap(trap.to_string()),
+        None => Failure::Trap(first_line(&format!("{e:#}")).to_owned()),
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+/// Components start with the wasm magic and the component layer/version
+/// (`0d 00 01 00`); core modules have version `01 00 00 00`.
+pub fn is_component(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && &bytes[..4] == b"\0asm" && bytes[4..8] == [0x0d, 0x00, 0x01, 0x00]
+}
