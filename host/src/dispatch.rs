@@ -147,6 +147,24 @@ pub struct Handled {
     pub elapsed: Duration,
 }
 
+impl Handled {
+    /// An outcome with no effects released (failures, skipped duplicates,
+    /// read-only calls).
+    fn without_effects(outcome: Outcome, reason: Option<String>, elapsed: Duration) -> Self {
+        Self {
+            duplicate: reason.as_deref().is_some_and(|r| r.starts_with(DUPLICATE)),
+            outcome,
+            reason,
+            published: Vec::new(),
+            outbox_ids: Vec::new(),
+            elapsed,
+        }
+    }
+}
+
+/// Reason given for an event whose message id already committed.
+const DUPLICATE: &str = "duplicate: message id already committed";
+
 /// How many times an event is re-run when another event of the same
 /// handler changed what it read before it could commit.
 const MAX_CONFLICT_RERUNS: u32 = 8;
@@ -182,14 +200,7 @@ impl Dispatcher {
         let ns = &*handler.name;
         if let Some(id) = &delivery.message_id {
             if self.state.is_processed(ns, id)? {
-                return Ok(Handled {
-                    outcome: Outcome::Ack,
-                    reason: Some("duplicate: message id already committed".into()),
-                    published: Vec::new(),
-                    outbox_ids: Vec::new(),
-                    duplicate: true,
-                    elapsed: Duration::ZERO,
-                });
+                return Ok(Handled::without_effects(Outcome::Ack, Some(DUPLICATE.into()), Duration::ZERO));
             }
         }
         let event = delivery.to_event();
@@ -210,16 +221,14 @@ impl Dispatcher {
             let (outcome, reason) = decide(&call.result, event.attempt, handler.settings.max_attempts);
             if outcome != Outcome::Ack {
                 tracing::debug!(handler = %handler.name, ?outcome, reason = reason.as_deref(), "event failed");
-                return Ok(Handled {
-                    outcome,
-                    reason,
-                    published: Vec::new(),
-                    outbox_ids: Vec::new(),
-                    duplicate: false,
-                    elapsed,
-                });
+                return Ok(Handled::without_effects(outcome, reason, elapsed));
             }
             let publishes = stamp_publishes(handler, delivery, call.effects.publishes);
+            if publishes.is_empty() && delivery.message_id.is_none() && !call.effects.txn.has_writes() {
+                // Nothing to make durable (a read-only call's reads need no
+                // validation: it changed nothing based on them).
+                return Ok(Handled::without_effects(Outcome::Ack, None, elapsed));
+            }
             let commit = call
                 .effects
                 .txn
@@ -240,28 +249,15 @@ impl Dispatcher {
                     })
                 }
                 Some(CommitOutcome::Duplicate) => {
-                    return Ok(Handled {
-                        outcome: Outcome::Ack,
-                        reason: Some("duplicate: message id already committed".into()),
-                        published: Vec::new(),
-                        outbox_ids: Vec::new(),
-                        duplicate: true,
-                        elapsed,
-                    })
+                    return Ok(Handled::without_effects(Outcome::Ack, Some(DUPLICATE.into()), elapsed))
                 }
                 Some(CommitOutcome::Conflict { key }) if conflicts < MAX_CONFLICT_RERUNS => {
                     conflicts += 1;
                     tracing::debug!(handler = %handler.name, key, "state conflict, running the event again");
                 }
                 Some(CommitOutcome::Conflict { key }) => {
-                    return Ok(Handled {
-                        outcome: Outcome::Requeue,
-                        reason: Some(format!("state key {key:?} kept changing under the event")),
-                        published: Vec::new(),
-                        outbox_ids: Vec::new(),
-                        duplicate: false,
-                        elapsed,
-                    })
+                    let reason = format!("state key {key:?} kept changing under the event");
+                    return Ok(Handled::without_effects(Outcome::Requeue, Some(reason), elapsed));
                 }
                 None => anyhow::bail!("state store returned no outcome for a commit"),
             }

@@ -106,9 +106,9 @@ impl Txn {
         &self.writes
     }
 
-    /// True when the call neither read nor wrote state.
-    pub fn is_empty(&self) -> bool {
-        self.reads.is_empty() && self.writes.is_empty()
+    /// True when the call wrote (or deleted) anything.
+    pub fn has_writes(&self) -> bool {
+        !self.writes.is_empty()
     }
 
     /// Turn the finished transaction into a commit request.

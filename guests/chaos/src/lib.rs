@@ -1,0 +1,163 @@
+//! Chaos: one adversarial test guest whose behaviour the payload chooses,
+//! `{"action": "...", ...}`. Tests use it to prove that nothing a guest
+//! does can crash, hang or escape the host, and that state and publishes
+//! take effect only when a call succeeds.
+//!
+//! Probes of the sandbox (`read-file`, `env`, `socket`) reject with a
+//! reason starting `denied:` when the host refused them and `LEAK:` when it
+//! did not, so a test can tell a refusal from any other failure.
+
+wit_bindgen::generate!({ world: "handler", path: "../../wit", generate_all });
+
+use std::hint::black_box;
+
+use event_host::handler::publisher::{publish, Properties};
+use event_host::handler::types::{ExchangeKind, Subscription};
+use serde_json::Value;
+use wasi::keyvalue::{atomics, store as kv};
+use wasi::logging::logging::{log, Level};
+
+struct Chaos;
+
+fn text<'a>(v: &'a Value, field: &str) -> &'a str {
+    v.get(field).and_then(Value::as_str).unwrap_or_default()
+}
+
+fn number(v: &Value, field: &str, default: i64) -> i64 {
+    v.get(field).and_then(Value::as_i64).unwrap_or(default)
+}
+
+fn bucket() -> Result<kv::Bucket, HandleError> {
+    kv::open("").map_err(|e| HandleError::Retry(format!("state error: {e:?}")))
+}
+
+fn kv_set(v: &Value) -> Result<(), HandleError> {
+    bucket()?
+        .set(text(v, "key"), text(v, "value").as_bytes())
+        .map_err(|e| HandleError::Retry(format!("state error: {e:?}")))
+}
+
+fn publish_n(v: &Value) -> Result<(), HandleError> {
+    let props = Properties {
+        content_type: Some("application/json".into()),
+        message_id: None,
+        correlation_id: None,
+        headers: vec![],
+    };
+    for i in 0..number(v, "n", 1) {
+        publish(text(v, "exchange"), text(v, "routing_key"), format!("{{\"seq\": {i}}}").as_bytes(), &props)
+            .map_err(|e| HandleError::Reject(format!("publish refused: {e:?}")))?;
+    }
+    Ok(())
+}
+
+fn probe<T, E: std::fmt::Display>(result: Result<T, E>, leak: impl FnOnce(T) -> String) -> Result<(), HandleError> {
+    Err(HandleError::Reject(match result {
+        Ok(v) => format!("LEAK: {}", leak(v)),
+        Err(e) => format!("denied: {e}"),
+    }))
+}
+
+/// Recursion the optimiser cannot turn into a loop: each frame keeps a
+/// buffer alive across the recursive call.
+#[allow(unconditional_recursion)] // unbounded on purpose: the host must stop it
+fn recurse(depth: u64) -> u64 {
+    let mut frame = [0u8; 256];
+    frame[(depth % 256) as usize] = depth as u8;
+    let below = recurse(black_box(depth + 1));
+    black_box(&frame);
+    below + frame[0] as u64
+}
+
+impl Guest for Chaos {
+    fn manifest() -> Manifest {
+        Manifest {
+            name: "chaos".into(),
+            version: "1.0.0".into(),
+            subscriptions: vec![Subscription {
+                exchange: "chaos".into(),
+                kind: ExchangeKind::Topic,
+                binding_keys: vec!["#".into()],
+            }],
+            max_attempts: None,
+        }
+    }
+
+    fn handle(event: Event) -> Result<(), HandleError> {
+        let v: Value = serde_json::from_slice(&event.payload)
+            .map_err(|e| HandleError::Reject(format!("unknown action: payload is not JSON: {e}")))?;
+        match text(&v, "action") {
+            "ok" => Ok(()),
+            "loop" => {
+                let mut n = 0u64;
+                loop {
+                    n = black_box(n.wrapping_add(1));
+                }
+            }
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    // Non-zero bytes, so every page is really touched.
+                    hoard.push(vec![0xA5; 1 << 20]);
+                    black_box(&hoard);
+                }
+            }
+            "recurse" => {
+                black_box(recurse(0));
+                Ok(())
+            }
+            "panic" => panic!("chaos panic"),
+            "exit" => std::process::exit(number(&v, "code", 1) as i32),
+            "read-file" => probe(std::fs::read_to_string(text(&v, "path")), |s| format!("read {} bytes", s.len())),
+            "env" => {
+                let count = std::env::vars().count();
+                if count > 0 {
+                    return Err(HandleError::Reject(format!("LEAK: {count} environment variables")));
+                }
+                probe(std::env::var(text(&v, "name")), |value| value)
+            }
+            "socket" => probe(std::net::TcpStream::connect(text(&v, "addr")), |_| "connected".into()),
+            "retry" => Err(HandleError::Retry(text(&v, "reason").into())),
+            "reject" => Err(HandleError::Reject(text(&v, "reason").into())),
+            "publish" => publish_n(&v),
+            "publish-then-fail" => {
+                publish_n(&v)?;
+                Err(HandleError::Retry("failed after publishing".into()))
+            }
+            "kv-set" => kv_set(&v),
+            "kv-set-then-fail" => {
+                kv_set(&v)?;
+                Err(HandleError::Retry("failed after write".into()))
+            }
+            "kv-set-then-panic" => {
+                kv_set(&v)?;
+                panic!("chaos panic after write")
+            }
+            "kv-incr" => atomics::increment(&bucket()?, text(&v, "key"), number(&v, "delta", 1))
+                .map(drop)
+                .map_err(|e| HandleError::Retry(format!("state error: {e:?}"))),
+            "burn" => {
+                let until = std::time::Instant::now() + std::time::Duration::from_micros(number(&v, "micros", 0) as u64);
+                while std::time::Instant::now() < until {
+                    black_box(0);
+                }
+                Ok(())
+            }
+            "print" => {
+                let line = text(&v, "text");
+                for _ in 0..number(&v, "times", 1) {
+                    println!("{line}");
+                }
+                eprintln!("{line}");
+                Ok(())
+            }
+            "log" => {
+                log(Level::Info, "chaos", text(&v, "message"));
+                Ok(())
+            }
+            other => Err(HandleError::Reject(format!("unknown action {other:?}"))),
+        }
+    }
+}
+
+export!(Chaos);

@@ -1,0 +1,116 @@
+//! The `event-host` binary: `check` and `replay`, run as a user would.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::support::{guest, handlers_dir};
+
+fn event_host() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_event-host"))
+}
+
+#[test]
+fn check_prints_the_manifest_as_json() {
+    let out = event_host().arg("check").arg(guest("inventory")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["manifest"]["name"], "inventory");
+    assert_eq!(v["manifest"]["subscriptions"][0]["exchange"], "orders");
+    assert_eq!(v["manifest"]["subscriptions"][0]["kind"], "fanout");
+    assert_eq!(v["sha256"].as_str().map(str::len), Some(64));
+}
+
+#[test]
+fn check_refuses_another_world_with_a_one_line_reason() {
+    for file in [guest("other-world"), std::path::PathBuf::from("Cargo.toml")] {
+        let out = event_host().arg("check").arg(&file).output().unwrap();
+        assert!(!out.status.success(), "{file:?} accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "one line: {stderr}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
+fn replay(handlers: &[&str], config: &str, events: &str) -> Vec<Value> {
+    let dir = handlers_dir(handlers);
+    let events_file = dir.path().join("events.jsonl");
+    std::fs::write(&events_file, events).unwrap();
+    let config_file = dir.path().join("config.toml");
+    std::fs::write(&config_file, config).unwrap();
+    let out = event_host()
+        .args(["replay", "--handlers"])
+        .arg(dir.path())
+        .arg("--events")
+        .arg(&events_file)
+        .arg("--config")
+        .arg(&config_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+const CONFIG: &str = r#"
+[handlers.inventory.config]
+"stock.Laptop" = "10"
+"low-stock-threshold" = "3"
+"#;
+
+#[test]
+fn replay_chains_checkout_to_order_to_inventory() {
+    let lines = replay(
+        &["order-publisher", "inventory", "chaos"],
+        CONFIG,
+        r#"{"exchange":"checkout","routing_key":"checkout.requested","payload":{"item":"Laptop","quantity":3}}"#,
+    );
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert_eq!(lines[0]["handler"], "order-publisher");
+    assert_eq!(lines[0]["outcome"], "ack");
+    assert_eq!(lines[0]["published"][0]["exchange"], "orders");
+    assert_eq!(lines[0]["published"][0]["payload"]["id"], 1);
+    assert_eq!(lines[1]["handler"], "inventory");
+    assert_eq!(lines[1]["exchange"], "orders");
+    assert_eq!(lines[1]["outcome"], "ack");
+    let reserved = &lines[1]["published"][0];
+    assert_eq!(reserved["routing_key"], "inventory.reserved");
+    assert_eq!(reserved["payload"]["remaining"], 7);
+}
+
+#[test]
+fn replay_routes_fanout_direct_and_topic() {
+    // chaos binds topic "chaos" with "#"; order-publisher binds direct
+    // "checkout" with "checkout.requested"; inventory binds fanout "orders".
+    let events = [
+        // direct: the wrong key reaches nobody, the right one reaches order-publisher
+        r#"{"exchange":"checkout","routing_key":"checkout.other","payload":{"item":"Laptop","quantity":1}}"#,
+        // fanout: any routing key reaches inventory
+        r#"{"exchange":"orders","routing_key":"whatever","payload":{"id":9,"item":"Laptop","quantity":1}}"#,
+        // topic "#": any key, including several words, reaches chaos
+        r#"{"exchange":"chaos","routing_key":"a.b.c","payload":{"action":"ok"}}"#,
+        // unknown exchange: dropped
+        r#"{"exchange":"nowhere","routing_key":"","payload":{}}"#,
+    ];
+    let lines = replay(&["order-publisher", "inventory", "chaos"], CONFIG, &events.join("\n"));
+    let handlers: Vec<&str> = lines.iter().map(|l| l["handler"].as_str().unwrap()).collect();
+    assert_eq!(handlers, ["inventory", "chaos"], "{lines:#?}");
+    assert_eq!(lines[1]["routing_key"], "a.b.c");
+}
+
+#[test]
+fn replay_reports_failures_per_invocation() {
+    let events = [
+        r#"{"exchange":"orders","payload":"not json"}"#,
+        r#"{"exchange":"chaos","routing_key":"x","payload":{"action":"retry","reason":"later"}}"#,
+    ];
+    let lines = replay(&["inventory", "chaos"], CONFIG, &events.join("\n"));
+    assert_eq!(lines[0]["outcome"], "reject");
+    assert!(lines[0]["reason"].as_str().unwrap().len() > 3);
+    assert_eq!(lines[1]["outcome"], "retry");
+    assert_eq!(lines[1]["reason"], "later");
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests, one binary made of modules. Tests that need no broker
+//! (sandbox, state, business logic, replay, check) run anywhere; the guests
+//! are built automatically on first use.
+
+mod support;
+
+mod business;
+mod cli;
+mod sandbox;
+mod state;

@@ -1,0 +1,138 @@
+//! The sandbox, as obeyed/violated pairs: whatever a guest does, the host
+//! survives, the event fails with a clear reason, and the next event works.
+
+use std::time::{Duration, Instant};
+
+use event_host::dispatch::Outcome;
+
+use crate::support::{guest, Harness};
+
+fn chaos(config: &str) -> Harness {
+    Harness::new(&["chaos"], config)
+}
+
+fn assert_next_event_ok(h: &Harness) {
+    let ok = h.send("chaos", r#"{"action":"ok"}"#);
+    assert_eq!(ok.outcome, Outcome::Ack, "the next event on the handler succeeds: {ok:?}");
+}
+
+#[test]
+fn endless_loop_is_interrupted_within_deadline_plus_100ms() {
+    let h = chaos("[handlers.chaos]\ndeadline_ms = 200\nmax_attempts = 3");
+    // Obeyed: burning less than the deadline is fine.
+    let short = h.send("chaos", r#"{"action":"burn","micros":20000}"#);
+    assert_eq!(short.outcome, Outcome::Ack, "{short:?}");
+    // Violated: a loop is cut off at the deadline.
+    let started = Instant::now();
+    let handled = h.send("chaos", r#"{"action":"loop"}"#);
+    let took = started.elapsed();
+    assert_eq!(handled.outcome, Outcome::Retry, "{handled:?}");
+    let reason = handled.reason.unwrap_or_default();
+    assert!(reason.contains("deadline of 200 ms exceeded"), "{reason}");
+    assert!(took < Duration::from_millis(300), "interrupted after {took:?}");
+    assert!(took >= Duration::from_millis(200), "interrupted early, after {took:?}");
+    assert_next_event_ok(&h);
+}
+
+fn vm_hwm_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[test]
+fn unbounded_allocation_stops_at_the_cap_with_host_memory_bounded() {
+    let h = chaos("[handlers.chaos]\nmemory_mb = 32");
+    // Obeyed: a normal event fits.
+    assert_next_event_ok(&h);
+    let before = vm_hwm_kib();
+    let handled = h.send("chaos", r#"{"action":"alloc"}"#);
+    let grown_mib = (vm_hwm_kib() - before) / 1024;
+    assert_eq!(handled.outcome, Outcome::Retry, "{handled:?}");
+    let reason = handled.reason.unwrap_or_default();
+    assert!(reason.contains("memory limit exceeded"), "{reason}");
+    // The guest got at most its 32 MiB; peak host memory grew by about that.
+    assert!(grown_mib < 32 + 48, "host peak memory grew by {grown_mib} MiB");
+    assert_next_event_ok(&h);
+}
+
+#[test]
+fn unbounded_recursion_traps() {
+    let h = chaos("");
+    let handled = h.send("chaos", r#"{"action":"recurse"}"#);
+    assert_eq!(handled.outcome, Outcome::Retry, "{handled:?}");
+    assert!(handled.reason.unwrap_or_default().contains("trap"));
+    assert_next_event_ok(&h);
+}
+
+#[test]
+fn panic_traps_and_the_next_event_is_fine() {
+    let h = chaos("");
+    let handled = h.send("chaos", r#"{"action":"panic"}"#);
+    assert_eq!(handled.outcome, Outcome::Retry, "{handled:?}");
+    assert!(handled.reason.unwrap_or_default().contains("unreachable"));
+    assert_next_event_ok(&h);
+}
+
+#[test]
+fn exit_is_a_failed_attempt_not_a_host_exit() {
+    let h = chaos("");
+    // WASI p2 `exit` carries only success or failure, so code 3 arrives as 1.
+    // Even exit(0) is a failure: the handler never returned its result.
+    for (code, shown) in [(3, "exit(1)"), (0, "exit(0)")] {
+        let handled = h.send("chaos", &format!(r#"{{"action":"exit","code":{code}}}"#));
+        assert_eq!(handled.outcome, Outcome::Retry, "{handled:?}");
+        let reason = handled.reason.unwrap_or_default();
+        assert!(reason.contains(shown), "{reason}");
+    }
+    assert_next_event_ok(&h);
+}
+
+#[test]
+fn file_env_and_socket_probes_all_fail() {
+    let h = chaos("");
+    for probe in [
+        r#"{"action":"read-file","path":"/etc/passwd"}"#,
+        r#"{"action":"read-file","path":"Cargo.toml"}"#,
+        r#"{"action":"env","name":"PATH"}"#,
+        r#"{"action":"socket","addr":"127.0.0.1:5672"}"#,
+    ] {
+        let handled = h.send("chaos", probe);
+        let reason = handled.reason.clone().unwrap_or_default();
+        assert_eq!(handled.outcome, Outcome::Reject, "{probe}: {handled:?}");
+        assert!(reason.starts_with("denied:"), "{probe} was not denied: {reason}");
+    }
+}
+
+#[test]
+fn guest_output_is_captured_with_a_bound() {
+    let h = chaos("[handlers.chaos]\nmax_output_bytes = 1024");
+    // 100k lines of output: kept to 1 KiB, and the guest never sees an error.
+    let handled = h.send("chaos", r#"{"action":"print","text":"hello from the guest","times":100000}"#);
+    assert_eq!(handled.outcome, Outcome::Ack, "{handled:?}");
+}
+
+#[test]
+fn a_component_of_another_world_is_refused_by_loading() {
+    let h = chaos("");
+    let runtime = h.dispatcher.runtime();
+    let other = std::fs::read(guest("other-world")).unwrap();
+    let err = runtime.prepare(&other).err().expect("another world is refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("handler world") || msg.contains("import"), "{msg}");
+
+    // The smallest valid core module: magic and version 1.
+    let core = b"\0asm\x01\0\0\0";
+    let msg = format!("{:#}", runtime.prepare(core).err().expect("core module refused"));
+    assert!(msg.contains("not a WebAssembly component"), "{msg}");
+
+    let msg = format!("{:#}", runtime.prepare(b"garbage").err().expect("garbage refused"));
+    assert!(msg.contains("not a WebAssembly component"), "{msg}");
+
+    let good = std::fs::read(guest("chaos")).unwrap();
+    let truncated = &good[..good.len() / 2];
+    assert!(runtime.prepare(truncated).is_err(), "a half-written file is refused");
+}
