@@ -80,7 +80,9 @@ pub fn run() -> ExitCode {
 fn init_logging(filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -101,7 +103,12 @@ fn execute(command: Command) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }
-        Command::Replay { handlers, events, config, state } => {
+        Command::Replay {
+            handlers,
+            events,
+            config,
+            state,
+        } => {
             let config = match config {
                 Some(path) => Config::load(&path)?,
                 None => Config::default(),
@@ -117,8 +124,13 @@ fn execute(command: Command) -> Result<()> {
                 .with_context(|| format!("opening events file {}", events.display()))?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let summary = crate::replay::replay(&dispatcher, &loaded, BufReader::new(file), &mut out)?;
-            tracing::info!(invocations = summary.invocations, unroutable = summary.unroutable, "replay finished");
+            let summary =
+                crate::replay::replay(&dispatcher, &loaded, BufReader::new(file), &mut out)?;
+            tracing::info!(
+                invocations = summary.invocations,
+                unroutable = summary.unroutable,
+                "replay finished"
+            );
             Ok(())
         }
     }

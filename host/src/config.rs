@@ -101,7 +101,8 @@ impl Config {
     /// The effective settings of a handler with this manifest.
     pub fn resolve(&self, manifest: &Manifest) -> Result<HandlerSettings> {
         let own = self.handlers.get(&manifest.name);
-        let pick = |f: fn(&HandlerConfig) -> Option<u64>| own.and_then(f).or_else(|| f(&self.defaults));
+        let pick =
+            |f: fn(&HandlerConfig) -> Option<u64>| own.and_then(f).or_else(|| f(&self.defaults));
         let deadline_ms = pick(|c| c.deadline_ms).unwrap_or(1000);
         let memory_mb = pick(|c| c.memory_mb).unwrap_or(64);
         if memory_mb > self.runtime.max_memory_mb {
@@ -164,7 +165,10 @@ fn scalar_text(v: &toml::Value) -> Result<String> {
         toml::Value::Integer(i) => i.to_string(),
         toml::Value::Float(f) => f.to_string(),
         toml::Value::Boolean(b) => b.to_string(),
-        other => bail!("config values must be strings, numbers or booleans, not {}", other.type_str()),
+        other => bail!(
+            "config values must be strings, numbers or booleans, not {}",
+            other.type_str()
+        ),
     })
 }
 
@@ -218,8 +222,14 @@ mod tests {
         assert_eq!(s.budget.deadline, Duration::from_millis(1000));
         assert_eq!(s.budget.limits.memory_bytes, 64 << 20);
         assert_eq!(s.config.get("stock.Laptop").map(String::as_str), Some("10"));
-        assert_eq!(s.config.get("low-stock-threshold").map(String::as_str), Some("3"));
-        assert_eq!(s.max_attempts, 3, "manifest hint applies when config is silent");
+        assert_eq!(
+            s.config.get("low-stock-threshold").map(String::as_str),
+            Some("3")
+        );
+        assert_eq!(
+            s.max_attempts, 3,
+            "manifest hint applies when config is silent"
+        );
         Ok(())
     }
 

@@ -113,7 +113,9 @@ pub fn decide(result: &CallResult, attempt: u32, max_attempts: u32) -> (Outcome,
         if attempt >= max_attempts {
             (
                 Outcome::Reject,
-                Some(format!("attempts exhausted ({attempt}/{max_attempts}): {reason}")),
+                Some(format!(
+                    "attempts exhausted ({attempt}/{max_attempts}): {reason}"
+                )),
             )
         } else {
             (Outcome::Retry, Some(reason))
@@ -200,7 +202,11 @@ impl Dispatcher {
         let ns = &*handler.name;
         if let Some(id) = &delivery.message_id {
             if self.state.is_processed(ns, id)? {
-                return Ok(Handled::without_effects(Outcome::Ack, Some(DUPLICATE.into()), Duration::ZERO));
+                return Ok(Handled::without_effects(
+                    Outcome::Ack,
+                    Some(DUPLICATE.into()),
+                    Duration::ZERO,
+                ));
             }
         }
         let event = delivery.to_event();
@@ -218,21 +224,25 @@ impl Dispatcher {
             elapsed += call.elapsed;
             log_output(handler, "stdout", &call.effects.stdout);
             log_output(handler, "stderr", &call.effects.stderr);
-            let (outcome, reason) = decide(&call.result, event.attempt, handler.settings.max_attempts);
+            let (outcome, reason) =
+                decide(&call.result, event.attempt, handler.settings.max_attempts);
             if outcome != Outcome::Ack {
                 tracing::debug!(handler = %handler.name, ?outcome, reason = reason.as_deref(), "event failed");
                 return Ok(Handled::without_effects(outcome, reason, elapsed));
             }
             let publishes = stamp_publishes(handler, delivery, call.effects.publishes);
-            if publishes.is_empty() && delivery.message_id.is_none() && !call.effects.txn.has_writes() {
+            if publishes.is_empty()
+                && delivery.message_id.is_none()
+                && !call.effects.txn.has_writes()
+            {
                 // Nothing to make durable (a read-only call's reads need no
                 // validation: it changed nothing based on them).
                 return Ok(Handled::without_effects(Outcome::Ack, None, elapsed));
             }
-            let commit = call
-                .effects
-                .txn
-                .into_commit(ns, delivery.message_id.clone(), publishes.clone());
+            let commit =
+                call.effects
+                    .txn
+                    .into_commit(ns, delivery.message_id.clone(), publishes.clone());
             let committed = self
                 .state
                 .commit(std::slice::from_ref(&commit))
@@ -249,7 +259,11 @@ impl Dispatcher {
                     })
                 }
                 Some(CommitOutcome::Duplicate) => {
-                    return Ok(Handled::without_effects(Outcome::Ack, Some(DUPLICATE.into()), elapsed))
+                    return Ok(Handled::without_effects(
+                        Outcome::Ack,
+                        Some(DUPLICATE.into()),
+                        elapsed,
+                    ))
                 }
                 Some(CommitOutcome::Conflict { key }) if conflicts < MAX_CONFLICT_RERUNS => {
                     conflicts += 1;
@@ -257,7 +271,11 @@ impl Dispatcher {
                 }
                 Some(CommitOutcome::Conflict { key }) => {
                     let reason = format!("state key {key:?} kept changing under the event");
-                    return Ok(Handled::without_effects(Outcome::Requeue, Some(reason), elapsed));
+                    return Ok(Handled::without_effects(
+                        Outcome::Requeue,
+                        Some(reason),
+                        elapsed,
+                    ));
                 }
                 None => anyhow::bail!("state store returned no outcome for a commit"),
             }
@@ -268,7 +286,11 @@ impl Dispatcher {
 /// Give every publish a stable message id (so a re-run after a crash
 /// publishes the same ids and downstream dedupe works) and carry the input's
 /// correlation id when the guest set none.
-fn stamp_publishes(handler: &HandlerVersion, delivery: &Delivery, mut publishes: Vec<Outgoing>) -> Vec<Outgoing> {
+fn stamp_publishes(
+    handler: &HandlerVersion,
+    delivery: &Delivery,
+    mut publishes: Vec<Outgoing>,
+) -> Vec<Outgoing> {
     if publishes.is_empty() {
         return publishes;
     }
@@ -276,7 +298,11 @@ fn stamp_publishes(handler: &HandlerVersion, delivery: &Delivery, mut publishes:
         Some(id) => format!("{}:{id}", handler.name),
         None => {
             let mut seed = Vec::with_capacity(delivery.payload.len() + 64);
-            for part in [handler.name.as_bytes(), delivery.exchange.as_bytes(), delivery.routing_key.as_bytes()] {
+            for part in [
+                handler.name.as_bytes(),
+                delivery.exchange.as_bytes(),
+                delivery.routing_key.as_bytes(),
+            ] {
                 seed.extend_from_slice(part);
                 seed.push(0);
             }
@@ -315,14 +341,26 @@ mod tests {
     #[test]
     fn decide_counts_attempts_and_never_acks_failures() {
         assert_eq!(decide(&CallResult::Ok, 1, 3).0, Outcome::Ack);
-        assert_eq!(decide(&CallResult::Retry("x".into()), 1, 3).0, Outcome::Retry);
-        assert_eq!(decide(&CallResult::Retry("x".into()), 3, 3).0, Outcome::Reject);
+        assert_eq!(
+            decide(&CallResult::Retry("x".into()), 1, 3).0,
+            Outcome::Retry
+        );
+        assert_eq!(
+            decide(&CallResult::Retry("x".into()), 3, 3).0,
+            Outcome::Reject
+        );
         let trap = CallResult::Trapped(Failure::Timeout(Duration::from_millis(5)));
         assert_eq!(decide(&trap, 2, 3).0, Outcome::Retry);
         let (o, reason) = decide(&trap, 3, 3);
         assert_eq!(o, Outcome::Reject);
         assert!(reason.unwrap().contains("attempts exhausted (3/3)"));
-        assert_eq!(decide(&CallResult::Reject("bad".into()), 1, 3).0, Outcome::Reject);
-        assert_eq!(decide(&CallResult::HostError("io".into()), 9, 3).0, Outcome::Requeue);
+        assert_eq!(
+            decide(&CallResult::Reject("bad".into()), 1, 3).0,
+            Outcome::Reject
+        );
+        assert_eq!(
+            decide(&CallResult::HostError("io".into()), 9, 3).0,
+            Outcome::Requeue
+        );
     }
 }

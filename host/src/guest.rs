@@ -314,7 +314,10 @@ impl tokio::io::AsyncWrite for BoundedOutput {
 // ---- wasi:keyvalue/store ----------------------------------------------------
 
 impl kv::Host for GuestState {
-    fn open(&mut self, identifier: String) -> wasmtime::Result<Result<Resource<Bucket>, kv::Error>> {
+    fn open(
+        &mut self,
+        identifier: String,
+    ) -> wasmtime::Result<Result<Resource<Bucket>, kv::Error>> {
         // The handler's own namespace is the only bucket; naming it by the
         // handler's name is accepted too, so guests can be explicit.
         if !identifier.is_empty() && *identifier != *self.handler {
@@ -424,7 +427,9 @@ impl atomics::Host for GuestState {
             },
         };
         let Some(next) = current.checked_add(delta) else {
-            return Ok(Err(kv::Error::Other(format!("increment of {key:?} overflows"))));
+            return Ok(Err(kv::Error::Other(format!(
+                "increment of {key:?} overflows"
+            ))));
         };
         self.effects.txn.set(&key, next.to_string().into_bytes());
         Ok(Ok(next))
@@ -459,7 +464,10 @@ impl atomics::HostCas for GuestState {
         Ok(Ok(self.table.push(Cas { key, seen })?))
     }
 
-    fn current(&mut self, cas: Resource<Cas>) -> wasmtime::Result<Result<Option<Vec<u8>>, kv::Error>> {
+    fn current(
+        &mut self,
+        cas: Resource<Cas>,
+    ) -> wasmtime::Result<Result<Option<Vec<u8>>, kv::Error>> {
         Ok(Ok(self.table.get(&cas)?.seen.clone()))
     }
 
@@ -481,7 +489,12 @@ pub fn parse_int(bytes: &[u8]) -> Option<i64> {
 const MAX_LOG_MESSAGE: usize = 4096;
 
 impl logging::Host for GuestState {
-    fn log(&mut self, level: logging::Level, context: String, message: String) -> wasmtime::Result<()> {
+    fn log(
+        &mut self,
+        level: logging::Level,
+        context: String,
+        message: String,
+    ) -> wasmtime::Result<()> {
         self.log_lines += 1;
         if self.log_lines > self.limits.max_log_lines {
             return Ok(());
@@ -490,8 +503,12 @@ impl logging::Host for GuestState {
         let context = truncate(&context, 256);
         let handler = &*self.handler;
         match level {
-            logging::Level::Trace => tracing::trace!(target: "guest", handler, context, "{message}"),
-            logging::Level::Debug => tracing::debug!(target: "guest", handler, context, "{message}"),
+            logging::Level::Trace => {
+                tracing::trace!(target: "guest", handler, context, "{message}")
+            }
+            logging::Level::Debug => {
+                tracing::debug!(target: "guest", handler, context, "{message}")
+            }
             logging::Level::Info => tracing::info!(target: "guest", handler, context, "{message}"),
             logging::Level::Warn => tracing::warn!(target: "guest", handler, context, "{message}"),
             logging::Level::Error | logging::Level::Critical => {
@@ -517,7 +534,10 @@ pub fn truncate(s: &str, max: usize) -> &str {
 // ---- wasi:config ------------------------------------------------------------
 
 impl config_store::Host for GuestState {
-    fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<String>, config_store::Error>> {
+    fn get(
+        &mut self,
+        key: String,
+    ) -> wasmtime::Result<Result<Option<String>, config_store::Error>> {
         Ok(Ok(self.config.get(&key).cloned()))
     }
 
@@ -543,10 +563,14 @@ impl publisher::Host for GuestState {
         properties: publisher::Properties,
     ) -> wasmtime::Result<Result<(), publisher::PublishError>> {
         if self.effects.publishes.len() as u32 >= self.limits.max_publishes {
-            return Ok(Err(publisher::PublishError::TooMany(self.limits.max_publishes)));
+            return Ok(Err(publisher::PublishError::TooMany(
+                self.limits.max_publishes,
+            )));
         }
         if payload.len() > self.limits.max_publish_bytes as usize {
-            return Ok(Err(publisher::PublishError::TooLarge(self.limits.max_publish_bytes)));
+            return Ok(Err(publisher::PublishError::TooLarge(
+                self.limits.max_publish_bytes,
+            )));
         }
         self.effects.publishes.push(Outgoing {
             exchange,

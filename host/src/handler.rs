@@ -60,7 +60,12 @@ pub fn load_file(runtime: &Runtime, config: &Config, path: &Path) -> Result<Hand
 }
 
 /// Load a handler from bytes already read from `path`.
-pub fn load_bytes(runtime: &Runtime, config: &Config, path: &Path, bytes: &[u8]) -> Result<HandlerVersion> {
+pub fn load_bytes(
+    runtime: &Runtime,
+    config: &Config,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<HandlerVersion> {
     let prepared = runtime
         .prepare(bytes)
         .with_context(|| format!("{} is not a usable handler", path.display()))?;
@@ -82,7 +87,9 @@ pub fn load_bytes(runtime: &Runtime, config: &Config, path: &Path, bytes: &[u8])
 /// it is renamed into place.
 pub fn wasm_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading handlers folder {}", dir.display()))? {
+    for entry in std::fs::read_dir(dir)
+        .with_context(|| format!("reading handlers folder {}", dir.display()))?
+    {
         let path = entry?.path();
         let hidden = path
             .file_name()
@@ -98,7 +105,11 @@ pub fn wasm_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Load every handler in a folder; any bad file or duplicate name fails
 /// the whole load with every reason listed.
-pub fn load_dir(runtime: &Runtime, config: &Config, dir: &Path) -> Result<Vec<Arc<HandlerVersion>>> {
+pub fn load_dir(
+    runtime: &Runtime,
+    config: &Config,
+    dir: &Path,
+) -> Result<Vec<Arc<HandlerVersion>>> {
     let mut loaded: Vec<Arc<HandlerVersion>> = Vec::new();
     let mut errors = Vec::new();
     for path in wasm_files(dir)? {

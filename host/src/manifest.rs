@@ -106,10 +106,16 @@ impl Manifest {
         validate_name(&self.name)?;
         for sub in &self.subscriptions {
             if sub.exchange.is_empty() {
-                bail!("handler {:?}: the default exchange cannot be subscribed to", self.name);
+                bail!(
+                    "handler {:?}: the default exchange cannot be subscribed to",
+                    self.name
+                );
             }
             if sub.exchange.len() > 255 || sub.binding_keys.iter().any(|k| k.len() > 255) {
-                bail!("handler {:?}: exchange names and binding keys are at most 255 bytes", self.name);
+                bail!(
+                    "handler {:?}: exchange names and binding keys are at most 255 bytes",
+                    self.name
+                );
             }
         }
         if self.max_attempts == Some(0) {

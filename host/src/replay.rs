@@ -125,7 +125,8 @@ pub fn replay(
             serde_json::from_str(&line).with_context(|| format!("events line {}", n + 1))?;
         queue.push_back(input.into_delivery());
         while let Some(delivery) = queue.pop_front() {
-            let targets = router.route(&delivery.exchange, &delivery.routing_key, &delivery.headers);
+            let targets =
+                router.route(&delivery.exchange, &delivery.routing_key, &delivery.headers);
             if targets.is_empty() {
                 summary.unroutable += 1;
                 tracing::info!(exchange = %delivery.exchange, routing_key = %delivery.routing_key, "no handler is bound; message dropped as a broker would");
@@ -133,7 +134,9 @@ pub fn replay(
             for target in targets {
                 summary.invocations += 1;
                 if summary.invocations > MAX_INVOCATIONS {
-                    bail!("more than {MAX_INVOCATIONS} invocations: do handlers publish in a loop?");
+                    bail!(
+                        "more than {MAX_INVOCATIONS} invocations: do handlers publish in a loop?"
+                    );
                 }
                 let handler = &handlers[target];
                 let handled = dispatcher.dispatch(handler, &delivery)?;
@@ -217,8 +220,9 @@ fn published_delivery(p: &Outgoing) -> Delivery {
 
 impl<'a> From<&'a Outgoing> for PublishedLine<'a> {
     fn from(p: &'a Outgoing) -> Self {
-        let payload = serde_json::from_slice(&p.payload)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&p.payload).into_owned()));
+        let payload = serde_json::from_slice(&p.payload).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&p.payload).into_owned())
+        });
         PublishedLine {
             exchange: &p.exchange,
             routing_key: &p.routing_key,

@@ -22,17 +22,28 @@ impl Router {
     pub fn declare(&mut self, exchange: &str, kind: ExchangeKind) {
         let existing = *self.kinds.entry(exchange.to_owned()).or_insert(kind);
         if existing != kind {
-            tracing::warn!(exchange, declared = existing.as_str(), wanted = kind.as_str(), "exchange kind mismatch; keeping the first");
+            tracing::warn!(
+                exchange,
+                declared = existing.as_str(),
+                wanted = kind.as_str(),
+                "exchange kind mismatch; keeping the first"
+            );
         }
     }
 
     /// Bind handler `target`'s queue to `exchange` with `key`.
     pub fn bind(&mut self, exchange: &str, key: &str, target: usize) {
-        self.bindings.push((exchange.to_owned(), key.to_owned(), target));
+        self.bindings
+            .push((exchange.to_owned(), key.to_owned(), target));
     }
 
     /// The handlers a message reaches, each once, in binding order.
-    pub fn route(&self, exchange: &str, routing_key: &str, headers: &[(String, HeaderValue)]) -> Vec<usize> {
+    pub fn route(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        headers: &[(String, HeaderValue)],
+    ) -> Vec<usize> {
         let Some(kind) = self.kinds.get(exchange) else {
             return Vec::new();
         };
@@ -67,7 +78,11 @@ pub fn topic_matches(pattern: &str, key: &str) -> bool {
         }
     }
     let p: Vec<&str> = pattern.split('.').collect();
-    let k: Vec<&str> = if key.is_empty() { Vec::new() } else { key.split('.').collect() };
+    let k: Vec<&str> = if key.is_empty() {
+        Vec::new()
+    } else {
+        key.split('.').collect()
+    };
     go(&p, &k)
 }
 
@@ -135,7 +150,10 @@ mod tests {
         assert_eq!(r.route("d", "b", &[]), vec![1]);
         assert!(r.route("d", "c", &[]).is_empty());
         assert!(r.route("nope", "a", &[]).is_empty());
-        assert_eq!(r.route("h", "", &[("kind".into(), HeaderValue::Text("x".into()))]), vec![2]);
+        assert_eq!(
+            r.route("h", "", &[("kind".into(), HeaderValue::Text("x".into()))]),
+            vec![2]
+        );
         assert!(r.route("h", "", &[]).is_empty());
     }
 }

@@ -43,7 +43,6 @@ pub struct Outgoing {
     /// Routing key.
     pub routing_key: String,
     /// Body bytes.
-    #[serde(with = "payload_serde")]
     pub payload: Vec<u8>,
     /// `content-type` property.
     pub content_type: Option<String>,
@@ -55,16 +54,13 @@ pub struct Outgoing {
     pub headers: Vec<(String, String)>,
 }
 
-/// Payload bytes are stored as a JSON array of numbers in the outbox; this
-/// keeps the outbox row self-contained without another encoding crate.
-mod payload_serde {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(bytes.iter())
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        Vec::<u8>::deserialize(d)
-    }
+/// The properties of an outbox row, stored as JSON beside the payload blob.
+#[derive(Serialize, Deserialize)]
+struct OutboxProperties {
+    content_type: Option<String>,
+    message_id: Option<String>,
+    correlation_id: Option<String>,
+    headers: Vec<(String, String)>,
 }
 
 /// One event's state work, built up while its handler runs.
@@ -112,7 +108,12 @@ impl Txn {
     }
 
     /// Turn the finished transaction into a commit request.
-    pub fn into_commit(self, ns: &str, message_id: Option<String>, outbox: Vec<Outgoing>) -> Commit {
+    pub fn into_commit(
+        self,
+        ns: &str,
+        message_id: Option<String>,
+        outbox: Vec<Outgoing>,
+    ) -> Commit {
         Commit {
             ns: ns.to_owned(),
             message_id,
@@ -178,7 +179,8 @@ CREATE TABLE IF NOT EXISTS processed (
     ns TEXT NOT NULL, message_id TEXT NOT NULL, at INTEGER NOT NULL,
     PRIMARY KEY (ns, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, message TEXT NOT NULL);
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, exchange TEXT NOT NULL,
+    routing_key TEXT NOT NULL, payload BLOB NOT NULL, properties TEXT NOT NULL);
 ";
 
 impl StateStore {
@@ -204,7 +206,8 @@ impl StateStore {
     }
 
     fn with_connection(conn: Connection, path: Option<PathBuf>) -> Result<Self> {
-        conn.execute_batch(SCHEMA).context("creating state schema")?;
+        conn.execute_batch(SCHEMA)
+            .context("creating state schema")?;
         Ok(Self {
             inner: Arc::new(Inner {
                 conn: Mutex::new(conn),
@@ -269,9 +272,12 @@ impl StateStore {
                  ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value",
             )?;
             let mut del = tx.prepare_cached("DELETE FROM kv WHERE ns = ?1 AND key = ?2")?;
-            let mut mark =
-                tx.prepare_cached("INSERT INTO processed (ns, message_id, at) VALUES (?1, ?2, ?3)")?;
-            let mut enqueue = tx.prepare_cached("INSERT INTO outbox (ns, message) VALUES (?1, ?2)")?;
+            let mut mark = tx
+                .prepare_cached("INSERT INTO processed (ns, message_id, at) VALUES (?1, ?2, ?3)")?;
+            let mut enqueue = tx.prepare_cached(
+                "INSERT INTO outbox (ns, exchange, routing_key, payload, properties)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
             'commits: for commit in batch {
                 if let Some(id) = &commit.message_id {
                     if seen.exists(params![commit.ns, id])? {
@@ -280,8 +286,9 @@ impl StateStore {
                     }
                 }
                 for (key, expected) in &commit.reads {
-                    let current: Option<Vec<u8>> =
-                        read.query_row(params![commit.ns, key], |r| r.get(0)).optional()?;
+                    let current: Option<Vec<u8>> = read
+                        .query_row(params![commit.ns, key], |r| r.get(0))
+                        .optional()?;
                     if &current != expected {
                         outcomes.push(CommitOutcome::Conflict { key: key.clone() });
                         continue 'commits;
@@ -298,7 +305,19 @@ impl StateStore {
                 }
                 let mut outbox_ids = Vec::with_capacity(commit.outbox.len());
                 for message in &commit.outbox {
-                    enqueue.execute(params![commit.ns, serde_json::to_string(message)?])?;
+                    let properties = serde_json::to_string(&OutboxProperties {
+                        content_type: message.content_type.clone(),
+                        message_id: message.message_id.clone(),
+                        correlation_id: message.correlation_id.clone(),
+                        headers: message.headers.clone(),
+                    })?;
+                    enqueue.execute(params![
+                        commit.ns,
+                        message.exchange,
+                        message.routing_key,
+                        message.payload,
+                        properties
+                    ])?;
                     outbox_ids.push(tx.last_insert_rowid());
                 }
                 outcomes.push(CommitOutcome::Committed { outbox_ids });
@@ -311,14 +330,37 @@ impl StateStore {
     /// Outbox rows not yet confirmed published (after a crash, for example).
     pub fn pending_outbox(&self) -> Result<Vec<(i64, String, Outgoing)>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached("SELECT id, ns, message FROM outbox ORDER BY id")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?)))?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, ns, exchange, routing_key, payload, properties FROM outbox ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, ns, text) = row?;
-            let message = serde_json::from_str(&text)
+            let (id, ns, exchange, routing_key, payload, properties) = row?;
+            let p: OutboxProperties = serde_json::from_str(&properties)
                 .with_context(|| format!("decoding outbox row {id}"))?;
-            out.push((id, ns, message));
+            out.push((
+                id,
+                ns,
+                Outgoing {
+                    exchange,
+                    routing_key,
+                    payload,
+                    content_type: p.content_type,
+                    message_id: p.message_id,
+                    correlation_id: p.correlation_id,
+                    headers: p.headers,
+                },
+            ));
         }
         Ok(out)
     }

@@ -12,8 +12,16 @@ fn event_host() -> Command {
 
 #[test]
 fn check_prints_the_manifest_as_json() {
-    let out = event_host().arg("check").arg(guest("inventory")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = event_host()
+        .arg("check")
+        .arg(guest("inventory"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["manifest"]["name"], "inventory");
     assert_eq!(v["manifest"]["subscriptions"][0]["exchange"], "orders");
@@ -48,7 +56,11 @@ fn replay(handlers: &[&str], config: &str, events: &str) -> Vec<Value> {
         .arg(&config_file)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -96,8 +108,15 @@ fn replay_routes_fanout_direct_and_topic() {
         // unknown exchange: dropped
         r#"{"exchange":"nowhere","routing_key":"","payload":{}}"#,
     ];
-    let lines = replay(&["order-publisher", "inventory", "chaos"], CONFIG, &events.join("\n"));
-    let handlers: Vec<&str> = lines.iter().map(|l| l["handler"].as_str().unwrap()).collect();
+    let lines = replay(
+        &["order-publisher", "inventory", "chaos"],
+        CONFIG,
+        &events.join("\n"),
+    );
+    let handlers: Vec<&str> = lines
+        .iter()
+        .map(|l| l["handler"].as_str().unwrap())
+        .collect();
     assert_eq!(handlers, ["inventory", "chaos"], "{lines:#?}");
     assert_eq!(lines[1]["routing_key"], "a.b.c");
 }

@@ -13,7 +13,11 @@ fn chaos(config: &str) -> Harness {
 
 fn assert_next_event_ok(h: &Harness) {
     let ok = h.send("chaos", r#"{"action":"ok"}"#);
-    assert_eq!(ok.outcome, Outcome::Ack, "the next event on the handler succeeds: {ok:?}");
+    assert_eq!(
+        ok.outcome,
+        Outcome::Ack,
+        "the next event on the handler succeeds: {ok:?}"
+    );
 }
 
 #[test]
@@ -29,8 +33,14 @@ fn endless_loop_is_interrupted_within_deadline_plus_100ms() {
     assert_eq!(handled.outcome, Outcome::Retry, "{handled:?}");
     let reason = handled.reason.unwrap_or_default();
     assert!(reason.contains("deadline of 200 ms exceeded"), "{reason}");
-    assert!(took < Duration::from_millis(300), "interrupted after {took:?}");
-    assert!(took >= Duration::from_millis(200), "interrupted early, after {took:?}");
+    assert!(
+        took < Duration::from_millis(300),
+        "interrupted after {took:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(200),
+        "interrupted early, after {took:?}"
+    );
     assert_next_event_ok(&h);
 }
 
@@ -55,7 +65,10 @@ fn unbounded_allocation_stops_at_the_cap_with_host_memory_bounded() {
     let reason = handled.reason.unwrap_or_default();
     assert!(reason.contains("memory limit exceeded"), "{reason}");
     // The guest got at most its 32 MiB; peak host memory grew by about that.
-    assert!(grown_mib < 32 + 48, "host peak memory grew by {grown_mib} MiB");
+    assert!(
+        grown_mib < 32 + 48,
+        "host peak memory grew by {grown_mib} MiB"
+    );
     assert_next_event_ok(&h);
 }
 
@@ -103,7 +116,10 @@ fn file_env_and_socket_probes_all_fail() {
         let handled = h.send("chaos", probe);
         let reason = handled.reason.clone().unwrap_or_default();
         assert_eq!(handled.outcome, Outcome::Reject, "{probe}: {handled:?}");
-        assert!(reason.starts_with("denied:"), "{probe} was not denied: {reason}");
+        assert!(
+            reason.starts_with("denied:"),
+            "{probe} was not denied: {reason}"
+        );
     }
 }
 
@@ -111,7 +127,10 @@ fn file_env_and_socket_probes_all_fail() {
 fn guest_output_is_captured_with_a_bound() {
     let h = chaos("[handlers.chaos]\nmax_output_bytes = 1024");
     // 100k lines of output: kept to 1 KiB, and the guest never sees an error.
-    let handled = h.send("chaos", r#"{"action":"print","text":"hello from the guest","times":100000}"#);
+    let handled = h.send(
+        "chaos",
+        r#"{"action":"print","text":"hello from the guest","times":100000}"#,
+    );
     assert_eq!(handled.outcome, Outcome::Ack, "{handled:?}");
 }
 
@@ -120,19 +139,34 @@ fn a_component_of_another_world_is_refused_by_loading() {
     let h = chaos("");
     let runtime = h.dispatcher.runtime();
     let other = std::fs::read(guest("other-world")).unwrap();
-    let err = runtime.prepare(&other).err().expect("another world is refused");
+    let err = runtime
+        .prepare(&other)
+        .err()
+        .expect("another world is refused");
     let msg = format!("{err:#}");
-    assert!(msg.contains("handler world") || msg.contains("import"), "{msg}");
+    assert!(
+        msg.contains("handler world") || msg.contains("import"),
+        "{msg}"
+    );
 
     // The smallest valid core module: magic and version 1.
     let core = b"\0asm\x01\0\0\0";
-    let msg = format!("{:#}", runtime.prepare(core).err().expect("core module refused"));
+    let msg = format!(
+        "{:#}",
+        runtime.prepare(core).err().expect("core module refused")
+    );
     assert!(msg.contains("not a WebAssembly component"), "{msg}");
 
-    let msg = format!("{:#}", runtime.prepare(b"garbage").err().expect("garbage refused"));
+    let msg = format!(
+        "{:#}",
+        runtime.prepare(b"garbage").err().expect("garbage refused")
+    );
     assert!(msg.contains("not a WebAssembly component"), "{msg}");
 
     let good = std::fs::read(guest("chaos")).unwrap();
     let truncated = &good[..good.len() / 2];
-    assert!(runtime.prepare(truncated).is_err(), "a half-written file is refused");
+    assert!(
+        runtime.prepare(truncated).is_err(),
+        "a half-written file is refused"
+    );
 }

@@ -8,15 +8,24 @@ use crate::support::Harness;
 #[test]
 fn a_failed_calls_writes_are_invisible() {
     let h = Harness::new(&["chaos"], "");
-    let ok = h.send("chaos", r#"{"action":"kv-set","key":"k","value":"committed"}"#);
+    let ok = h.send(
+        "chaos",
+        r#"{"action":"kv-set","key":"k","value":"committed"}"#,
+    );
     assert_eq!(ok.outcome, Outcome::Ack, "{ok:?}");
     assert_eq!(h.state("chaos", "k").as_deref(), Some("committed"));
 
-    let failed = h.send("chaos", r#"{"action":"kv-set-then-fail","key":"k","value":"lost"}"#);
+    let failed = h.send(
+        "chaos",
+        r#"{"action":"kv-set-then-fail","key":"k","value":"lost"}"#,
+    );
     assert_eq!(failed.outcome, Outcome::Retry);
     assert_eq!(h.state("chaos", "k").as_deref(), Some("committed"));
 
-    let trapped = h.send("chaos", r#"{"action":"kv-set-then-panic","key":"k","value":"lost"}"#);
+    let trapped = h.send(
+        "chaos",
+        r#"{"action":"kv-set-then-panic","key":"k","value":"lost"}"#,
+    );
     assert_eq!(trapped.outcome, Outcome::Retry);
     assert_eq!(h.state("chaos", "k").as_deref(), Some("committed"));
 }
@@ -34,21 +43,37 @@ fn increments_commit_per_event() {
 #[test]
 fn a_handler_that_publishes_then_fails_publishes_nothing() {
     let h = Harness::new(&["chaos"], "");
-    let failed = h.send("chaos", r#"{"action":"publish-then-fail","n":3,"exchange":"x","routing_key":"k"}"#);
+    let failed = h.send(
+        "chaos",
+        r#"{"action":"publish-then-fail","n":3,"exchange":"x","routing_key":"k"}"#,
+    );
     assert_eq!(failed.outcome, Outcome::Retry);
     assert!(failed.published.is_empty());
-    assert!(h.dispatcher.state().pending_outbox().unwrap().is_empty(), "nothing reached the outbox");
+    assert!(
+        h.dispatcher.state().pending_outbox().unwrap().is_empty(),
+        "nothing reached the outbox"
+    );
 
-    let ok = h.send("chaos", r#"{"action":"publish","n":3,"exchange":"x","routing_key":"k"}"#);
+    let ok = h.send(
+        "chaos",
+        r#"{"action":"publish","n":3,"exchange":"x","routing_key":"k"}"#,
+    );
     assert_eq!(ok.outcome, Outcome::Ack);
     assert_eq!(ok.published.len(), 3);
-    assert_eq!(h.dispatcher.state().pending_outbox().unwrap().len(), 3, "held until confirmed");
+    assert_eq!(
+        h.dispatcher.state().pending_outbox().unwrap().len(),
+        3,
+        "held until confirmed"
+    );
 }
 
 #[test]
 fn publish_limits_are_enforced() {
     let h = Harness::new(&["chaos"], "[handlers.chaos]\nmax_publishes = 2");
-    let r = h.send("chaos", r#"{"action":"publish","n":3,"exchange":"x","routing_key":"k"}"#);
+    let r = h.send(
+        "chaos",
+        r#"{"action":"publish","n":3,"exchange":"x","routing_key":"k"}"#,
+    );
     assert_ne!(r.outcome, Outcome::Ack, "a third publish is refused: {r:?}");
 }
 
@@ -62,8 +87,17 @@ fn a_redelivered_message_id_is_not_applied_twice() {
         attempt: 1,
         ..Delivery::default()
     };
-    assert_eq!(h.send_delivery("chaos", delivery.clone()).outcome, Outcome::Ack);
-    let again = h.send_delivery("chaos", Delivery { redelivered: true, ..delivery });
+    assert_eq!(
+        h.send_delivery("chaos", delivery.clone()).outcome,
+        Outcome::Ack
+    );
+    let again = h.send_delivery(
+        "chaos",
+        Delivery {
+            redelivered: true,
+            ..delivery
+        },
+    );
     assert_eq!(again.outcome, Outcome::Ack);
     assert!(again.duplicate);
     assert_eq!(h.state("chaos", "n").as_deref(), Some("1"));

@@ -9,7 +9,10 @@ use std::sync::OnceLock;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("host/ has a parent").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ has a parent")
+        .to_owned()
 }
 
 /// Build every guest (release, wasm32-wasip2) once per process and return
@@ -21,7 +24,8 @@ pub fn guests_dir() -> &'static Path {
         let guests = repo_root().join("guests");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(&guests).args(["build", "--release", "--quiet"]);
+        cmd.current_dir(&guests)
+            .args(["build", "--release", "--quiet"]);
         // Settings meant for the host build must not leak into the guests'.
         for var in [
             "CARGO_TARGET_DIR",
@@ -75,11 +79,15 @@ impl Harness {
         let runtime = Arc::new(Runtime::new(config.runtime.clone()).expect("runtime"));
         let mut handlers = HashMap::new();
         for name in names {
-            let v = event_host::handler::load_file(&runtime, &config, &guest(name)).expect("guest loads");
+            let v = event_host::handler::load_file(&runtime, &config, &guest(name))
+                .expect("guest loads");
             handlers.insert(v.name.to_string(), Arc::new(v));
         }
         let dispatcher = Dispatcher::new(runtime, StateStore::in_memory().expect("state"));
-        Self { dispatcher, handlers }
+        Self {
+            dispatcher,
+            handlers,
+        }
     }
 
     /// Dispatch `payload` to handler `name` as a fresh delivery.
@@ -98,7 +106,9 @@ impl Harness {
     /// Dispatch a prepared delivery.
     pub fn send_delivery(&self, name: &str, delivery: Delivery) -> Handled {
         let handler = self.handlers.get(name).expect("handler loaded");
-        self.dispatcher.dispatch(handler, &delivery).expect("no host fault")
+        self.dispatcher
+            .dispatch(handler, &delivery)
+            .expect("no host fault")
     }
 
     /// Committed state of `key` for handler `name`, as text.

@@ -45,13 +45,21 @@ fn publish_n(v: &Value) -> Result<(), HandleError> {
         headers: vec![],
     };
     for i in 0..number(v, "n", 1) {
-        publish(text(v, "exchange"), text(v, "routing_key"), format!("{{\"seq\": {i}}}").as_bytes(), &props)
-            .map_err(|e| HandleError::Reject(format!("publish refused: {e:?}")))?;
+        publish(
+            text(v, "exchange"),
+            text(v, "routing_key"),
+            format!("{{\"seq\": {i}}}").as_bytes(),
+            &props,
+        )
+        .map_err(|e| HandleError::Reject(format!("publish refused: {e:?}")))?;
     }
     Ok(())
 }
 
-fn probe<T, E: std::fmt::Display>(result: Result<T, E>, leak: impl FnOnce(T) -> String) -> Result<(), HandleError> {
+fn probe<T, E: std::fmt::Display>(
+    result: Result<T, E>,
+    leak: impl FnOnce(T) -> String,
+) -> Result<(), HandleError> {
     Err(HandleError::Reject(match result {
         Ok(v) => format!("LEAK: {}", leak(v)),
         Err(e) => format!("denied: {e}"),
@@ -84,8 +92,9 @@ impl Guest for Chaos {
     }
 
     fn handle(event: Event) -> Result<(), HandleError> {
-        let v: Value = serde_json::from_slice(&event.payload)
-            .map_err(|e| HandleError::Reject(format!("unknown action: payload is not JSON: {e}")))?;
+        let v: Value = serde_json::from_slice(&event.payload).map_err(|e| {
+            HandleError::Reject(format!("unknown action: payload is not JSON: {e}"))
+        })?;
         match text(&v, "action") {
             "ok" => Ok(()),
             "loop" => {
@@ -108,15 +117,21 @@ impl Guest for Chaos {
             }
             "panic" => panic!("chaos panic"),
             "exit" => std::process::exit(number(&v, "code", 1) as i32),
-            "read-file" => probe(std::fs::read_to_string(text(&v, "path")), |s| format!("read {} bytes", s.len())),
+            "read-file" => probe(std::fs::read_to_string(text(&v, "path")), |s| {
+                format!("read {} bytes", s.len())
+            }),
             "env" => {
                 let count = std::env::vars().count();
                 if count > 0 {
-                    return Err(HandleError::Reject(format!("LEAK: {count} environment variables")));
+                    return Err(HandleError::Reject(format!(
+                        "LEAK: {count} environment variables"
+                    )));
                 }
                 probe(std::env::var(text(&v, "name")), |value| value)
             }
-            "socket" => probe(std::net::TcpStream::connect(text(&v, "addr")), |_| "connected".into()),
+            "socket" => probe(std::net::TcpStream::connect(text(&v, "addr")), |_| {
+                "connected".into()
+            }),
             "retry" => Err(HandleError::Retry(text(&v, "reason").into())),
             "reject" => Err(HandleError::Reject(text(&v, "reason").into())),
             "publish" => publish_n(&v),
@@ -137,7 +152,8 @@ impl Guest for Chaos {
                 .map(drop)
                 .map_err(|e| HandleError::Retry(format!("state error: {e:?}"))),
             "burn" => {
-                let until = std::time::Instant::now() + std::time::Duration::from_micros(number(&v, "micros", 0) as u64);
+                let until = std::time::Instant::now()
+                    + std::time::Duration::from_micros(number(&v, "micros", 0) as u64);
                 while std::time::Instant::now() < until {
                     black_box(0);
                 }

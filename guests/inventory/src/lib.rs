@@ -31,7 +31,8 @@ struct Order {
 }
 
 fn parse_order(payload: &[u8]) -> Result<Order, String> {
-    let v: Value = serde_json::from_slice(payload).map_err(|e| format!("payload is not JSON: {e}"))?;
+    let v: Value =
+        serde_json::from_slice(payload).map_err(|e| format!("payload is not JSON: {e}"))?;
     let obj = v.as_object().ok_or("payload is not a JSON object")?;
     let id = obj.get("id").ok_or("missing field `id`")?.clone();
     let key = match &id {
@@ -51,7 +52,12 @@ fn parse_order(payload: &[u8]) -> Result<Order, String> {
     if quantity <= 0 {
         return Err(format!("`quantity` must be positive, got {quantity}"));
     }
-    Ok(Order { id, key, item, quantity })
+    Ok(Order {
+        id,
+        key,
+        item,
+        quantity,
+    })
 }
 
 fn store_err(e: kv::Error) -> HandleError {
@@ -70,8 +76,13 @@ fn send(routing_key: &str, body: Value) -> Result<(), HandleError> {
         correlation_id: None,
         headers: vec![],
     };
-    publish("inventory", routing_key, body.to_string().as_bytes(), &props)
-        .map_err(|e| HandleError::Retry(format!("publish refused: {e:?}")))
+    publish(
+        "inventory",
+        routing_key,
+        body.to_string().as_bytes(),
+        &props,
+    )
+    .map_err(|e| HandleError::Retry(format!("publish refused: {e:?}")))
 }
 
 /// Current stock of `item`, seeding it from config when state has none.
@@ -83,11 +94,12 @@ fn stock_of(bucket: &Bucket, item: &str) -> Result<Option<(Cas, i64)>, HandleErr
     let current = match cas.current().map_err(store_err)? {
         Some(bytes) => parse_int(&bytes)
             .ok_or_else(|| HandleError::Retry(format!("state `{key}` is not an integer")))?,
-        None => match config::get(&key).map_err(|e| HandleError::Retry(format!("config error: {e:?}")))? {
-            Some(seed) => seed
-                .trim()
-                .parse()
-                .map_err(|_| HandleError::Reject(format!("config `{key}` is not an integer: {seed:?}")))?,
+        None => match config::get(&key)
+            .map_err(|e| HandleError::Retry(format!("config error: {e:?}")))?
+        {
+            Some(seed) => seed.trim().parse().map_err(|_| {
+                HandleError::Reject(format!("config `{key}` is not an integer: {seed:?}"))
+            })?,
             None => return Ok(None),
         },
     };
@@ -113,7 +125,11 @@ impl Guest for Inventory {
         let bucket = kv::open("").map_err(store_err)?;
         let seen_key = format!("order.{}", order.key);
         if bucket.exists(&seen_key).map_err(store_err)? {
-            log(Level::Debug, "inventory", &format!("order {} already handled", order.key));
+            log(
+                Level::Debug,
+                "inventory",
+                &format!("order {} already handled", order.key),
+            );
             return Ok(());
         }
 
@@ -145,7 +161,10 @@ impl Guest for Inventory {
             log(
                 Level::Info,
                 "inventory",
-                &format!("reserved {} x {} for order {}, {} left", order.quantity, order.item, order.key, remaining),
+                &format!(
+                    "reserved {} x {} for order {}, {} left",
+                    order.quantity, order.item, order.key, remaining
+                ),
             );
             let threshold = config::get("low-stock-threshold")
                 .ok()

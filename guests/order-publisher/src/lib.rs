@@ -15,7 +15,8 @@ use wasi::keyvalue::{atomics, store as kv};
 struct OrderPublisher;
 
 fn validate(payload: &[u8]) -> Result<(String, i64, Option<String>), String> {
-    let v: Value = serde_json::from_slice(payload).map_err(|e| format!("payload is not JSON: {e}"))?;
+    let v: Value =
+        serde_json::from_slice(payload).map_err(|e| format!("payload is not JSON: {e}"))?;
     let obj = v.as_object().ok_or("payload is not a JSON object")?;
     let item = match obj.get("item") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
@@ -69,8 +70,13 @@ impl Guest for OrderPublisher {
             correlation_id: event.correlation_id.clone(),
             headers: vec![],
         };
-        publish("orders", "", Value::Object(order).to_string().as_bytes(), &props)
-            .map_err(|e| HandleError::Retry(format!("publish refused: {e:?}")))
+        publish(
+            "orders",
+            "",
+            Value::Object(order).to_string().as_bytes(),
+            &props,
+        )
+        .map_err(|e| HandleError::Retry(format!("publish refused: {e:?}")))
     }
 }
 
