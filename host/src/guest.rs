@@ -68,7 +68,10 @@ pub struct CallEffects {
 
 /// Store data of one handler instance.
 pub struct GuestState {
-    wasi: WasiCtx,
+    /// Built on first use: most calls never touch WASI (no printing, no
+    /// clocks, no randomness), and building it costs more than the rest of
+    /// the store data together.
+    wasi: Option<WasiCtx>,
     table: ResourceTable,
     limiter: GuestLimiter,
     stdout: BoundedOutput,
@@ -85,8 +88,7 @@ pub struct GuestState {
 }
 
 impl GuestState {
-    /// Fresh store data for one instance. No preopened directories, no
-    /// environment, no arguments, no network: WASI's defaults minus sockets.
+    /// Fresh store data for one instance.
     pub fn new(
         handler: Arc<str>,
         state: Option<StateStore>,
@@ -95,15 +97,8 @@ impl GuestState {
     ) -> Self {
         let stdout = BoundedOutput::new(limits.max_output_bytes);
         let stderr = BoundedOutput::new(limits.max_output_bytes);
-        let wasi = WasiCtxBuilder::new()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
         Self {
-            wasi,
+            wasi: None,
             table: ResourceTable::new(),
             limiter: GuestLimiter {
                 memory_cap: limits.memory_bytes,
@@ -174,8 +169,20 @@ impl GuestState {
 
 impl WasiView for GuestState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        let (stdout, stderr) = (&self.stdout, &self.stderr);
+        let ctx = self.wasi.get_or_insert_with(|| {
+            // No preopened directories, no environment, no arguments, no
+            // network: WASI's defaults minus sockets.
+            WasiCtxBuilder::new()
+                .stdout(stdout.clone())
+                .stderr(stderr.clone())
+                .allow_tcp(false)
+                .allow_udp(false)
+                .allow_ip_name_lookup(false)
+                .build()
+        });
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx,
             table: &mut self.table,
         }
     }

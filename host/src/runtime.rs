@@ -256,7 +256,7 @@ impl Runtime {
         let raw = pre
             .instantiate(&mut store)
             .and_then(|h| h.call_manifest(&mut store))
-            .map_err(|e| anyhow!("{}", describe_error(&e, Duration::from_secs(1)).to_string()))
+            .map_err(|e| anyhow!("{}", describe_error(&e, Duration::from_secs(1))))
             .context("calling manifest()")?;
         Manifest::try_from(raw)
     }

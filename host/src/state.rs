@@ -231,10 +231,9 @@ impl StateStore {
     pub fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached("SELECT value FROM kv WHERE ns = ?1 AND key = ?2")?;
-        Ok(stmt
-            .query_row(params![ns, key], |row| row.get(0))
+        stmt.query_row(params![ns, key], |row| row.get(0))
             .optional()
-            .with_context(|| format!("reading state {ns}/{key}"))?)
+            .with_context(|| format!("reading state {ns}/{key}"))
     }
 
     /// Up to `limit` committed keys of `ns` after `after`, in key order.
