@@ -17,5 +17,5 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use event_host::handler::publisher::{Properties as PublishProperties, PublishError};
-pub use event_host::handler::types::{ExchangeKind, HeaderValue, Subscription};
+pub use self::event_host::handler::publisher::{Properties as PublishProperties, PublishError};
+pub use self::event_host::handler::types::{ExchangeKind, HeaderValue, Subscription};

@@ -41,6 +41,28 @@ pub enum LogFormat {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the sidecar: consume from RabbitMQ and dispatch to the handlers.
+    ///
+    /// Settings come from the config file, then `EVENT_HOST_*` environment
+    /// variables, then these flags (later wins).
+    Run {
+        /// Host config file (TOML).
+        #[arg(long, env = "EVENT_HOST_CONFIG")]
+        config: Option<PathBuf>,
+        /// Folder of handler `.wasm` files [default: handlers].
+        #[arg(long)]
+        handlers_dir: Option<PathBuf>,
+        /// State folder [default: state].
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// AMQP URL [default: the local broker as guest]. Also
+        /// EVENT_HOST_AMQP_URL; its password is never printed.
+        #[arg(long)]
+        amqp_url: Option<String>,
+        /// Admin HTTP address [default: 127.0.0.1:9090].
+        #[arg(long)]
+        admin_addr: Option<String>,
+    },
     /// Validate a handler component and print its manifest as JSON.
     Check {
         /// The `.wasm` file.
@@ -77,6 +99,25 @@ pub fn run() -> ExitCode {
     }
 }
 
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
 fn init_logging(filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -91,6 +132,36 @@ fn init_logging(filter: &str, format: LogFormat) {
 
 fn execute(command: Command) -> Result<()> {
     match command {
+        Command::Run {
+            config,
+            handlers_dir,
+            state,
+            amqp_url,
+            admin_addr,
+        } => {
+            let mut config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::default(),
+            };
+            config.apply_env()?;
+            if let Some(v) = handlers_dir {
+                config.handlers_dir = v;
+            }
+            if let Some(v) = state {
+                config.state_path = v;
+            }
+            if let Some(v) = amqp_url {
+                config.amqp_url = v;
+            }
+            if let Some(v) = admin_addr {
+                config.admin_addr = v;
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(crate::server::run(config, shutdown_signal()))
+        }
         Command::Check { file } => {
             let config = Config::default();
             let runtime = Runtime::new(config.runtime.clone())?;

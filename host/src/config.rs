@@ -18,6 +18,9 @@ use crate::manifest::{Manifest, Subscription};
 use crate::runtime::{CallBudget, RuntimeConfig};
 use crate::state::Durability;
 
+/// The broker a fresh install talks to: RabbitMQ's defaults on this machine.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
 /// The host configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -31,6 +34,18 @@ pub struct Config {
     /// `normal`: survives crashes but may lose the last commits on power
     /// loss, trading that for throughput.
     pub durability: Durability,
+    /// The broker. The password is never logged (see `broker::redact`).
+    /// Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub amqp_url: String,
+    /// Admin HTTP endpoint (`/healthz`, `/readyz`, `/metrics`, `/handlers`,
+    /// `/state/{handler}/{key}`). Default `127.0.0.1:9090`. Binding it to a
+    /// public address exposes handler state to whoever can reach it.
+    pub admin_addr: String,
+    /// AMQP heartbeat in seconds (0 disables): a silent network cut is
+    /// noticed within about twice this. Default 10.
+    pub heartbeat_secs: u16,
+    /// Seconds a graceful shutdown waits for in-flight events. Default 30.
+    pub drain_timeout_secs: u64,
     /// Engine-wide limits.
     pub runtime: RuntimeConfig,
     /// Settings applied to every handler unless its own section overrides.
@@ -45,6 +60,10 @@ impl Default for Config {
             handlers_dir: PathBuf::from("handlers"),
             state_path: PathBuf::from("state"),
             durability: Durability::default(),
+            amqp_url: DEFAULT_AMQP_URL.into(),
+            admin_addr: "127.0.0.1:9090".into(),
+            heartbeat_secs: 10,
+            drain_timeout_secs: 30,
             runtime: RuntimeConfig::default(),
             defaults: HandlerConfig::default(),
             handlers: BTreeMap::new(),
@@ -75,6 +94,26 @@ pub struct HandlerConfig {
     pub max_output_bytes: Option<usize>,
     /// Replace the manifest's subscriptions (pin the topology).
     pub subscriptions: Option<Vec<Subscription>>,
+    /// Work queue name (default: the handler name). Renaming it strands
+    /// the events waiting in the old queue.
+    pub queue: Option<String>,
+    /// Unacked deliveries in flight (default 256). Too low starves the
+    /// dispatcher between round trips; too high holds many events in
+    /// memory and makes redelivery after a crash larger.
+    pub prefetch: Option<u16>,
+    /// `classic` (default) or `quorum` (replicated; for clusters). Changing
+    /// it for an existing queue fails: the broker refuses to redeclare.
+    pub queue_type: Option<QueueType>,
+    /// Topology owned by someone else: check that the exchanges and queue
+    /// exist, declare and bind nothing. Default false.
+    pub passive: Option<bool>,
+    /// First retry delay in ms (default 1000); doubles per attempt.
+    pub retry_base_ms: Option<u64>,
+    /// Longest retry delay in ms (default 60000).
+    pub retry_max_ms: Option<u64>,
+    /// Largest payload accepted, in KiB (default 1024); larger events go to
+    /// the dead-letter queue unread.
+    pub max_payload_kb: Option<u32>,
     /// Values the guest reads through `wasi:config`. Numbers and booleans
     /// are accepted and passed as their text.
     #[serde(default)]
@@ -82,6 +121,41 @@ pub struct HandlerConfig {
 }
 
 impl Config {
+    /// Apply `EVENT_HOST_*` environment overrides: `HANDLERS_DIR`,
+    /// `STATE_PATH`, `AMQP_URL`, `ADMIN_ADDR`, `DURABILITY`,
+    /// `HEARTBEAT_SECS`, `DRAIN_TIMEOUT_SECS`.
+    pub fn apply_env(&mut self) -> Result<()> {
+        let var = |name: &str| {
+            std::env::var(format!("EVENT_HOST_{name}"))
+                .ok()
+                .filter(|v| !v.is_empty())
+        };
+        if let Some(v) = var("HANDLERS_DIR") {
+            self.handlers_dir = v.into();
+        }
+        if let Some(v) = var("STATE_PATH") {
+            self.state_path = v.into();
+        }
+        if let Some(v) = var("AMQP_URL") {
+            self.amqp_url = v;
+        }
+        if let Some(v) = var("ADMIN_ADDR") {
+            self.admin_addr = v;
+        }
+        if let Some(v) = var("DURABILITY") {
+            self.durability = toml::Value::String(v.clone())
+                .try_into()
+                .with_context(|| format!("EVENT_HOST_DURABILITY={v:?}: use full or normal"))?;
+        }
+        if let Some(v) = var("HEARTBEAT_SECS") {
+            self.heartbeat_secs = v.parse().context("EVENT_HOST_HEARTBEAT_SECS")?;
+        }
+        if let Some(v) = var("DRAIN_TIMEOUT_SECS") {
+            self.drain_timeout_secs = v.parse().context("EVENT_HOST_DRAIN_TIMEOUT_SECS")?;
+        }
+        Ok(())
+    }
+
     /// Read a config file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -138,7 +212,37 @@ impl Config {
             .collect::<Result<BTreeMap<_, _>>>()
             .with_context(|| format!("handler {:?} config", manifest.name))?;
 
+        let retry_base = pick(|c| c.retry_base_ms).unwrap_or(1000).max(1);
+        let retry_max = pick(|c| c.retry_max_ms).unwrap_or(60_000).max(retry_base);
+        let queue = own
+            .and_then(|c| c.queue.clone())
+            .unwrap_or_else(|| manifest.name.clone());
+        crate::manifest::validate_name(&queue).context("queue name")?;
+        let broker = BrokerSettings {
+            queue,
+            prefetch: own
+                .and_then(|c| c.prefetch)
+                .or(self.defaults.prefetch)
+                .unwrap_or(256)
+                .max(1),
+            queue_type: own
+                .and_then(|c| c.queue_type)
+                .or(self.defaults.queue_type)
+                .unwrap_or_default(),
+            passive: own
+                .and_then(|c| c.passive)
+                .or(self.defaults.passive)
+                .unwrap_or(false),
+            // One delay per retry: base, 2*base, 4*base, ... capped.
+            retry_delays_ms: (0..max_attempts.saturating_sub(1).min(32))
+                .map(|n| retry_base.saturating_mul(1u64 << n.min(40)).min(retry_max))
+                .collect(),
+            max_payload_bytes: (pick(|c| c.max_payload_kb.map(u64::from)).unwrap_or(1024) as usize)
+                << 10,
+        };
+
         Ok(HandlerSettings {
+            broker,
             manifest: effective,
             max_attempts,
             budget: CallBudget {
@@ -172,10 +276,40 @@ fn scalar_text(v: &toml::Value) -> Result<String> {
     })
 }
 
+/// Queue types a handler's work queue can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// A classic durable queue.
+    #[default]
+    Classic,
+    /// A replicated quorum queue.
+    Quorum,
+}
+
+/// How a handler meets the broker.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// Work queue name.
+    pub queue: String,
+    /// Prefetch (unacked deliveries in flight).
+    pub prefetch: u16,
+    /// Classic or quorum.
+    pub queue_type: QueueType,
+    /// Check topology instead of declaring it.
+    pub passive: bool,
+    /// Delay before retry n (index 0 = after the first failed attempt).
+    pub retry_delays_ms: Vec<u64>,
+    /// Payload cap in bytes.
+    pub max_payload_bytes: usize,
+}
+
 /// A handler's effective settings: manifest with overrides applied, limits,
 /// and the values it reads through `wasi:config`.
 #[derive(Debug, Clone)]
 pub struct HandlerSettings {
+    /// Queue, prefetch, retry path.
+    pub broker: BrokerSettings,
     /// The manifest after config overrides.
     pub manifest: Manifest,
     /// Deliveries before dead-lettering.
@@ -229,6 +363,18 @@ mod tests {
         assert_eq!(
             s.max_attempts, 3,
             "manifest hint applies when config is silent"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn retry_backoff_is_exponential_and_capped() -> Result<()> {
+        let c = Config::parse(
+            "[handlers.inventory]\nmax_attempts = 6\nretry_base_ms = 100\nretry_max_ms = 500",
+        )?;
+        assert_eq!(
+            c.resolve(&manifest())?.broker.retry_delays_ms,
+            vec![100, 200, 400, 500, 500]
         );
         Ok(())
     }

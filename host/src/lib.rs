@@ -16,17 +16,31 @@
 //! - [`dispatch`]: the only module that knows both sides — delivery in,
 //!   handler call, state commit, one ack decision ([`dispatch::decide`]).
 //! - [`cli`]: argument parsing and the commands; `main` only calls it.
+//! - [`broker`]: the AMQP side — connection (password redacted), each
+//!   handler's topology (queue, retry delay queues, dead-letter queue),
+//!   envelope conversion.
+//! - [`dispatch::amqp`]: the broker path of the dispatcher — consume,
+//!   batch, commit, publish with confirms, ack.
+//! - [`registry`], [`metrics`], [`admin`]: live handlers and their status,
+//!   Prometheus metrics, the admin HTTP endpoint.
+//! - [`server`]: `event-host run` — reconnecting broker sessions and
+//!   graceful shutdown.
 //! - [`router`], [`replay`]: AMQP routing in memory and the offline
 //!   `replay` command built on the real dispatcher.
 
+pub mod admin;
 pub mod bindings;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
 pub mod guest;
 pub mod handler;
 pub mod manifest;
+pub mod metrics;
+pub mod registry;
 pub mod replay;
 pub mod router;
 pub mod runtime;
+pub mod server;
 pub mod state;

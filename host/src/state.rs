@@ -164,6 +164,13 @@ pub struct StateStore {
 }
 
 struct Inner {
+    /// Writes of executed-but-not-yet-committed events, per namespace, in
+    /// execution order. The broker path runs a batch of events and commits
+    /// them in one transaction; later events of the batch must see the
+    /// earlier ones' writes, as they would after a commit. Commit-time
+    /// validation happens in the same order inside one transaction, so it
+    /// agrees with what the events saw.
+    staged: Mutex<HashMap<String, HashMap<String, Option<Vec<u8>>>>>,
     /// One connection: SQLite serialises writers anyway, and reads are point
     /// lookups on a primary key, far cheaper than the lock round trip a
     /// second connection would save.
@@ -210,6 +217,7 @@ impl StateStore {
             .context("creating state schema")?;
         Ok(Self {
             inner: Arc::new(Inner {
+                staged: Mutex::new(HashMap::new()),
                 conn: Mutex::new(conn),
                 path,
             }),
@@ -227,8 +235,39 @@ impl StateStore {
         self.inner.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The committed value of `key` in namespace `ns`.
+    /// Make `writes` visible to reads of `ns` until [`StateStore::unstage`]:
+    /// an executed event whose commit is batched with later events.
+    pub fn stage(&self, ns: &str, writes: &[(String, Option<Vec<u8>>)]) {
+        if writes.is_empty() {
+            return;
+        }
+        let mut staged = self.inner.staged.lock().unwrap_or_else(|p| p.into_inner());
+        let map = staged.entry(ns.to_owned()).or_default();
+        for (k, v) in writes {
+            map.insert(k.clone(), v.clone());
+        }
+    }
+
+    /// Drop everything staged for `ns` (its batch committed or failed).
+    pub fn unstage(&self, ns: &str) {
+        let mut staged = self.inner.staged.lock().unwrap_or_else(|p| p.into_inner());
+        staged.remove(ns);
+    }
+
+    /// The value of `key` in namespace `ns`: staged if an uncommitted event
+    /// of the current batch wrote it, else committed.
     pub fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        {
+            let staged = self.inner.staged.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(v) = staged.get(ns).and_then(|m| m.get(key)) {
+                return Ok(v.clone());
+            }
+        }
+        self.get_committed(ns, key)
+    }
+
+    /// The committed value of `key`, ignoring anything staged.
+    pub fn get_committed(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached("SELECT value FROM kv WHERE ns = ?1 AND key = ?2")?;
         stmt.query_row(params![ns, key], |row| row.get(0))
@@ -451,6 +490,31 @@ mod tests {
         let out = store.commit(&[commit_of(a, None), commit_of(b, None)])?;
         assert!(matches!(out[0], CommitOutcome::Committed { .. }));
         assert_eq!(out[1], CommitOutcome::Conflict { key: "c".into() });
+        Ok(())
+    }
+
+    #[test]
+    fn a_batch_sees_staged_writes_and_commits_in_order() -> Result<()> {
+        let store = StateStore::in_memory()?;
+        // Event 1 reads c (absent) and writes 1; event 2, run before the
+        // batch commits, must see 1 and write 2.
+        let mut first = Txn::default();
+        assert_eq!(first.get(&store, "h", "c")?, None);
+        first.set("c", b"1".to_vec());
+        let first = commit_of(first, None);
+        store.stage("h", &first.writes);
+        let mut second = Txn::default();
+        assert_eq!(second.get(&store, "h", "c")?, Some(b"1".to_vec()));
+        second.set("c", b"2".to_vec());
+        let second = commit_of(second, None);
+        let out = store.commit(&[first, second])?;
+        store.unstage("h");
+        assert!(
+            out.iter()
+                .all(|o| matches!(o, CommitOutcome::Committed { .. })),
+            "{out:?}"
+        );
+        assert_eq!(store.get("h", "c")?, Some(b"2".to_vec()));
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! Inventory: reserves stock for every order published to the `orders`
 //! fanout exchange, and announces the result on the `inventory` topic
-//! exchange (`inventory.reserved`, `inventory.low`, `inventory.rejected`).
+//! exchange (`inventory.reserved`, `inventory.low`, `inventory.rejected`;
+//! config `inventory-exchange` renames it).
 //!
 //! State (per handler, transactional per event):
 //! - `stock.<item>`: units left, ASCII decimal; seeded from the handler

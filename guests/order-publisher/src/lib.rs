@@ -1,6 +1,7 @@
 //! Order publisher: turns checkout requests (direct exchange `checkout`,
 //! key `checkout.requested`) into numbered orders on the `orders` fanout
-//! exchange, in the shape the inventory service consumes.
+//! exchange (config `orders-exchange` renames it), in the shape the
+//! inventory service consumes.
 //!
 //! Order ids come from an atomic counter in state (`order-seq`), which
 //! commits with the event: a failed or re-run event does not burn an id.
@@ -10,6 +11,7 @@ wit_bindgen::generate!({ world: "handler", path: "../../wit", generate_all });
 use event_host::handler::publisher::{publish, Properties};
 use event_host::handler::types::{ExchangeKind, Subscription};
 use serde_json::{json, Map, Value};
+use wasi::config::store as config;
 use wasi::keyvalue::{atomics, store as kv};
 
 struct OrderPublisher;
@@ -70,8 +72,10 @@ impl Guest for OrderPublisher {
             correlation_id: event.correlation_id.clone(),
             headers: vec![],
         };
+        // Operators may rename the exchange; tests give each run its own.
+        let exchange = config::get("orders-exchange").ok().flatten();
         publish(
-            "orders",
+            exchange.as_deref().unwrap_or("orders"),
             "",
             Value::Object(order).to_string().as_bytes(),
             &props,

@@ -7,13 +7,15 @@
 
 use std::time::Duration;
 
+pub mod amqp;
+
 use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::bindings;
 use crate::handler::{sha256_hex, HandlerVersion};
 use crate::runtime::{CallResult, Runtime};
-use crate::state::{CommitOutcome, Outgoing, StateStore};
+use crate::state::{Commit, CommitOutcome, Outgoing, StateStore};
 
 /// One message as it arrived, in host terms (the broker adapter and replay
 /// build these).
@@ -199,77 +201,17 @@ impl Dispatcher {
     /// Errors only for host faults (the state store failing); everything a
     /// guest does is an [`Outcome`].
     pub fn dispatch(&self, handler: &HandlerVersion, delivery: &Delivery) -> Result<Handled> {
-        let ns = &*handler.name;
-        if let Some(id) = &delivery.message_id {
-            if self.state.is_processed(ns, id)? {
-                return Ok(Handled::without_effects(
-                    Outcome::Ack,
-                    Some(DUPLICATE.into()),
-                    Duration::ZERO,
-                ));
-            }
-        }
-        let event = delivery.to_event();
-        let mut elapsed = Duration::ZERO;
-        let mut conflicts = 0;
+        let mut reruns = 0;
         loop {
-            let call = self.runtime.call(
-                &handler.pre,
-                handler.name.clone(),
-                self.state.clone(),
-                handler.settings.config.clone(),
-                &handler.settings.budget,
-                &event,
-            );
-            elapsed += call.elapsed;
-            log_output(handler, "stdout", &call.effects.stdout);
-            log_output(handler, "stderr", &call.effects.stderr);
-            let (outcome, reason) =
-                decide(&call.result, event.attempt, handler.settings.max_attempts);
-            if outcome != Outcome::Ack {
-                tracing::debug!(handler = %handler.name, ?outcome, reason = reason.as_deref(), "event failed");
-                return Ok(Handled::without_effects(outcome, reason, elapsed));
-            }
-            let publishes = stamp_publishes(handler, delivery, call.effects.publishes);
-            if publishes.is_empty()
-                && delivery.message_id.is_none()
-                && !call.effects.txn.has_writes()
-            {
-                // Nothing to make durable (a read-only call's reads need no
-                // validation: it changed nothing based on them).
-                return Ok(Handled::without_effects(Outcome::Ack, None, elapsed));
-            }
-            let commit =
-                call.effects
-                    .txn
-                    .into_commit(ns, delivery.message_id.clone(), publishes.clone());
-            let committed = self
-                .state
-                .commit(std::slice::from_ref(&commit))
-                .with_context(|| format!("committing state of handler {ns}"))?;
-            match committed.into_iter().next() {
-                Some(CommitOutcome::Committed { outbox_ids }) => {
-                    return Ok(Handled {
-                        outcome: Outcome::Ack,
-                        reason: None,
-                        published: publishes,
-                        outbox_ids,
-                        duplicate: false,
-                        elapsed,
-                    })
-                }
-                Some(CommitOutcome::Duplicate) => {
-                    return Ok(Handled::without_effects(
-                        Outcome::Ack,
-                        Some(DUPLICATE.into()),
-                        elapsed,
-                    ))
-                }
-                Some(CommitOutcome::Conflict { key }) if conflicts < MAX_CONFLICT_RERUNS => {
-                    conflicts += 1;
+            let execution = self.execute(handler, delivery)?;
+            let elapsed = execution.elapsed;
+            match self.commit(&handler.name, vec![execution])?.pop() {
+                Some(Committed::Done(handled)) => return Ok(handled),
+                Some(Committed::Conflict(key)) if reruns < MAX_CONFLICT_RERUNS => {
+                    reruns += 1;
                     tracing::debug!(handler = %handler.name, key, "state conflict, running the event again");
                 }
-                Some(CommitOutcome::Conflict { key }) => {
+                Some(Committed::Conflict(key)) => {
                     let reason = format!("state key {key:?} kept changing under the event");
                     return Ok(Handled::without_effects(
                         Outcome::Requeue,
@@ -281,6 +223,134 @@ impl Dispatcher {
             }
         }
     }
+
+    /// Run `delivery` through `handler` without committing: the outcome
+    /// and, for a successful call, the commit that makes it durable.
+    pub fn execute(&self, handler: &HandlerVersion, delivery: &Delivery) -> Result<Execution> {
+        let ns = &*handler.name;
+        if let Some(id) = &delivery.message_id {
+            if self.state.is_processed(ns, id)? {
+                return Ok(Execution::settled(
+                    Outcome::Ack,
+                    Some(DUPLICATE.into()),
+                    Duration::ZERO,
+                ));
+            }
+        }
+        let event = delivery.to_event();
+        let call = self.runtime.call(
+            &handler.pre,
+            handler.name.clone(),
+            self.state.clone(),
+            handler.settings.config.clone(),
+            &handler.settings.budget,
+            &event,
+        );
+        log_output(handler, "stdout", &call.effects.stdout);
+        log_output(handler, "stderr", &call.effects.stderr);
+        let (outcome, reason) = decide(&call.result, event.attempt, handler.settings.max_attempts);
+        if outcome != Outcome::Ack {
+            tracing::debug!(handler = %handler.name, ?outcome, reason = reason.as_deref(), "event failed");
+            return Ok(Execution::settled(outcome, reason, call.elapsed));
+        }
+        let publishes = stamp_publishes(handler, delivery, call.effects.publishes);
+        if publishes.is_empty() && delivery.message_id.is_none() && !call.effects.txn.has_writes() {
+            // Nothing to make durable (a read-only call's reads need no
+            // validation: it changed nothing based on them).
+            return Ok(Execution::settled(Outcome::Ack, None, call.elapsed));
+        }
+        let commit = call
+            .effects
+            .txn
+            .into_commit(ns, delivery.message_id.clone(), publishes);
+        Ok(Execution {
+            outcome,
+            reason,
+            commit: Some(commit),
+            elapsed: call.elapsed,
+        })
+    }
+
+    /// Commit the executions of one handler's events in one transaction,
+    /// in order. A conflicted event is reported for re-running; everything
+    /// else is settled.
+    pub fn commit(&self, ns: &str, executions: Vec<Execution>) -> Result<Vec<Committed>> {
+        let commits: Vec<Commit> = executions.iter().filter_map(|e| e.commit.clone()).collect();
+        let mut outcomes = if commits.is_empty() {
+            Vec::new()
+        } else {
+            self.state
+                .commit(&commits)
+                .with_context(|| format!("committing state of handler {ns}"))?
+        }
+        .into_iter();
+        let mut commits = commits.into_iter();
+        let mut settled = Vec::with_capacity(executions.len());
+        for e in executions {
+            if e.commit.is_none() {
+                settled.push(Committed::Done(Handled::without_effects(
+                    e.outcome, e.reason, e.elapsed,
+                )));
+                continue;
+            }
+            let commit = commits.next().context("commit list out of step")?;
+            settled.push(
+                match outcomes
+                    .next()
+                    .context("state store returned too few outcomes")?
+                {
+                    CommitOutcome::Committed { outbox_ids } => Committed::Done(Handled {
+                        outcome: Outcome::Ack,
+                        reason: None,
+                        published: commit.outbox,
+                        outbox_ids,
+                        duplicate: false,
+                        elapsed: e.elapsed,
+                    }),
+                    CommitOutcome::Duplicate => Committed::Done(Handled::without_effects(
+                        Outcome::Ack,
+                        Some(DUPLICATE.into()),
+                        e.elapsed,
+                    )),
+                    CommitOutcome::Conflict { key } => Committed::Conflict(key),
+                },
+            );
+        }
+        Ok(settled)
+    }
+}
+
+/// A handler call whose effects are not yet committed.
+#[derive(Debug)]
+pub struct Execution {
+    /// Outcome if the commit succeeds (or the final one, with no commit).
+    pub outcome: Outcome,
+    /// Why, when not a plain ack.
+    pub reason: Option<String>,
+    /// What to make durable; `None` when there is nothing.
+    pub commit: Option<Commit>,
+    /// Time spent in the guest.
+    pub elapsed: Duration,
+}
+
+impl Execution {
+    fn settled(outcome: Outcome, reason: Option<String>, elapsed: Duration) -> Self {
+        Self {
+            outcome,
+            reason,
+            commit: None,
+            elapsed,
+        }
+    }
+}
+
+/// How one execution fared at commit.
+#[derive(Debug)]
+pub enum Committed {
+    /// Settled: act on the outcome.
+    Done(Handled),
+    /// What it read changed before it committed: run it again.
+    Conflict(String),
 }
 
 /// Give every publish a stable message id (so a re-run after a crash

@@ -1,0 +1,173 @@
+//! The admin HTTP endpoint: health, readiness, Prometheus metrics, the
+//! handler list and state inspection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::guest::parse_int;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::state::StateStore;
+
+/// What the endpoint reads.
+pub struct AdminState {
+    /// Live handlers.
+    pub registry: Arc<Registry>,
+    /// Handler state.
+    pub state: StateStore,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The routes.
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/handlers", get(handlers))
+        .route("/state/{handler}/{*key}", get(state_value))
+        .with_state(state)
+}
+
+/// Bind `addr` and serve until `stop` resolves. Returns the bound address
+/// through `bound` (useful with port 0).
+pub async fn serve(
+    addr: &str,
+    state: Arc<AdminState>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the admin endpoint to {addr}"))?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(state))
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!("admin endpoint failed: {e}");
+        }
+    });
+    Ok((bound, task))
+}
+
+async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
+    if s.registry.ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        let waiting: Vec<String> = s
+            .registry
+            .entries()
+            .iter()
+            .map(|e| format!("{}: {:?}", e.version().name, e.status()))
+            .collect();
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", waiting.join(", ")),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn handlers(State(s): State<Arc<AdminState>>) -> Json<Value> {
+    let m = &s.metrics;
+    let list: Vec<Value> = s
+        .registry
+        .entries()
+        .iter()
+        .map(|e| {
+            let v = e.version();
+            let l = Metrics::label(&v.name);
+            json!({
+                "name": &*v.name,
+                "version": v.sha256,
+                "guest_version": v.declared.version,
+                "file": v.path,
+                "subscriptions": v.settings.manifest.subscriptions,
+                "queue": e.topology.queue,
+                "dead_letter_queue": e.topology.dlq,
+                "max_attempts": v.settings.max_attempts,
+                "status": e.status(),
+                "counters": {
+                    "acked": m.acked.get_or_create(&l).get(),
+                    "retried": m.retried.get_or_create(&l).get(),
+                    "rejected": m.rejected.get_or_create(&l).get(),
+                    "dead_lettered": m.dead_lettered.get_or_create(&l).get(),
+                    "duplicates": m.duplicates.get_or_create(&l).get(),
+                    "requeued": m.requeued.get_or_create(&l).get(),
+                    "in_flight": m.in_flight.get_or_create(&l).get(),
+                    "instantiations": m.instantiations.get_or_create(&l).get(),
+                },
+            })
+        })
+        .collect();
+    Json(Value::Array(list))
+}
+
+async fn state_value(
+    State(s): State<Arc<AdminState>>,
+    Path((handler, key)): Path<(String, String)>,
+) -> Response {
+    if s.registry.get(&handler).is_none() {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no handler {handler:?}")})),
+        )
+            .into_response();
+    }
+    let store = s.state.clone();
+    let (ns, k) = (handler.clone(), key.clone());
+    let read = tokio::task::spawn_blocking(move || store.get_committed(&ns, &k)).await;
+    match read {
+        Ok(Ok(Some(bytes))) => {
+            Json(json!({"key": key, "value": display_value(&bytes)})).into_response()
+        }
+        Ok(Ok(None)) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"key": key, "error": "no such key"})),
+        )
+            .into_response(),
+        Ok(Err(e)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": format!("{e:#}")})),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+/// Integers (the `increment` encoding) as JSON numbers, other UTF-8 as
+/// strings, anything else as an array of bytes.
+fn display_value(bytes: &[u8]) -> Value {
+    if let Some(n) = parse_int(bytes) {
+        return json!(n);
+    }
+    match std::str::from_utf8(bytes) {
+        Ok(s) => json!(s),
+        Err(_) => json!(bytes),
+    }
+}

@@ -1,0 +1,430 @@
+//! The broker path of the dispatcher: one handler's queue in, dispositions
+//! out.
+//!
+//! Three stages per handler, so the broker round trips, the Wasm calls and
+//! the fsyncs overlap instead of adding up:
+//!
+//! 1. the consumer task receives deliveries (prefetch-bounded) and hands
+//!    them to
+//! 2. a worker thread, which takes whatever has arrived as one batch, runs
+//!    each event in a fresh instance (later events of the batch see earlier
+//!    ones' staged writes) and commits the whole batch in one transaction —
+//!    one fsync for many events;
+//! 3. the acker task publishes the batch's outbox messages and retry /
+//!    dead-letter copies, waits for the broker's confirms, and only then
+//!    acks — one `multiple` ack for the batch.
+//!
+//! Nothing is acked before its effects are durable and its publishes
+//! confirmed; a failure anywhere leaves the events unacked, so the broker
+//! redelivers them and the dedupe record (message id) or the handler's
+//! own idempotency keeps their effects single.
+
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::Connection;
+use tokio::sync::{mpsc, watch};
+
+use super::{Committed, Dispatcher, Handled, Outcome};
+use crate::broker::{self, text};
+use crate::handler::HandlerVersion;
+use crate::metrics::Metrics;
+use crate::registry::{Entry, Status};
+
+/// Most deliveries one worker batch takes (and so one transaction holds).
+const MAX_BATCH: usize = 128;
+
+/// A delivery with how it was settled.
+struct Settled {
+    delivery: lapin::message::Delivery,
+    handled: Handled,
+    version: Arc<HandlerVersion>,
+    attempt: u32,
+    exchange: String,
+    routing_key: String,
+}
+
+/// Serve one handler's queue on `conn` until `stop` turns true (graceful:
+/// in-flight events finish and are acked) or the connection fails (error).
+pub async fn serve(
+    conn: &Connection,
+    dispatcher: Dispatcher,
+    entry: Arc<Entry>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let version = entry.version();
+    let name = version.name.to_string();
+    let settings = &version.settings.broker;
+    let consume_ch = broker::consumer_channel(conn, settings.prefetch).await?;
+    let publish_ch = broker::confirm_channel(conn).await?;
+    let tag = format!("event-host.{name}");
+    let mut consumer = consume_ch
+        .basic_consume(
+            entry.topology.queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("consuming from {:?}", entry.topology.queue))?;
+    entry.set_status(Status::Consuming);
+    tracing::info!(handler = %name, queue = %entry.topology.queue, version = %version.short_version(), "consuming");
+
+    let (work_tx, work_rx) = std_mpsc::channel::<lapin::message::Delivery>();
+    let (done_tx, done_rx) = mpsc::channel::<Vec<Settled>>(16);
+    let worker = {
+        let (dispatcher, entry, metrics) = (dispatcher.clone(), entry.clone(), metrics.clone());
+        std::thread::Builder::new()
+            .name(format!("dispatch-{name}"))
+            .spawn(move || work(dispatcher, entry, metrics, work_rx, done_tx))
+            .context("starting the dispatch thread")?
+    };
+    let mut acker = tokio::spawn(acks(
+        consume_ch.clone(),
+        publish_ch,
+        dispatcher.clone(),
+        entry.clone(),
+        metrics.clone(),
+        done_rx,
+    ));
+    let label = Metrics::label(&name);
+
+    let mut failure = None;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => {
+                // Stop taking deliveries; what is in flight still settles.
+                if let Err(e) = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
+                    failure = Some(anyhow::Error::from(e).context("cancelling the consumer"));
+                }
+                break;
+            }
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    metrics.in_flight.get_or_create(&label).inc();
+                    if work_tx.send(delivery).is_err() {
+                        failure = Some(anyhow::anyhow!("dispatch thread of {name} stopped"));
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    failure = Some(anyhow::Error::from(e).context("consumer stream failed"));
+                    break;
+                }
+                None => {
+                    failure = Some(anyhow::anyhow!("the broker cancelled the consumer of {name}"));
+                    break;
+                }
+            },
+            finished = &mut acker => {
+                failure = Some(match finished {
+                    Ok(Ok(())) => anyhow::anyhow!("acker of {name} stopped"),
+                    Ok(Err(e)) => e,
+                    Err(e) => anyhow::anyhow!("acker of {name} panicked: {e}"),
+                });
+                break;
+            }
+        }
+    }
+    entry.set_status(Status::Disconnected);
+    // Closing the work channel lets the worker finish its last batch and
+    // close the acker's channel; the acker then settles everything left.
+    drop(work_tx);
+    if !acker.is_finished() {
+        match acker.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(e) => failure = failure.or(Some(anyhow::anyhow!("acker panicked: {e}"))),
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    match failure {
+        Some(e) if !*stop.borrow() => Err(e),
+        Some(e) => {
+            tracing::warn!(handler = %name, "while stopping: {e:#}");
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+/// The worker thread: batches in, settled batches out.
+fn work(
+    dispatcher: Dispatcher,
+    entry: Arc<Entry>,
+    metrics: Arc<Metrics>,
+    rx: std_mpsc::Receiver<lapin::message::Delivery>,
+    tx: mpsc::Sender<Vec<Settled>>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(d) => batch.push(d),
+                Err(_) => break,
+            }
+        }
+        // A batch runs on the version current when it starts; events
+        // already in flight keep theirs.
+        let version = entry.version();
+        let settled = run_batch(&dispatcher, &version, &metrics, batch);
+        if tx.blocking_send(settled).is_err() {
+            return;
+        }
+    }
+}
+
+fn run_batch(
+    dispatcher: &Dispatcher,
+    version: &Arc<HandlerVersion>,
+    metrics: &Metrics,
+    batch: Vec<lapin::message::Delivery>,
+) -> Vec<Settled> {
+    let ns = &*version.name;
+    let label = Metrics::label(ns);
+    let max_payload = version.settings.broker.max_payload_bytes;
+    let mut executions = Vec::new();
+    let mut pending = Vec::new();
+    let mut settled: Vec<Option<Handled>> = Vec::with_capacity(batch.len());
+    let mut inputs = Vec::with_capacity(batch.len());
+    for raw in &batch {
+        let delivery = broker::to_delivery(raw);
+        let mut result = None;
+        if raw.data.len() > max_payload {
+            let reason = format!(
+                "payload of {} bytes is over the {max_payload}-byte cap",
+                raw.data.len()
+            );
+            result = Some(Handled::without_effects(
+                Outcome::Reject,
+                Some(reason),
+                Default::default(),
+            ));
+        } else {
+            metrics.instantiations.get_or_create(&label).inc();
+            match dispatcher.execute(version, &delivery) {
+                Ok(execution) => {
+                    if let Some(commit) = &execution.commit {
+                        dispatcher.state().stage(ns, &commit.writes);
+                    }
+                    metrics
+                        .latency
+                        .get_or_create(&label)
+                        .observe(execution.elapsed.as_secs_f64());
+                    pending.push(settled.len());
+                    executions.push(execution);
+                }
+                Err(e) => result = Some(host_fault(&e)),
+            }
+        }
+        settled.push(result);
+        inputs.push(delivery);
+    }
+    let committed = dispatcher.commit(ns, executions);
+    dispatcher.state().unstage(ns);
+    match committed {
+        Ok(results) => {
+            for (index, result) in pending.into_iter().zip(results) {
+                settled[index] = Some(match result {
+                    Committed::Done(handled) => handled,
+                    // Another writer changed what it read: run it alone.
+                    Committed::Conflict(_) => dispatcher
+                        .dispatch(version, &inputs[index])
+                        .unwrap_or_else(|e| host_fault(&e)),
+                });
+            }
+        }
+        Err(e) => {
+            let fault = host_fault(&e);
+            for index in pending {
+                settled[index] = Some(fault.clone());
+            }
+        }
+    }
+    batch
+        .into_iter()
+        .zip(settled)
+        .zip(inputs)
+        .map(|((delivery, handled), input)| Settled {
+            delivery,
+            handled: handled
+                .unwrap_or_else(|| host_fault(&anyhow::anyhow!("event was not settled"))),
+            version: version.clone(),
+            attempt: input.attempt,
+            exchange: input.exchange,
+            routing_key: input.routing_key,
+        })
+        .collect()
+}
+
+fn host_fault(e: &anyhow::Error) -> Handled {
+    tracing::error!("host fault while dispatching: {e:#}");
+    Handled::without_effects(
+        Outcome::Requeue,
+        Some(format!("host error: {e:#}")),
+        Default::default(),
+    )
+}
+
+/// The acker: for each settled batch, publish, wait for confirms, ack.
+async fn acks(
+    consume_ch: lapin::Channel,
+    publish_ch: lapin::Channel,
+    dispatcher: Dispatcher,
+    entry: Arc<Entry>,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<Vec<Settled>>,
+) -> Result<()> {
+    while let Some(batch) = rx.recv().await {
+        let mut confirms = Vec::new();
+        let mut outbox = Vec::new();
+        let mut requeue = Vec::new();
+        let mut ack_up_to = None;
+        for s in &batch {
+            let label = Metrics::label(&s.version.name);
+            let tag = s.delivery.delivery_tag;
+            match s.handled.outcome {
+                Outcome::Ack => {
+                    for p in &s.handled.published {
+                        confirms.push(
+                            publish_ch
+                                .basic_publish(
+                                    p.exchange.as_str().into(),
+                                    p.routing_key.as_str().into(),
+                                    BasicPublishOptions::default(),
+                                    &p.payload,
+                                    broker::outgoing_properties(p),
+                                )
+                                .await?,
+                        );
+                    }
+                    outbox.extend_from_slice(&s.handled.outbox_ids);
+                    metrics.acked.get_or_create(&label).inc();
+                    if s.handled.duplicate {
+                        metrics.duplicates.get_or_create(&label).inc();
+                    }
+                }
+                Outcome::Retry => {
+                    let queue = entry
+                        .topology
+                        .retry_queue(s.attempt)
+                        .context("retry outcome with no retry queue")?;
+                    let props = broker::republish_properties(
+                        &s.delivery.properties,
+                        &[
+                            (
+                                broker::ATTEMPT_HEADER,
+                                AMQPValue::LongLongInt(i64::from(s.attempt) + 1),
+                            ),
+                            (broker::EXCHANGE_HEADER, text(&s.exchange)),
+                            (broker::ROUTING_KEY_HEADER, text(&s.routing_key)),
+                            (
+                                broker::REASON_HEADER,
+                                text(s.handled.reason.as_deref().unwrap_or("")),
+                            ),
+                        ],
+                    );
+                    confirms.push(
+                        publish_ch
+                            .basic_publish(
+                                "".into(),
+                                queue.into(),
+                                BasicPublishOptions::default(),
+                                &s.delivery.data,
+                                props,
+                            )
+                            .await?,
+                    );
+                    metrics.retried.get_or_create(&label).inc();
+                }
+                Outcome::Reject => {
+                    let reason = s.handled.reason.as_deref().unwrap_or("rejected");
+                    let props = broker::republish_properties(
+                        &s.delivery.properties,
+                        &[
+                            (broker::REASON_HEADER, text(reason)),
+                            (broker::HANDLER_HEADER, text(&s.version.name)),
+                            (broker::VERSION_HEADER, text(&s.version.sha256)),
+                            (
+                                broker::ATTEMPTS_HEADER,
+                                AMQPValue::LongLongInt(i64::from(s.attempt)),
+                            ),
+                            (broker::EXCHANGE_HEADER, text(&s.exchange)),
+                            (broker::ROUTING_KEY_HEADER, text(&s.routing_key)),
+                        ],
+                    );
+                    confirms.push(
+                        publish_ch
+                            .basic_publish(
+                                entry.topology.dlx.as_str().into(),
+                                entry.topology.queue.as_str().into(),
+                                BasicPublishOptions::default(),
+                                &s.delivery.data,
+                                props,
+                            )
+                            .await?,
+                    );
+                    if !reason.starts_with("attempts exhausted")
+                        && !reason.starts_with("payload of")
+                    {
+                        metrics.rejected.get_or_create(&label).inc();
+                    }
+                    metrics.dead_lettered.get_or_create(&label).inc();
+                    tracing::info!(handler = %s.version.name, reason, "event dead-lettered");
+                }
+                Outcome::Requeue => {
+                    requeue.push(tag);
+                    metrics.requeued.get_or_create(&label).inc();
+                    continue;
+                }
+            }
+            ack_up_to = Some(ack_up_to.map_or(tag, |t: u64| t.max(tag)));
+        }
+        for confirm in confirms {
+            if confirm
+                .await
+                .context("waiting for a publisher confirm")?
+                .is_nack()
+            {
+                bail!("the broker refused a publish (nack); the batch stays unacked");
+            }
+        }
+        if !outbox.is_empty() {
+            let state = dispatcher.state().clone();
+            tokio::task::spawn_blocking(move || state.clear_outbox(&outbox))
+                .await
+                .context("outbox clearing task")??;
+        }
+        // Requeues first: a later `multiple` ack must not cover them.
+        for tag in requeue {
+            consume_ch
+                .basic_nack(
+                    tag,
+                    BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    },
+                )
+                .await?;
+        }
+        if let Some(tag) = ack_up_to {
+            consume_ch
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await?;
+        }
+        if let Some(first) = batch.first() {
+            metrics
+                .in_flight
+                .get_or_create(&Metrics::label(&first.version.name))
+                .dec_by(batch.len() as i64);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! Prometheus metrics: per-handler event counters, handler latency, in-flight
+//! events and instantiations; for the host, connection state and reconnects.
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The label every per-handler metric carries.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandlerLabel {
+    /// Handler name.
+    pub handler: String,
+}
+
+/// All metrics of one host.
+pub struct Metrics {
+    registry: Registry,
+    /// Events acked after a successful call (duplicates included).
+    pub acked: Family<HandlerLabel, Counter>,
+    /// Events sent to the retry path (guest `retry`, trap, timeout).
+    pub retried: Family<HandlerLabel, Counter>,
+    /// Events the guest rejected.
+    pub rejected: Family<HandlerLabel, Counter>,
+    /// Events dead-lettered (rejected, attempts exhausted, oversize).
+    pub dead_lettered: Family<HandlerLabel, Counter>,
+    /// Redeliveries of already-committed events, acked without running.
+    pub duplicates: Family<HandlerLabel, Counter>,
+    /// Events put back after a host-side fault.
+    pub requeued: Family<HandlerLabel, Counter>,
+    /// Handler instantiations (one per call).
+    pub instantiations: Family<HandlerLabel, Counter>,
+    /// Events received and not yet settled.
+    pub in_flight: Family<HandlerLabel, Gauge>,
+    /// Time in the guest per event, seconds.
+    pub latency: Family<HandlerLabel, Histogram>,
+    /// 1 while connected to the broker.
+    pub connected: Gauge<i64, AtomicI64>,
+    /// Reconnects since start.
+    pub reconnects: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("event_host");
+        let latency = Family::<HandlerLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.025,
+                0.1, 0.5, 1.0, 5.0,
+            ])
+        });
+        let m = Self {
+            acked: Family::default(),
+            retried: Family::default(),
+            rejected: Family::default(),
+            dead_lettered: Family::default(),
+            duplicates: Family::default(),
+            requeued: Family::default(),
+            instantiations: Family::default(),
+            in_flight: Family::default(),
+            latency,
+            connected: Gauge::default(),
+            reconnects: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "events_acked",
+            "Events acked after a successful call",
+            m.acked.clone(),
+        );
+        registry.register(
+            "events_retried",
+            "Events sent to the retry path",
+            m.retried.clone(),
+        );
+        registry.register(
+            "events_rejected",
+            "Events the handler rejected",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "events_dead_lettered",
+            "Events dead-lettered",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
+            "events_duplicate",
+            "Redeliveries acked without running",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "events_requeued",
+            "Events put back after a host fault",
+            m.requeued.clone(),
+        );
+        registry.register(
+            "instantiations",
+            "Handler instantiations",
+            m.instantiations.clone(),
+        );
+        registry.register(
+            "events_in_flight",
+            "Events received and not yet settled",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "handler_latency_seconds",
+            "Time in the handler per event",
+            m.latency.clone(),
+        );
+        registry.register(
+            "broker_connected",
+            "1 while connected to the broker",
+            m.connected.clone(),
+        );
+        registry.register(
+            "broker_reconnects",
+            "Reconnects since start",
+            m.reconnects.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The label for `handler`.
+    pub fn label(handler: &str) -> HandlerLabel {
+        HandlerLabel {
+            handler: handler.to_owned(),
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,212 @@
+//! `event-host run`: load the handlers, serve the admin endpoint, and keep
+//! a broker session alive — reconnecting with capped, jittered backoff —
+//! until the shutdown future resolves.
+//!
+//! The shutdown is injected (as in mini-redis), so tests stop the host
+//! deterministically; the binary passes SIGTERM/SIGINT.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use lapin::options::BasicPublishOptions;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::admin::{self, AdminState};
+use crate::broker;
+use crate::config::Config;
+use crate::dispatch::{amqp, Dispatcher};
+use crate::metrics::Metrics;
+use crate::registry::{Registry, Status};
+use crate::runtime::Runtime;
+use crate::state::StateStore;
+
+/// Run the sidecar until `shutdown` resolves, then drain and return.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
+    let state = StateStore::open(&config.state_path, config.durability)?;
+    let dispatcher = Dispatcher::new(runtime.clone(), state.clone());
+    let registry = Arc::new(Registry::default());
+    std::fs::create_dir_all(&config.handlers_dir)
+        .with_context(|| format!("creating handlers folder {}", config.handlers_dir.display()))?;
+    for path in crate::handler::wasm_files(&config.handlers_dir)? {
+        // One bad file must not keep the others from serving.
+        match crate::handler::load_file(&runtime, &config, &path) {
+            Ok(version) if registry.get(&version.name).is_some() => {
+                tracing::error!(file = %path.display(), handler = %version.name, "another file already declares this handler; ignored");
+            }
+            Ok(version) => {
+                tracing::info!(handler = %version.name, version = %version.short_version(), file = %path.display(), "handler loaded");
+                registry.insert(Arc::new(version));
+            }
+            Err(e) => tracing::error!("{e:#}"),
+        }
+    }
+    if registry.entries().is_empty() {
+        tracing::warn!(folder = %config.handlers_dir.display(), "no handlers loaded; /readyz stays false");
+    }
+    let metrics = Arc::new(Metrics::new());
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: finishing in-flight events");
+        let _ = stop_tx.send(true);
+    });
+    let admin_state = Arc::new(AdminState {
+        registry: registry.clone(),
+        state: state.clone(),
+        metrics: metrics.clone(),
+    });
+    let mut admin_stop = stop_rx.clone();
+    let (admin_addr, admin_task) = admin::serve(&config.admin_addr, admin_state, async move {
+        let _ = admin_stop.wait_for(|s| *s).await;
+    })
+    .await?;
+    tracing::info!(%admin_addr, "admin endpoint listening");
+
+    let mut failures = 0u32;
+    loop {
+        if *stop_rx.borrow() {
+            break;
+        }
+        match session(
+            &config,
+            &dispatcher,
+            &registry,
+            &metrics,
+            stop_rx.clone(),
+            &mut failures,
+        )
+        .await
+        {
+            Ok(()) => break,
+            Err(e) => {
+                metrics.connected.set(0);
+                for entry in registry.entries() {
+                    entry.set_status(Status::Disconnected);
+                }
+                failures += 1;
+                let delay = broker::backoff(failures);
+                tracing::warn!(
+                    retry_in_ms = delay.as_millis() as u64,
+                    "broker session ended: {e:#}"
+                );
+                let mut stop = stop_rx.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => metrics.reconnects.inc(),
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+            }
+        }
+    }
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// One connection's life: connect, release any unconfirmed outbox
+/// messages, declare topology, consume until stopped or broken.
+async fn session(
+    config: &Config,
+    dispatcher: &Dispatcher,
+    registry: &Registry,
+    metrics: &Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+    failures: &mut u32,
+) -> Result<()> {
+    let conn = Arc::new(broker::connect(&config.amqp_url, config.heartbeat_secs).await?);
+    metrics.connected.set(1);
+    tracing::info!(broker = %broker::redact(&config.amqp_url), "connected");
+    relay_outbox(&conn, dispatcher).await?;
+    let mut tasks = JoinSet::new();
+    for entry in registry.entries() {
+        let version = entry.version();
+        broker::declare(
+            &conn,
+            &entry.topology,
+            &version.settings.manifest.subscriptions,
+            &version.settings.broker,
+        )
+        .await
+        .with_context(|| format!("topology of handler {}", version.name))?;
+        let (conn, dispatcher, metrics, stop) = (
+            conn.clone(),
+            dispatcher.clone(),
+            metrics.clone(),
+            stop.clone(),
+        );
+        tasks.spawn(async move { amqp::serve(&conn, dispatcher, entry, metrics, stop).await });
+    }
+    *failures = 0;
+    let drain = Duration::from_secs(config.drain_timeout_secs);
+    let mut result = Ok(());
+    let mut stopping = stop.clone();
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                None => break,
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => { result = Err(e); break; }
+                Some(Err(e)) => { result = Err(anyhow::anyhow!("consumer task panicked: {e}")); break; }
+            },
+            _ = stopping.wait_for(|s| *s) => {
+                // Graceful: consumers cancel, in-flight events settle.
+                match tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await {
+                    Ok(()) => {}
+                    Err(_) => tracing::warn!(seconds = drain.as_secs(), "drain timeout: unsettled events will be redelivered"),
+                }
+                break;
+            }
+        }
+    }
+    tasks.abort_all();
+    let _ = conn.close(200, "event-host stopping".into()).await;
+    metrics.connected.set(0);
+    result
+}
+
+/// Publish outbox rows left by a run that stopped between committing an
+/// event and the broker confirming its publishes. Their events were acked
+/// or will be redelivered as duplicates; either way these messages are
+/// owed exactly once more (with their stable message ids).
+async fn relay_outbox(conn: &lapin::Connection, dispatcher: &Dispatcher) -> Result<()> {
+    let state = dispatcher.state().clone();
+    let pending = tokio::task::spawn_blocking(move || state.pending_outbox()).await??;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let ch = broker::confirm_channel(conn).await?;
+    let mut confirms = Vec::with_capacity(pending.len());
+    for (_, _, message) in &pending {
+        confirms.push(
+            ch.basic_publish(
+                message.exchange.as_str().into(),
+                message.routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &message.payload,
+                broker::outgoing_properties(message),
+            )
+            .await?,
+        );
+    }
+    for confirm in confirms {
+        if confirm.await?.is_nack() {
+            anyhow::bail!("the broker refused an outbox message");
+        }
+    }
+    let ids: Vec<i64> = pending.iter().map(|(id, _, _)| *id).collect();
+    let state = dispatcher.state().clone();
+    tokio::task::spawn_blocking(move || state.clear_outbox(&ids)).await??;
+    tracing::info!(
+        messages = pending.len(),
+        "released outbox messages left by a previous run"
+    );
+    let _ = ch.close(200, "outbox relayed".into()).await;
+    Ok(())
+}
