@@ -242,14 +242,14 @@ pub async fn declare(
     Ok(())
 }
 
-/// Use an existing exchange as it is; declare it durable only when absent.
-/// A passive declare that fails closes its channel, hence a throwaway one.
-async fn ensure_exchange(conn: &Connection, sub: &Subscription, passive_only: bool) -> Result<()> {
+/// Whether `exchange` exists (a passive declare on a throwaway channel,
+/// since a failed one closes its channel).
+pub async fn exchange_exists(conn: &Connection, exchange: &str) -> Result<bool> {
     let probe = conn.create_channel().await.context("opening a channel")?;
     let exists = probe
         .exchange_declare(
-            sub.exchange.as_str().into(),
-            lapin_kind(sub.kind),
+            exchange.into(),
+            lapin::ExchangeKind::Direct,
             ExchangeDeclareOptions {
                 passive: true,
                 ..ExchangeDeclareOptions::default()
@@ -259,7 +259,15 @@ async fn ensure_exchange(conn: &Connection, sub: &Subscription, passive_only: bo
         .await
         .is_ok();
     if exists {
-        let _ = probe.close(200, "exchange exists".into()).await;
+        let _ = probe.close(200, "checked".into()).await;
+    }
+    Ok(exists)
+}
+
+/// Use an existing exchange as it is; declare it durable only when absent.
+/// A passive declare that fails closes its channel, hence a throwaway one.
+async fn ensure_exchange(conn: &Connection, sub: &Subscription, passive_only: bool) -> Result<()> {
+    if exchange_exists(conn, &sub.exchange).await? {
         return Ok(());
     }
     if passive_only {

@@ -65,7 +65,7 @@ pub async fn run(
     });
     let mut admin_stop = stop_rx.clone();
     let (admin_addr, admin_task) = admin::serve(&config.admin_addr, admin_state, async move {
-        let _ = admin_stop.wait_for(|s| *s).await;
+        stopped(&mut admin_stop).await;
     })
     .await?;
     tracing::info!(%admin_addr, "admin endpoint listening");
@@ -100,7 +100,7 @@ pub async fn run(
                 let mut stop = stop_rx.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => metrics.reconnects.inc(),
-                    _ = stop.wait_for(|s| *s) => break,
+                    _ = stopped(&mut stop) => break,
                 };
             }
         }
@@ -108,6 +108,12 @@ pub async fn run(
     let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Resolves once the stop flag is set (the guard `wait_for` returns is not
+/// `Send`, so it is dropped here rather than held across an await).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// One connection's life: connect, release any unconfirmed outbox
@@ -141,7 +147,7 @@ async fn session(
             metrics.clone(),
             stop.clone(),
         );
-        tasks.spawn(async move { amqp::serve(&conn, dispatcher, entry, metrics, stop).await });
+        tasks.spawn(async move { amqp::serve(conn, dispatcher, entry, metrics, stop).await });
     }
     *failures = 0;
     let drain = Duration::from_secs(config.drain_timeout_secs);
@@ -155,7 +161,7 @@ async fn session(
                 Some(Ok(Err(e))) => { result = Err(e); break; }
                 Some(Err(e)) => { result = Err(anyhow::anyhow!("consumer task panicked: {e}")); break; }
             },
-            _ = stopping.wait_for(|s| *s) => {
+            _ = stopped(&mut stopping) => {
                 // Graceful: consumers cancel, in-flight events settle.
                 match tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await {
                     Ok(()) => {}

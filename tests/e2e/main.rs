@@ -2,8 +2,10 @@
 //! (sandbox, state, business logic, replay, check) run anywhere; the guests
 //! are built automatically on first use.
 
+mod amqp_support;
 mod support;
 
+mod broker;
 mod business;
 mod cli;
 mod sandbox;

@@ -77,8 +77,10 @@ fn send(routing_key: &str, body: Value) -> Result<(), HandleError> {
         correlation_id: None,
         headers: vec![],
     };
+    // Operators may rename the exchange; tests give each run its own.
+    let exchange = config::get("inventory-exchange").ok().flatten();
     publish(
-        "inventory",
+        exchange.as_deref().unwrap_or("inventory"),
         routing_key,
         body.to_string().as_bytes(),
         &props,

@@ -53,7 +53,7 @@ struct Settled {
 /// Serve one handler's queue on `conn` until `stop` turns true (graceful:
 /// in-flight events finish and are acked) or the connection fails (error).
 pub async fn serve(
-    conn: &Connection,
+    conn: Arc<Connection>,
     dispatcher: Dispatcher,
     entry: Arc<Entry>,
     metrics: Arc<Metrics>,
@@ -62,8 +62,8 @@ pub async fn serve(
     let version = entry.version();
     let name = version.name.to_string();
     let settings = &version.settings.broker;
-    let consume_ch = broker::consumer_channel(conn, settings.prefetch).await?;
-    let publish_ch = broker::confirm_channel(conn).await?;
+    let consume_ch = broker::consumer_channel(&conn, settings.prefetch).await?;
+    let publish_ch = broker::confirm_channel(&conn).await?;
     let tag = format!("event-host.{name}");
     let mut consumer = consume_ch
         .basic_consume(
@@ -87,6 +87,7 @@ pub async fn serve(
             .context("starting the dispatch thread")?
     };
     let mut acker = tokio::spawn(acks(
+        conn.clone(),
         consume_ch.clone(),
         publish_ch,
         dispatcher.clone(),
@@ -273,8 +274,36 @@ fn host_fault(e: &anyhow::Error) -> Handled {
     )
 }
 
+/// Which exchanges handlers publish to exist. Publishing to a missing one
+/// is a channel error that would take the whole session down and stall the
+/// queue in a reconnect loop; AMQP drops unroutable messages silently, and
+/// a message for an exchange that does not exist is the same case, so it
+/// is dropped with a warning.
+#[derive(Default)]
+struct ExchangeCheck {
+    known: std::collections::HashMap<String, bool>,
+}
+
+impl ExchangeCheck {
+    async fn exists(&mut self, conn: &Connection, exchange: &str) -> Result<bool> {
+        if exchange.is_empty() {
+            return Ok(true); // the default exchange always exists
+        }
+        if let Some(known) = self.known.get(exchange) {
+            return Ok(*known);
+        }
+        let exists = broker::exchange_exists(conn, exchange).await?;
+        if !exists {
+            tracing::warn!(exchange, "a handler published to an exchange that does not exist; message dropped as unroutable");
+        }
+        self.known.insert(exchange.to_owned(), exists);
+        Ok(exists)
+    }
+}
+
 /// The acker: for each settled batch, publish, wait for confirms, ack.
 async fn acks(
+    conn: Arc<Connection>,
     consume_ch: lapin::Channel,
     publish_ch: lapin::Channel,
     dispatcher: Dispatcher,
@@ -282,6 +311,7 @@ async fn acks(
     metrics: Arc<Metrics>,
     mut rx: mpsc::Receiver<Vec<Settled>>,
 ) -> Result<()> {
+    let mut exchanges = ExchangeCheck::default();
     while let Some(batch) = rx.recv().await {
         let mut confirms = Vec::new();
         let mut outbox = Vec::new();
@@ -293,6 +323,9 @@ async fn acks(
             match s.handled.outcome {
                 Outcome::Ack => {
                     for p in &s.handled.published {
+                        if !exchanges.exists(&conn, &p.exchange).await? {
+                            continue;
+                        }
                         confirms.push(
                             publish_ch
                                 .basic_publish(

@@ -1,0 +1,325 @@
+//! Support for tests against a real RabbitMQ: an in-process host with an
+//! injected shutdown, a plain AMQP client, unique names and clean-up.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::Value;
+
+use crate::support::guest;
+
+/// The broker under test.
+pub fn amqp_url() -> String {
+    std::env::var("EVENT_HOST_AMQP_URL")
+        .unwrap_or_else(|_| event_host::config::DEFAULT_AMQP_URL.to_owned())
+}
+
+/// A name no other test (or concurrent run) uses.
+pub fn unique(what: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "evh-t{}-{}-{what}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `event-host run` in-process, stopped when dropped.
+pub struct TestHost {
+    pub rt: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub admin: String,
+    /// Handlers and state live here for the host's lifetime.
+    _dir: tempfile::TempDir,
+}
+
+impl TestHost {
+    /// Start a host with these guests and config (TOML without the
+    /// top-level addresses, which are filled in here).
+    pub fn start(guests: &[&str], config: &str) -> Self {
+        // Host logs show up with a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("EVENT_HOST_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().unwrap();
+        let handlers = dir.path().join("handlers");
+        std::fs::create_dir_all(&handlers).unwrap();
+        for g in guests {
+            std::fs::copy(guest(g), handlers.join(format!("{g}.wasm"))).unwrap();
+        }
+        let admin = format!("127.0.0.1:{}", free_port());
+        let text = format!(
+            "handlers_dir = {:?}\nstate_path = {:?}\namqp_url = {:?}\nadmin_addr = {:?}\ndurability = \"normal\"\n{config}",
+            handlers.to_str().unwrap(),
+            dir.path().join("state").to_str().unwrap(),
+            amqp_url(),
+            admin,
+        );
+        let config = event_host::config::Config::parse(&text).expect("test config");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = rt.spawn(event_host::server::run(config, async {
+            let _ = rx.await;
+        }));
+        let host = Self {
+            rt,
+            stop: Some(tx),
+            task: Some(task),
+            admin,
+            _dir: dir,
+        };
+        host.wait_for("/readyz", |status, _| status == 200, "host ready");
+        host
+    }
+
+    /// GET a path of the admin endpoint: (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let Ok(mut s) = TcpStream::connect(&self.admin) else {
+            return (0, String::new());
+        };
+        let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// Poll an admin path until `ok` holds (30 s at most).
+    pub fn wait_for(&self, path: &str, ok: impl Fn(u16, &str) -> bool, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = self.get(path);
+            if ok(status, &body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {status} {body}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A handler's counters from `/handlers`.
+    pub fn counters(&self, handler: &str) -> Value {
+        let (_, body) = self.get("/handlers");
+        let list: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        list.as_array()
+            .and_then(|l| l.iter().find(|h| h["name"] == handler))
+            .map(|h| h["counters"].clone())
+            .unwrap_or(Value::Null)
+    }
+
+    /// Wait until a counter of `handler` reaches `n`.
+    pub fn wait_counter(&self, handler: &str, counter: &str, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let c = self.counters(handler);
+            if c[counter].as_u64().unwrap_or(0) >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {handler}.{counter} >= {n}: {c}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stop gracefully and return what `run` returned.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.task.take() {
+            Some(task) => self.rt.block_on(task).map_err(anyhow::Error::from)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// A plain AMQP client, as any other service would use.
+pub struct Client {
+    pub rt: tokio::runtime::Runtime,
+    pub conn: Connection,
+    pub ch: Channel,
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+}
+
+impl Client {
+    pub fn connect() -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (conn, ch) = rt.block_on(async {
+            let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+                .await
+                .expect("broker reachable");
+            let ch = conn.create_channel().await.unwrap();
+            (conn, ch)
+        });
+        Self {
+            rt,
+            conn,
+            ch,
+            queues: Vec::new(),
+            exchanges: Vec::new(),
+        }
+    }
+
+    /// Remember names to delete when the client is dropped.
+    pub fn cleanup(&mut self, queues: &[&str], exchanges: &[&str]) {
+        self.queues.extend(queues.iter().map(|s| s.to_string()));
+        self.exchanges
+            .extend(exchanges.iter().map(|s| s.to_string()));
+    }
+
+    /// Publish with exactly these properties (default: none at all).
+    pub fn publish(&self, exchange: &str, key: &str, payload: &[u8], props: BasicProperties) {
+        self.rt.block_on(async {
+            self.ch
+                .basic_publish(
+                    exchange.into(),
+                    key.into(),
+                    BasicPublishOptions::default(),
+                    payload,
+                    props,
+                )
+                .await
+                .unwrap();
+        });
+    }
+
+    /// A server-named exclusive queue bound to `exchange` with `key`.
+    pub fn bind_probe(&self, exchange: &str, key: &str) -> String {
+        self.rt.block_on(async {
+            let q = self
+                .ch
+                .queue_declare(
+                    "".into(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            let name = q.name().as_str().to_owned();
+            self.ch
+                .queue_bind(
+                    name.as_str().into(),
+                    exchange.into(),
+                    key.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            name
+        })
+    }
+
+    /// Take up to `n` messages from `queue`, waiting at most `wait`.
+    pub fn take(
+        &self,
+        queue: &str,
+        n: usize,
+        wait: Duration,
+    ) -> Vec<lapin::message::BasicGetMessage> {
+        let deadline = Instant::now() + wait;
+        let mut got = Vec::new();
+        while got.len() < n && Instant::now() < deadline {
+            let m = self
+                .rt
+                .block_on(
+                    self.ch
+                        .basic_get(queue.into(), BasicGetOptions { no_ack: true }),
+                )
+                .unwrap();
+            match m {
+                Some(m) => got.push(m),
+                None => std::thread::sleep(Duration::from_millis(25)),
+            }
+        }
+        got
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.rt.block_on(async {
+            let ch = self.conn.create_channel().await.unwrap();
+            for q in &self.queues {
+                let _ = ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            for e in &self.exchanges {
+                let _ = ch
+                    .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+            let _ = self.conn.close(200, "test done".into()).await;
+        });
+    }
+}
+
+/// A text header of a message.
+pub fn header(m: &lapin::message::BasicGetMessage, name: &str) -> Option<String> {
+    let v = m
+        .delivery
+        .properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(name)?
+        .clone();
+    Some(match event_host::broker::header_value(&v) {
+        event_host::dispatch::HeaderValue::Text(s) => s,
+        event_host::dispatch::HeaderValue::Integer(i) => i.to_string(),
+        other => format!("{other:?}"),
+    })
+}

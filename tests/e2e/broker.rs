@@ -1,0 +1,427 @@
+//! Against a real RabbitMQ (`EVENT_HOST_AMQP_URL`, default local): interop
+//! with plain clients both ways, retry with backoff then the DLQ, reject,
+//! traps and timeouts, the outbox, effectively-once, poison inputs.
+//! Every test uses its own exchange and queue names and deletes them.
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use serde_json::{json, Value};
+
+use crate::amqp_support::{header, unique, Client, TestHost};
+
+/// Names for one inventory deployment.
+struct Inventory {
+    orders: String,
+    events: String,
+    queue: String,
+}
+
+impl Inventory {
+    fn new() -> Self {
+        Self {
+            orders: unique("orders"),
+            events: unique("inventory-events"),
+            queue: unique("inventory"),
+        }
+    }
+
+    fn config(&self, extra: &str) -> String {
+        format!(
+            r#"
+[handlers.inventory]
+queue = "{q}"
+subscriptions = [{{ exchange = "{o}", kind = "fanout" }}]
+retry_base_ms = 50
+{extra}
+[handlers.inventory.config]
+"stock.Laptop" = "10"
+"inventory-exchange" = "{e}"
+"#,
+            q = self.queue,
+            o = self.orders,
+            e = self.events,
+        )
+    }
+
+    fn cleanup(&self, client: &mut Client) {
+        let q = &self.queue;
+        client.cleanup(
+            &[
+                q,
+                &format!("{q}.dlq"),
+                &format!("{q}.retry.50ms"),
+                &format!("{q}.retry.100ms"),
+                &format!("{q}.retry.200ms"),
+                &format!("{q}.retry.400ms"),
+            ],
+            &[&self.orders, &self.events, &format!("{q}.dlx")],
+        );
+    }
+}
+
+fn declare_topic(client: &Client, exchange: &str) {
+    client.rt.block_on(async {
+        client
+            .ch
+            .exchange_declare(
+                exchange.into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn a_plain_client_publishing_with_no_properties_changes_stock() {
+    let inv = Inventory::new();
+    let mut client = Client::connect();
+    inv.cleanup(&mut client);
+    declare_topic(&client, &inv.events);
+    let reserved = client.bind_probe(&inv.events, "inventory.reserved");
+    let host = TestHost::start(&["inventory"], &inv.config(""));
+
+    // Exactly what a pika script sends: a body, no properties at all.
+    client.publish(
+        &inv.orders,
+        "",
+        br#"{"id": 1, "item": "Laptop", "quantity": 1}"#,
+        BasicProperties::default(),
+    );
+    let path = format!("/state/inventory/stock.Laptop");
+    let body = host.wait_for(&path, |s, _| s == 200, "stock to change");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"key": "stock.Laptop", "value": 9})
+    );
+
+    // ... and a plain consumer sees what inventory published.
+    let got = client.take(&reserved, 1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1);
+    let body: Value = serde_json::from_slice(&got[0].delivery.data).unwrap();
+    assert_eq!(body["remaining"], 9);
+    assert_eq!(
+        got[0]
+            .delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|c| c.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(host.get("/state/inventory/no-such-key").0, 404);
+    host.stop().unwrap();
+}
+
+#[test]
+fn a_plain_queue_receives_what_order_publisher_publishes() {
+    let checkout = unique("checkout");
+    let orders = unique("orders");
+    let queue = unique("order-publisher");
+    let mut client = Client::connect();
+    client.cleanup(
+        &[
+            &queue,
+            &format!("{queue}.dlq"),
+            &format!("{queue}.retry.1000ms"),
+            &format!("{queue}.retry.2000ms"),
+            &format!("{queue}.retry.4000ms"),
+            &format!("{queue}.retry.8000ms"),
+        ],
+        &[&checkout, &orders, &format!("{queue}.dlx")],
+    );
+    client.rt.block_on(async {
+        client
+            .ch
+            .exchange_declare(
+                orders.as_str().into(),
+                lapin::ExchangeKind::Fanout,
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+    });
+    let probe = client.bind_probe(&orders, "");
+    let config = format!(
+        r#"
+[handlers.order-publisher]
+queue = "{queue}"
+subscriptions = [{{ exchange = "{checkout}", kind = "direct", binding_keys = ["checkout.requested"] }}]
+[handlers.order-publisher.config]
+"orders-exchange" = "{orders}"
+"#
+    );
+    let host = TestHost::start(&["order-publisher"], &config);
+    client.publish(
+        &checkout,
+        "checkout.requested",
+        br#"{"item": "Laptop", "quantity": 2, "customer": "c-7"}"#,
+        BasicProperties::default(),
+    );
+    client.publish(
+        &checkout,
+        "other.key",
+        br#"{"item": "Laptop", "quantity": 1}"#,
+        BasicProperties::default(),
+    );
+    let got = client.take(&probe, 2, Duration::from_secs(10));
+    assert_eq!(got.len(), 1, "only the checkout.requested key is bound");
+    let m = &got[0].delivery;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&m.data).unwrap(),
+        json!({"id": 1, "item": "Laptop", "quantity": 2, "customer": "c-7"})
+    );
+    assert_eq!(
+        m.properties.message_id().as_ref().map(|s| s.as_str()),
+        Some("order-1")
+    );
+    assert_eq!(
+        m.properties.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/json")
+    );
+    host.stop().unwrap();
+}
+
+fn chaos_config(queue: &str, exchange: &str, extra: &str) -> String {
+    format!(
+        r##"
+[handlers.chaos]
+queue = "{queue}"
+subscriptions = [{{ exchange = "{exchange}", kind = "topic", binding_keys = ["#"] }}]
+retry_base_ms = 50
+{extra}
+"##
+    )
+}
+
+struct Chaos {
+    exchange: String,
+    queue: String,
+    client: Client,
+    dlq: String,
+}
+
+impl Chaos {
+    fn new() -> Self {
+        let (exchange, queue) = (unique("chaos"), unique("chaos-q"));
+        let mut client = Client::connect();
+        let dlq = format!("{queue}.dlq");
+        let retries: Vec<String> = [50, 100, 200, 400]
+            .iter()
+            .map(|ms| format!("{queue}.retry.{ms}ms"))
+            .collect();
+        let mut queues: Vec<&str> = vec![&queue, &dlq];
+        queues.extend(retries.iter().map(String::as_str));
+        client.cleanup(&queues, &[&exchange, &format!("{queue}.dlx")]);
+        Self {
+            exchange,
+            queue,
+            client,
+            dlq,
+        }
+    }
+
+    fn start(&self, extra: &str) -> TestHost {
+        TestHost::start(
+            &["chaos"],
+            &chaos_config(&self.queue, &self.exchange, extra),
+        )
+    }
+
+    fn send(&self, payload: &str) {
+        self.client.publish(
+            &self.exchange,
+            "k",
+            payload.as_bytes(),
+            BasicProperties::default(),
+        );
+    }
+}
+
+#[test]
+fn retry_backs_off_then_dead_letters_after_exactly_max_attempts() {
+    let c = Chaos::new();
+    let host = c.start("max_attempts = 3");
+    c.send(r#"{"action":"retry","reason":"not yet"}"#);
+    let dead = c.client.take(&c.dlq, 1, Duration::from_secs(20));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        header(&dead[0], "x-event-host-attempts").as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        header(&dead[0], "x-event-host-handler").as_deref(),
+        Some("chaos")
+    );
+    assert!(header(&dead[0], "x-event-host-reason")
+        .unwrap()
+        .contains("attempts exhausted (3/3): not yet"));
+    assert_eq!(
+        header(&dead[0], "x-event-host-version").map(|v| v.len()),
+        Some(64)
+    );
+    let counters = host.counters("chaos");
+    assert_eq!(
+        counters["instantiations"], 3,
+        "exactly max-attempts deliveries: {counters}"
+    );
+    assert_eq!(counters["retried"], 2);
+    assert_eq!(counters["dead_lettered"], 1);
+    host.stop().unwrap();
+}
+
+#[test]
+fn reject_dead_letters_on_the_first_attempt_with_its_reason() {
+    let c = Chaos::new();
+    let host = c.start("max_attempts = 5");
+    c.send(r#"{"action":"reject","reason":"bad order"}"#);
+    let dead = c.client.take(&c.dlq, 1, Duration::from_secs(10));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        header(&dead[0], "x-event-host-reason").as_deref(),
+        Some("bad order")
+    );
+    assert_eq!(
+        header(&dead[0], "x-event-host-attempts").as_deref(),
+        Some("1")
+    );
+    assert_eq!(host.counters("chaos")["instantiations"], 1);
+    host.stop().unwrap();
+}
+
+#[test]
+fn traps_and_timeouts_take_the_retry_path() {
+    let c = Chaos::new();
+    let host = c.start("max_attempts = 2\ndeadline_ms = 100");
+    c.send(r#"{"action":"panic"}"#);
+    c.send(r#"{"action":"loop"}"#);
+    let dead = c.client.take(&c.dlq, 2, Duration::from_secs(20));
+    assert_eq!(dead.len(), 2);
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|m| header(m, "x-event-host-reason").unwrap())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("(2/2)") && r.contains("unreachable")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("(2/2)") && r.contains("deadline of 100 ms")),
+        "{reasons:?}"
+    );
+    assert_eq!(host.counters("chaos")["retried"], 2);
+    host.stop().unwrap();
+}
+
+#[test]
+fn a_handler_that_publishes_then_fails_publishes_nothing() {
+    let c = Chaos::new();
+    let out = unique("out");
+    declare_topic(&c.client, &out);
+    let probe = c.client.bind_probe(&out, "#");
+    let host = c.start("max_attempts = 2");
+    c.send(&format!(
+        r#"{{"action":"publish-then-fail","n":3,"exchange":"{out}","routing_key":"x"}}"#
+    ));
+    assert_eq!(
+        c.client.take(&c.dlq, 1, Duration::from_secs(10)).len(),
+        1,
+        "the failing event was dead-lettered"
+    );
+    c.send(&format!(
+        r#"{{"action":"publish","n":2,"exchange":"{out}","routing_key":"x"}}"#
+    ));
+    let got = c.client.take(&probe, 5, Duration::from_secs(5));
+    assert_eq!(
+        got.len(),
+        2,
+        "only the successful call's two publishes went out"
+    );
+    host.stop().unwrap();
+    c.client.rt.block_on(async {
+        let _ = c
+            .client
+            .ch
+            .exchange_delete(out.as_str().into(), Default::default())
+            .await;
+    });
+}
+
+#[test]
+fn a_redelivered_committed_event_is_not_applied_twice() {
+    let c = Chaos::new();
+    let props = || BasicProperties::default().with_message_id("order-42".into());
+    let payload = br#"{"action":"kv-incr","key":"n","delta":1}"#;
+    let host = c.start("");
+    c.client.publish(&c.exchange, "k", payload, props());
+    host.wait_for(
+        "/state/chaos/n",
+        |s, b| s == 200 && b.contains("\"value\":1"),
+        "first apply",
+    );
+    // The broker redelivers the same message (as it does when an ack is
+    // lost with its channel): same message id, same body.
+    c.client.publish(&c.exchange, "k", payload, props());
+    host.wait_counter("chaos", "duplicates", 1);
+    let (_, body) = host.get("/state/chaos/n");
+    assert!(body.contains("\"value\":1"), "applied once: {body}");
+    host.stop().unwrap();
+}
+
+#[test]
+fn malformed_and_oversized_inputs_reach_the_dlq_while_the_rest_flows() {
+    let inv = Inventory::new();
+    let mut client = Client::connect();
+    inv.cleanup(&mut client);
+    declare_topic(&client, &inv.events);
+    let host = TestHost::start(&["inventory"], &inv.config("max_payload_kb = 1"));
+    let big = format!(
+        r#"{{"id": 99, "item": "Laptop", "quantity": 1, "pad": "{}"}}"#,
+        "x".repeat(2048)
+    );
+    for (i, body) in [
+        r#"{"id": 1, "item": "Laptop", "quantity": 1}"#.to_owned(),
+        "not json".to_owned(),
+        r#"{"id": 2, "item": "Laptop", "quantity": 1}"#.to_owned(),
+        big,
+        r#"{"id": 3, "item": "Laptop", "quantity": 1}"#.to_owned(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        client.publish(
+            &inv.orders,
+            "",
+            body.as_bytes(),
+            BasicProperties::default().with_message_id(format!("m{i}").into()),
+        );
+    }
+    host.wait_for(
+        "/state/inventory/stock.Laptop",
+        |s, b| s == 200 && b.contains("\"value\":7"),
+        "three orders applied",
+    );
+    let dead = client.take(&format!("{}.dlq", inv.queue), 2, Duration::from_secs(10));
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|m| header(m, "x-event-host-reason").unwrap())
+        .collect();
+    assert_eq!(dead.len(), 2, "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("not JSON")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("over the 1024-byte cap")),
+        "{reasons:?}"
+    );
+    host.stop().unwrap();
+}
