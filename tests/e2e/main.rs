@@ -8,5 +8,6 @@ mod support;
 mod broker;
 mod business;
 mod cli;
+mod deploy;
 mod sandbox;
 mod state;

@@ -1,0 +1,94 @@
+//! The deployment files users run without us: docker-compose.yml must be
+//! valid YAML describing a broker with a healthcheck and the host wired to
+//! it; the Dockerfile must build the host and the example handlers.
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+use crate::support::repo_root;
+
+fn compose() -> Yaml {
+    let text = std::fs::read_to_string(repo_root().join("docker-compose.yml")).unwrap();
+    YamlLoader::load_from_str(&text)
+        .expect("docker-compose.yml is valid YAML")
+        .remove(0)
+}
+
+fn env(service: &Yaml, key: &str) -> String {
+    service["environment"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("environment {key}"))
+        .to_owned()
+}
+
+#[test]
+fn compose_runs_rabbitmq_with_a_healthcheck_and_the_host_beside_it() {
+    let doc = compose();
+    let rabbit = &doc["services"]["rabbitmq"];
+    assert!(
+        rabbit["image"].as_str().unwrap().contains("management"),
+        "management image"
+    );
+    assert_eq!(
+        rabbit["healthcheck"]["test"][1].as_str(),
+        Some("rabbitmq-diagnostics")
+    );
+    let rabbit_volume = rabbit["volumes"][0].as_str().unwrap();
+    let volume_name = rabbit_volume.split(':').next().unwrap();
+    assert!(
+        !doc["volumes"][volume_name].is_badvalue(),
+        "named volume {volume_name} is declared"
+    );
+
+    let host = &doc["services"]["event-host"];
+    assert_eq!(host["build"].as_str(), Some("."));
+    assert_eq!(
+        host["depends_on"]["rabbitmq"]["condition"].as_str(),
+        Some("service_healthy")
+    );
+    let volumes: Vec<&str> = host["volumes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    assert!(volumes.contains(&"./handlers:/handlers"), "{volumes:?}");
+    assert_eq!(env(host, "EVENT_HOST_HANDLERS_DIR"), "/handlers");
+    assert_eq!(env(host, "EVENT_HOST_ADMIN_ADDR"), "0.0.0.0:9090");
+
+    // The host must reach the broker by service name, as the user the
+    // broker creates (guest is refused from other containers).
+    let url = env(host, "EVENT_HOST_AMQP_URL");
+    let expected = format!(
+        "amqp://{}:{}@rabbitmq:5672/",
+        env(rabbit, "RABBITMQ_DEFAULT_USER"),
+        env(rabbit, "RABBITMQ_DEFAULT_PASS")
+    );
+    assert!(url.starts_with(&expected), "{url} vs {expected}");
+}
+
+#[test]
+fn dockerfile_builds_the_host_and_the_example_handlers() {
+    let text = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    for needle in [
+        "rustup target add wasm32-wasip2",
+        "cargo build --release -p event-host",
+        "cd guests && cargo build --release",
+        "inventory.wasm",
+        "order_publisher.wasm",
+        "ENTRYPOINT [\"event-host\"]",
+        "CMD [\"run\"]",
+    ] {
+        assert!(text.contains(needle), "Dockerfile lacks {needle:?}");
+    }
+    let toolchain = std::fs::read_to_string(repo_root().join("rust-toolchain.toml")).unwrap();
+    let channel = toolchain
+        .lines()
+        .find_map(|l| l.strip_prefix("channel = "))
+        .unwrap()
+        .trim_matches('"');
+    let minor = channel.rsplit_once('.').map_or(channel, |(a, _)| a);
+    assert!(
+        text.contains(&format!("FROM rust:{minor}")),
+        "builder image matches rust-toolchain.toml ({channel})"
+    );
+}
