@@ -9,6 +9,9 @@
 
 wit_bindgen::generate!({ world: "handler", path: "../../wit", generate_all });
 
+#[path = "../../shared/json.rs"]
+mod json;
+
 use std::hint::black_box;
 
 use event_host::handler::publisher::{publish, Properties};
@@ -92,9 +95,8 @@ impl Guest for Chaos {
     }
 
     fn handle(event: Event) -> Result<(), HandleError> {
-        let v: Value = serde_json::from_slice(&event.payload).map_err(|e| {
-            HandleError::Reject(format!("unknown action: payload is not JSON: {e}"))
-        })?;
+        let v = json::parse(&event.payload)
+            .map_err(|e| HandleError::Reject(format!("unknown action: {e}")))?;
         match text(&v, "action") {
             "ok" => Ok(()),
             "loop" => {
@@ -116,6 +118,8 @@ impl Guest for Chaos {
                 Ok(())
             }
             "panic" => panic!("chaos panic"),
+            // WASI p2's `exit` carries only success or failure: any non-zero
+            // code reaches the host as 1.
             "exit" => std::process::exit(number(&v, "code", 1) as i32),
             "read-file" => probe(std::fs::read_to_string(text(&v, "path")), |s| {
                 format!("read {} bytes", s.len())
@@ -153,7 +157,7 @@ impl Guest for Chaos {
                 .map_err(|e| HandleError::Retry(format!("state error: {e:?}"))),
             "burn" => {
                 let until = std::time::Instant::now()
-                    + std::time::Duration::from_micros(number(&v, "micros", 0) as u64);
+                    + std::time::Duration::from_micros(number(&v, "micros", 0).max(0) as u64);
                 while std::time::Instant::now() < until {
                     black_box(0);
                 }

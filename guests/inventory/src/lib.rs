@@ -11,6 +11,9 @@
 
 wit_bindgen::generate!({ world: "handler", path: "../../wit", generate_all });
 
+#[path = "../../shared/json.rs"]
+mod json;
+
 use event_host::handler::publisher::{publish, Properties};
 use event_host::handler::types::{ExchangeKind, Subscription};
 use serde_json::{json, Value};
@@ -32,8 +35,7 @@ struct Order {
 }
 
 fn parse_order(payload: &[u8]) -> Result<Order, String> {
-    let v: Value =
-        serde_json::from_slice(payload).map_err(|e| format!("payload is not JSON: {e}"))?;
+    let v = json::parse(payload)?;
     let obj = v.as_object().ok_or("payload is not a JSON object")?;
     let id = obj.get("id").ok_or("missing field `id`")?.clone();
     let key = match &id {
@@ -88,25 +90,92 @@ fn send(routing_key: &str, body: Value) -> Result<(), HandleError> {
     .map_err(|e| HandleError::Retry(format!("publish refused: {e:?}")))
 }
 
-/// Current stock of `item`, seeding it from config when state has none.
-/// Returns the CAS handle the decrement goes through, or `None` for an
-/// item neither state nor config knows.
-fn stock_of(bucket: &Bucket, item: &str) -> Result<Option<(Cas, i64)>, HandleError> {
-    let key = format!("stock.{item}");
-    let cas = Cas::new(bucket, &key).map_err(store_err)?;
-    let current = match cas.current().map_err(store_err)? {
+/// How many tries a reservation gets when its compare-and-swap finds the
+/// stock changed under it. The host runs each call in its own transaction,
+/// so that should never happen; if it does, the bound keeps a livelocked
+/// call from spinning until its deadline.
+const CAS_TRIES: u32 = 3;
+
+/// The stock a CAS handle saw for `key`, seeded from the config key of the
+/// same name when state has none yet. `None` is an item neither knows.
+fn current_stock(cas: &Cas, key: &str) -> Result<Option<i64>, HandleError> {
+    match cas.current().map_err(store_err)? {
         Some(bytes) => parse_int(&bytes)
-            .ok_or_else(|| HandleError::Retry(format!("state `{key}` is not an integer")))?,
-        None => match config::get(&key)
+            .map(Some)
+            .ok_or_else(|| HandleError::Retry(format!("state `{key}` is not an integer"))),
+        None => match config::get(key)
             .map_err(|e| HandleError::Retry(format!("config error: {e:?}")))?
         {
-            Some(seed) => seed.trim().parse().map_err(|_| {
+            Some(seed) => seed.trim().parse().map(Some).map_err(|_| {
                 HandleError::Reject(format!("config `{key}` is not an integer: {seed:?}"))
-            })?,
-            None => return Ok(None),
+            }),
+            None => Ok(None),
         },
-    };
-    Ok(Some((cas, current)))
+    }
+}
+
+/// What became of an order.
+enum Outcome {
+    Reserved {
+        remaining: i64,
+    },
+    Rejected {
+        reason: &'static str,
+        available: i64,
+    },
+}
+
+/// Takes `quantity` units of `item` off the stock, through a CAS so the
+/// decrement applies only to the value it was computed from.
+fn reserve(bucket: &Bucket, item: &str, quantity: i64) -> Result<Outcome, HandleError> {
+    let key = format!("stock.{item}");
+    let mut cas = Cas::new(bucket, &key).map_err(store_err)?;
+    let mut tries = 1;
+    loop {
+        let Some(available) = current_stock(&cas, &key)? else {
+            return Ok(Outcome::Rejected {
+                reason: "unknown item",
+                available: 0,
+            });
+        };
+        if available < quantity {
+            return Ok(Outcome::Rejected {
+                reason: "insufficient stock",
+                available,
+            });
+        }
+        let remaining = available - quantity;
+        match atomics::swap(cas, remaining.to_string().as_bytes()) {
+            Ok(()) => return Ok(Outcome::Reserved { remaining }),
+            // The failed swap hands back a handle on the new value: decide
+            // again from that.
+            Err(CasError::CasFailed(fresh)) if tries < CAS_TRIES => {
+                tries += 1;
+                cas = fresh;
+            }
+            Err(CasError::CasFailed(_)) => {
+                return Err(HandleError::Retry(format!(
+                    "`{key}` kept changing during the reservation"
+                )))
+            }
+            Err(CasError::StoreError(e)) => return Err(store_err(e)),
+        }
+    }
+}
+
+/// The configured low-stock threshold, if any. A malformed one is logged
+/// and ignored: it must not hold up orders.
+fn low_stock_threshold() -> Option<i64> {
+    let raw = config::get("low-stock-threshold").ok().flatten()?;
+    let parsed = raw.trim().parse().ok();
+    if parsed.is_none() {
+        log(
+            Level::Warn,
+            "inventory",
+            &format!("config `low-stock-threshold` is not an integer: {raw:?}"),
+        );
+    }
+    parsed
 }
 
 impl Guest for Inventory {
@@ -136,58 +205,37 @@ impl Guest for Inventory {
             return Ok(());
         }
 
-        let (outcome, remaining) = match stock_of(&bucket, &order.item)? {
-            None => ("unknown item", 0),
-            Some((_, available)) if available < order.quantity => ("insufficient stock", available),
-            Some((cas, available)) => {
-                let remaining = available - order.quantity;
-                match atomics::swap(cas, remaining.to_string().as_bytes()) {
-                    Ok(()) => {}
-                    // The host runs each call in its own transaction, so a
-                    // concurrent change shows up here only as a conflict:
-                    // let the event run again on fresh state.
-                    Err(CasError::CasFailed(_)) => {
-                        return Err(HandleError::Retry("stock changed concurrently".into()))
-                    }
-                    Err(CasError::StoreError(e)) => return Err(store_err(e)),
-                }
-                ("reserved", remaining)
-            }
-        };
-
-        if outcome == "reserved" {
-            bucket.set(&seen_key, b"reserved").map_err(store_err)?;
-            send(
-                "inventory.reserved",
-                json!({"order_id": order.id, "item": order.item, "quantity": order.quantity, "remaining": remaining}),
-            )?;
-            log(
-                Level::Info,
-                "inventory",
-                &format!(
-                    "reserved {} x {} for order {}, {} left",
-                    order.quantity, order.item, order.key, remaining
-                ),
-            );
-            let threshold = config::get("low-stock-threshold")
-                .ok()
-                .flatten()
-                .and_then(|t| t.trim().parse::<i64>().ok());
-            if let Some(threshold) = threshold {
-                if remaining < threshold {
+        match reserve(&bucket, &order.item, order.quantity)? {
+            Outcome::Reserved { remaining } => {
+                bucket.set(&seen_key, b"reserved").map_err(store_err)?;
+                send(
+                    "inventory.reserved",
+                    json!({"order_id": order.id, "item": order.item,
+                           "quantity": order.quantity, "remaining": remaining}),
+                )?;
+                log(
+                    Level::Info,
+                    "inventory",
+                    &format!(
+                        "reserved {} x {} for order {}, {} left",
+                        order.quantity, order.item, order.key, remaining
+                    ),
+                );
+                if let Some(threshold) = low_stock_threshold().filter(|t| remaining < *t) {
                     send(
                         "inventory.low",
                         json!({"item": order.item, "remaining": remaining, "threshold": threshold}),
                     )?;
                 }
             }
-        } else {
-            bucket.set(&seen_key, b"rejected").map_err(store_err)?;
-            send(
-                "inventory.rejected",
-                json!({"order_id": order.id, "item": order.item, "quantity": order.quantity,
-                       "reason": outcome, "available": remaining}),
-            )?;
+            Outcome::Rejected { reason, available } => {
+                bucket.set(&seen_key, b"rejected").map_err(store_err)?;
+                send(
+                    "inventory.rejected",
+                    json!({"order_id": order.id, "item": order.item, "quantity": order.quantity,
+                           "reason": reason, "available": available}),
+                )?;
+            }
         }
         Ok(())
     }

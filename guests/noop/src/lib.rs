@@ -6,7 +6,8 @@
 //! and stdio), and each import costs time at every instantiation. A
 //! handler that needs none of them should not pay for them.
 
-#![no_std]
+// The test harness (`clippy --all-targets`) brings std and its panic handler.
+#![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
 
@@ -16,43 +17,53 @@ wit_bindgen::generate!({ world: "handler", path: "../../wit", generate_all, std_
 
 use event_host::handler::types::{ExchangeKind, Subscription};
 
-/// Allocations come from a small static arena first: it lives in the
-/// initial memory image, so an event never has to grow memory (growing and
-/// shrinking back costs the host two `mprotect`s per event). Arena blocks
-/// are never reused — each event gets a fresh instance — and anything past
-/// the arena falls back to dlmalloc.
-struct Arena;
+/// A bump allocator over the free memory after the stack and static data
+/// (from the linker's `__heap_base`). Everything a call allocates, the
+/// call also frees, so once nothing is live the heap starts over: memory
+/// stays at its initial size whether the host makes a fresh instance per
+/// event or reuses one. Growing and resetting memory is what costs the host
+/// time per instance, and dlmalloc alone would be most of this binary.
+struct Bump;
 
-const ARENA_SIZE: usize = 16 * 1024;
-static mut ARENA: [u8; ARENA_SIZE] = [0; ARENA_SIZE];
-static mut ARENA_USED: usize = 0;
+const PAGE: usize = 64 * 1024;
+// Single-threaded guest: nothing else touches these.
+static mut NEXT: usize = 0;
+static mut LIVE: usize = 0;
 
-unsafe impl core::alloc::GlobalAlloc for Arena {
+unsafe extern "C" {
+    static __heap_base: u8;
+}
+
+unsafe impl core::alloc::GlobalAlloc for Bump {
     unsafe fn alloc(&self, layout: core::alloc::Layout) -> *mut u8 {
-        // Single-threaded guest: no concurrent access to the arena.
+        use core::arch::wasm32::{memory_grow, memory_size};
         unsafe {
-            let base = core::ptr::addr_of_mut!(ARENA) as usize;
-            let start = (base + ARENA_USED).next_multiple_of(layout.align());
-            let end = start + layout.size();
-            if end <= base + ARENA_SIZE {
-                ARENA_USED = end - base;
-                return start as *mut u8;
+            if LIVE == 0 {
+                NEXT = core::ptr::addr_of!(__heap_base) as usize;
             }
-            core::alloc::GlobalAlloc::alloc(&dlmalloc::GlobalDlmalloc, layout)
+            let start = NEXT.next_multiple_of(layout.align());
+            let Some(end) = start.checked_add(layout.size()) else {
+                return core::ptr::null_mut();
+            };
+            let pages = end.div_ceil(PAGE);
+            if pages > memory_size(0) && memory_grow(0, pages - memory_size(0)) == usize::MAX {
+                return core::ptr::null_mut();
+            }
+            NEXT = end;
+            LIVE += 1;
+            start as *mut u8
         }
     }
 
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: core::alloc::Layout) {
-        let base = core::ptr::addr_of_mut!(ARENA) as usize;
-        if !(base..base + ARENA_SIZE).contains(&(ptr as usize)) {
-            unsafe { core::alloc::GlobalAlloc::dealloc(&dlmalloc::GlobalDlmalloc, ptr, layout) }
-        }
+    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: core::alloc::Layout) {
+        unsafe { LIVE -= 1 }
     }
 }
 
 #[global_allocator]
-static ALLOCATOR: Arena = Arena;
+static ALLOCATOR: Bump = Bump;
 
+#[cfg(not(test))]
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
     core::arch::wasm32::unreachable()

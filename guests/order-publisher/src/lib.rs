@@ -8,6 +8,9 @@
 
 wit_bindgen::generate!({ world: "handler", path: "../../wit", generate_all });
 
+#[path = "../../shared/json.rs"]
+mod json;
+
 use event_host::handler::publisher::{publish, Properties};
 use event_host::handler::types::{ExchangeKind, Subscription};
 use serde_json::{json, Map, Value};
@@ -17,8 +20,7 @@ use wasi::keyvalue::{atomics, store as kv};
 struct OrderPublisher;
 
 fn validate(payload: &[u8]) -> Result<(String, i64, Option<String>), String> {
-    let v: Value =
-        serde_json::from_slice(payload).map_err(|e| format!("payload is not JSON: {e}"))?;
+    let v = json::parse(payload)?;
     let obj = v.as_object().ok_or("payload is not a JSON object")?;
     let item = match obj.get("item") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
@@ -69,7 +71,8 @@ impl Guest for OrderPublisher {
         let props = Properties {
             content_type: Some("application/json".into()),
             message_id: Some(format!("order-{id}")),
-            correlation_id: event.correlation_id.clone(),
+            // The host copies the checkout request's.
+            correlation_id: None,
             headers: vec![],
         };
         // Operators may rename the exchange; tests give each run its own.
