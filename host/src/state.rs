@@ -163,6 +163,9 @@ pub struct StateStore {
     inner: Arc<Inner>,
 }
 
+/// One namespace's staged writes: key to new value, `None` for a delete.
+type Staged = HashMap<String, Option<Vec<u8>>>;
+
 struct Inner {
     /// Writes of executed-but-not-yet-committed events, per namespace, in
     /// execution order. The broker path runs a batch of events and commits
@@ -170,7 +173,10 @@ struct Inner {
     /// earlier ones' writes, as they would after a commit. Commit-time
     /// validation happens in the same order inside one transaction, so it
     /// agrees with what the events saw.
-    staged: Mutex<HashMap<String, HashMap<String, Option<Vec<u8>>>>>,
+    staged: Mutex<HashMap<String, Staged>>,
+    /// Outbox rows already confirmed, deleted by the next commit's
+    /// transaction rather than one of their own.
+    confirmed_outbox: Mutex<Vec<i64>>,
     /// One connection: SQLite serialises writers anyway, and reads are point
     /// lookups on a primary key, far cheaper than the lock round trip a
     /// second connection would save.
@@ -218,6 +224,7 @@ impl StateStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 staged: Mutex::new(HashMap::new()),
+                confirmed_outbox: Mutex::new(Vec::new()),
                 conn: Mutex::new(conn),
                 path,
             }),
@@ -299,6 +306,19 @@ impl StateStore {
     pub fn commit(&self, batch: &[Commit]) -> Result<Vec<CommitOutcome>> {
         let mut conn = self.conn();
         let tx = conn.transaction().context("starting state transaction")?;
+        let confirmed = std::mem::take(
+            &mut *self
+                .inner
+                .confirmed_outbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if !confirmed.is_empty() {
+            let mut del = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+            for id in &confirmed {
+                del.execute(params![id])?;
+            }
+        }
         let now = unix_now();
         let mut outcomes = Vec::with_capacity(batch.len());
         {
@@ -401,6 +421,18 @@ impl StateStore {
             ));
         }
         Ok(out)
+    }
+
+    /// Outbox rows whose messages the broker confirmed, to delete with the
+    /// next commit (or [`StateStore::clear_outbox`]).
+    pub fn forget_outbox_later(&self, ids: Vec<i64>) {
+        if !ids.is_empty() {
+            self.inner
+                .confirmed_outbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(ids);
+        }
     }
 
     /// Forget outbox rows whose messages the broker has confirmed.

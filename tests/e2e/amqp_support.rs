@@ -1,3 +1,5 @@
+#![allow(dead_code)] // the test binary and the broker benchmark each use a subset
+
 //! Support for tests against a real RabbitMQ: an in-process host with an
 //! injected shutdown, a plain AMQP client, unique names and clean-up.
 

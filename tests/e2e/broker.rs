@@ -91,8 +91,8 @@ fn a_plain_client_publishing_with_no_properties_changes_stock() {
         br#"{"id": 1, "item": "Laptop", "quantity": 1}"#,
         BasicProperties::default(),
     );
-    let path = format!("/state/inventory/stock.Laptop");
-    let body = host.wait_for(&path, |s, _| s == 200, "stock to change");
+    let path = "/state/inventory/stock.Laptop";
+    let body = host.wait_for(path, |s, _| s == 200, "stock to change");
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap(),
         json!({"key": "stock.Laptop", "value": 9})

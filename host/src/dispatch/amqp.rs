@@ -313,7 +313,9 @@ async fn acks(
 ) -> Result<()> {
     let mut exchanges = ExchangeCheck::default();
     while let Some(batch) = rx.recv().await {
-        let mut confirms = Vec::new();
+        // Publishes of the batch are issued together and their confirms
+        // awaited together: one broker round trip per batch, not per message.
+        let mut publishes = Vec::new();
         let mut outbox = Vec::new();
         let mut requeue = Vec::new();
         let mut ack_up_to = None;
@@ -326,17 +328,13 @@ async fn acks(
                         if !exchanges.exists(&conn, &p.exchange).await? {
                             continue;
                         }
-                        confirms.push(
-                            publish_ch
-                                .basic_publish(
-                                    p.exchange.as_str().into(),
-                                    p.routing_key.as_str().into(),
-                                    BasicPublishOptions::default(),
-                                    &p.payload,
-                                    broker::outgoing_properties(p),
-                                )
-                                .await?,
-                        );
+                        publishes.push(publish_ch.basic_publish(
+                            p.exchange.as_str().into(),
+                            p.routing_key.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &p.payload,
+                            broker::outgoing_properties(p),
+                        ));
                     }
                     outbox.extend_from_slice(&s.handled.outbox_ids);
                     metrics.acked.get_or_create(&label).inc();
@@ -364,17 +362,13 @@ async fn acks(
                             ),
                         ],
                     );
-                    confirms.push(
-                        publish_ch
-                            .basic_publish(
-                                "".into(),
-                                queue.into(),
-                                BasicPublishOptions::default(),
-                                &s.delivery.data,
-                                props,
-                            )
-                            .await?,
-                    );
+                    publishes.push(publish_ch.basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        &s.delivery.data,
+                        props,
+                    ));
                     metrics.retried.get_or_create(&label).inc();
                 }
                 Outcome::Reject => {
@@ -393,17 +387,13 @@ async fn acks(
                             (broker::ROUTING_KEY_HEADER, text(&s.routing_key)),
                         ],
                     );
-                    confirms.push(
-                        publish_ch
-                            .basic_publish(
-                                entry.topology.dlx.as_str().into(),
-                                entry.topology.queue.as_str().into(),
-                                BasicPublishOptions::default(),
-                                &s.delivery.data,
-                                props,
-                            )
-                            .await?,
-                    );
+                    publishes.push(publish_ch.basic_publish(
+                        entry.topology.dlx.as_str().into(),
+                        entry.topology.queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &s.delivery.data,
+                        props,
+                    ));
                     if !reason.starts_with("attempts exhausted")
                         && !reason.starts_with("payload of")
                     {
@@ -420,21 +410,20 @@ async fn acks(
             }
             ack_up_to = Some(ack_up_to.map_or(tag, |t: u64| t.max(tag)));
         }
-        for confirm in confirms {
-            if confirm
-                .await
-                .context("waiting for a publisher confirm")?
-                .is_nack()
-            {
+        let confirms = futures_util::future::try_join_all(publishes)
+            .await
+            .context("publishing the batch")?;
+        for confirm in futures_util::future::try_join_all(confirms)
+            .await
+            .context("waiting for publisher confirms")?
+        {
+            if confirm.is_nack() {
                 bail!("the broker refused a publish (nack); the batch stays unacked");
             }
         }
-        if !outbox.is_empty() {
-            let state = dispatcher.state().clone();
-            tokio::task::spawn_blocking(move || state.clear_outbox(&outbox))
-                .await
-                .context("outbox clearing task")??;
-        }
+        // Confirmed: the rows go with the next commit's transaction (a crash
+        // before that republishes them, with the same message ids).
+        dispatcher.state().forget_outbox_later(outbox);
         // Requeues first: a later `multiple` ack must not cover them.
         for tag in requeue {
             consume_ch
