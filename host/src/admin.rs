@@ -91,7 +91,7 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
 
 async fn handlers(State(s): State<Arc<AdminState>>) -> Json<Value> {
     let m = &s.metrics;
-    let list: Vec<Value> = s
+    let mut list: Vec<Value> = s
         .registry
         .entries()
         .iter()
@@ -104,10 +104,12 @@ async fn handlers(State(s): State<Arc<AdminState>>) -> Json<Value> {
                 "guest_version": v.declared.version,
                 "file": v.path,
                 "subscriptions": v.settings.manifest.subscriptions,
-                "queue": e.topology.queue,
-                "dead_letter_queue": e.topology.dlq,
+                "queue": v.topology.queue,
+                "dead_letter_queue": v.topology.dlq,
                 "max_attempts": v.settings.max_attempts,
                 "status": e.status(),
+                "previous_version": e.previous().map(|p| p.sha256.clone()),
+                "note": e.note(),
                 "counters": {
                     "acked": m.acked.get_or_create(&l).get(),
                     "retried": m.retried.get_or_create(&l).get(),
@@ -117,10 +119,24 @@ async fn handlers(State(s): State<Arc<AdminState>>) -> Json<Value> {
                     "requeued": m.requeued.get_or_create(&l).get(),
                     "in_flight": m.in_flight.get_or_create(&l).get(),
                     "instantiations": m.instantiations.get_or_create(&l).get(),
+                    "reloads": m.reloads.get_or_create(&l).get(),
+                    "rollbacks": m.rollbacks.get_or_create(&l).get(),
+                    "breaker_trips": m.breaker_trips.get_or_create(&l).get(),
                 },
             })
         })
         .collect();
+    // Refused files are listed too, so a bad drop is visible where the
+    // operator looks for the handler.
+    list.extend(s.registry.broken().into_iter().map(|b| {
+        json!({
+            "name": null,
+            "file": b.file,
+            "version": b.sha256,
+            "status": "refused",
+            "error": b.error,
+        })
+    }));
     Json(Value::Array(list))
 }
 

@@ -242,6 +242,41 @@ pub async fn declare(
     Ok(())
 }
 
+/// Remove bindings of `queue` (each subscription with the keys to
+/// unbind). A binding or exchange that is already gone is not an error.
+pub async fn unbind(conn: &Connection, queue: &str, subs: &[Subscription]) -> Result<()> {
+    for sub in subs {
+        for key in sub.effective_keys() {
+            let (key, args) = if sub.kind == ExchangeKind::Headers {
+                (String::new(), headers_binding_args(&key))
+            } else {
+                (key, FieldTable::default())
+            };
+            // Own channel per binding: unbinding from a deleted exchange
+            // closes the channel it was tried on.
+            let ch = conn.create_channel().await.context("opening a channel")?;
+            match ch
+                .queue_unbind(
+                    queue.into(),
+                    sub.exchange.as_str().into(),
+                    key.as_str().into(),
+                    args,
+                )
+                .await
+            {
+                Ok(()) => {
+                    let _ = ch.close(200, "unbound".into()).await;
+                }
+                Err(e) if conn.status().connected() => {
+                    tracing::debug!(queue, exchange = %sub.exchange, "binding already gone: {e}");
+                }
+                Err(e) => return Err(e).context("unbinding"),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether `exchange` exists (a passive declare on a throwaway channel,
 /// since a failed one closes its channel).
 pub async fn exchange_exists(conn: &Connection, exchange: &str) -> Result<bool> {

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::guest::CallLimits;
+use crate::health::HealthSettings;
 use crate::manifest::{Manifest, Subscription};
 use crate::runtime::{CallBudget, RuntimeConfig};
 use crate::state::Durability;
@@ -46,6 +47,21 @@ pub struct Config {
     pub heartbeat_secs: u16,
     /// Seconds a graceful shutdown waits for in-flight events. Default 30.
     pub drain_timeout_secs: u64,
+    /// Watch the handlers folder and hot-reload changed files. Default true.
+    pub watch: bool,
+    /// Quiet time after the last change in the handlers folder before it is
+    /// read, in ms. Default 20. Too low and a file written in several steps
+    /// is read (and refused) mid-write more often; too high and every
+    /// reload waits longer.
+    pub reload_debounce_ms: u64,
+    /// Longest a new file may take to compile and validate, in seconds.
+    /// Default 60; past it the file is refused and the old version serves.
+    pub load_timeout_secs: u64,
+    /// Folder of compiled handlers, keyed by the file's sha256, so a
+    /// restart or a re-drop of a known file does not compile again.
+    /// Default `<state_path>/compiled`. Only the host should write there:
+    /// its files are loaded as native code.
+    pub cache_dir: Option<PathBuf>,
     /// Engine-wide limits.
     pub runtime: RuntimeConfig,
     /// Settings applied to every handler unless its own section overrides.
@@ -64,6 +80,10 @@ impl Default for Config {
             admin_addr: "127.0.0.1:9090".into(),
             heartbeat_secs: 10,
             drain_timeout_secs: 30,
+            watch: true,
+            reload_debounce_ms: 20,
+            load_timeout_secs: 60,
+            cache_dir: None,
             runtime: RuntimeConfig::default(),
             defaults: HandlerConfig::default(),
             handlers: BTreeMap::new(),
@@ -114,6 +134,21 @@ pub struct HandlerConfig {
     /// Largest payload accepted, in KiB (default 1024); larger events go to
     /// the dead-letter queue unread.
     pub max_payload_kb: Option<u32>,
+    /// Failed attempts (traps, timeouts, `retry`) within
+    /// `breaker_window_secs` that pause the handler's consumer, so its
+    /// events wait in the queue instead of burning through their retries
+    /// into the dead-letter queue. Default 20.
+    pub breaker_failures: Option<u32>,
+    /// The breaker's window in seconds. Default 10.
+    pub breaker_window_secs: Option<u64>,
+    /// Seconds a paused handler waits before consuming again (a new version
+    /// resumes it at once). Default 30.
+    pub breaker_cooloff_secs: Option<u64>,
+    /// Events a newly loaded version is judged on. Default 20.
+    pub rollback_events: Option<u32>,
+    /// Failure rate over those events (0 to 1) at which the host goes back
+    /// to the previous version. Default 0.5.
+    pub rollback_failure_rate: Option<f64>,
     /// Values the guest reads through `wasi:config`. Numbers and booleans
     /// are accepted and passed as their text.
     #[serde(default)]
@@ -123,7 +158,7 @@ pub struct HandlerConfig {
 impl Config {
     /// Apply `EVENT_HOST_*` environment overrides: `HANDLERS_DIR`,
     /// `STATE_PATH`, `AMQP_URL`, `ADMIN_ADDR`, `DURABILITY`,
-    /// `HEARTBEAT_SECS`, `DRAIN_TIMEOUT_SECS`.
+    /// `HEARTBEAT_SECS`, `DRAIN_TIMEOUT_SECS`, `WATCH`, `CACHE_DIR`.
     pub fn apply_env(&mut self) -> Result<()> {
         let var = |name: &str| {
             std::env::var(format!("EVENT_HOST_{name}"))
@@ -153,7 +188,20 @@ impl Config {
         if let Some(v) = var("DRAIN_TIMEOUT_SECS") {
             self.drain_timeout_secs = v.parse().context("EVENT_HOST_DRAIN_TIMEOUT_SECS")?;
         }
+        if let Some(v) = var("WATCH") {
+            self.watch = v.parse().context("EVENT_HOST_WATCH: use true or false")?;
+        }
+        if let Some(v) = var("CACHE_DIR") {
+            self.cache_dir = Some(v.into());
+        }
         Ok(())
+    }
+
+    /// Where compiled handlers are cached.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(|| self.state_path.join("compiled"))
     }
 
     /// Read a config file.
@@ -241,7 +289,35 @@ impl Config {
                 << 10,
         };
 
+        let defaults = HealthSettings::default();
+        let rate = own
+            .and_then(|c| c.rollback_failure_rate)
+            .or(self.defaults.rollback_failure_rate)
+            .unwrap_or(defaults.rollback_failure_rate);
+        if !(rate > 0.0 && rate <= 1.0) {
+            bail!(
+                "handler {:?}: rollback_failure_rate must be in (0, 1], not {rate}",
+                manifest.name
+            );
+        }
+        let health = HealthSettings {
+            breaker_failures: pick(|c| c.breaker_failures.map(u64::from))
+                .map_or(defaults.breaker_failures, |v| {
+                    v.clamp(1, u64::from(u32::MAX)) as u32
+                }),
+            breaker_window: pick(|c| c.breaker_window_secs)
+                .map_or(defaults.breaker_window, Duration::from_secs),
+            breaker_cooloff: pick(|c| c.breaker_cooloff_secs)
+                .map_or(defaults.breaker_cooloff, Duration::from_secs),
+            probation_events: pick(|c| c.rollback_events.map(u64::from))
+                .map_or(defaults.probation_events, |v| {
+                    v.clamp(1, u64::from(u32::MAX)) as u32
+                }),
+            rollback_failure_rate: rate,
+        };
+
         Ok(HandlerSettings {
+            health,
             broker,
             manifest: effective,
             max_attempts,
@@ -318,6 +394,8 @@ pub struct HandlerSettings {
     pub budget: CallBudget,
     /// `wasi:config` values.
     pub config: Arc<BTreeMap<String, String>>,
+    /// Crash-loop breaker and rollback.
+    pub health: HealthSettings,
 }
 
 #[cfg(test)]

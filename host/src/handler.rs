@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::bindings::HandlerPre;
+use crate::broker::Topology;
 use crate::config::{Config, HandlerSettings};
 use crate::guest::GuestState;
 use crate::manifest::Manifest;
@@ -29,6 +30,10 @@ pub struct HandlerVersion {
     pub settings: HandlerSettings,
     /// Ready-to-instantiate component.
     pub pre: HandlerPre<GuestState>,
+    /// Its queue names (retry queues depend on its max attempts).
+    pub topology: Topology,
+    /// Whether the compiled code came from the cache.
+    pub cached: bool,
 }
 
 impl std::fmt::Debug for HandlerVersion {
@@ -56,29 +61,35 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// Load, validate and prepare one handler file.
 pub fn load_file(runtime: &Runtime, config: &Config, path: &Path) -> Result<HandlerVersion> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    load_bytes(runtime, config, path, &bytes)
+    load_bytes(runtime, config, path, &bytes, None)
 }
 
-/// Load a handler from bytes already read from `path`.
+/// Load a handler from bytes already read from `path`, reusing and filling
+/// the compiled-code cache folder `cache` when given (the serving host
+/// does; one-shot commands do not leave files behind).
 pub fn load_bytes(
     runtime: &Runtime,
     config: &Config,
     path: &Path,
     bytes: &[u8],
+    cache: Option<&Path>,
 ) -> Result<HandlerVersion> {
-    let prepared = runtime
-        .prepare(bytes)
+    let sha256 = sha256_hex(bytes);
+    let (prepared, cached) = runtime
+        .prepare_cached(bytes, cache.map(|dir| (dir, sha256.as_str())))
         .with_context(|| format!("{} is not a usable handler", path.display()))?;
     let settings = config
         .resolve(&prepared.manifest)
         .with_context(|| format!("configuring {}", path.display()))?;
     Ok(HandlerVersion {
         name: prepared.manifest.name.as_str().into(),
-        sha256: sha256_hex(bytes),
+        sha256,
         path: path.to_owned(),
         declared: prepared.manifest,
+        topology: Topology::new(&settings.broker),
         settings,
         pre: prepared.pre,
+        cached,
     })
 }
 

@@ -21,8 +21,13 @@
 //!   envelope conversion.
 //! - [`dispatch::amqp`]: the broker path of the dispatcher — consume,
 //!   batch, commit, publish with confirms, ack.
-//! - [`registry`], [`metrics`], [`admin`]: live handlers and their status,
-//!   Prometheus metrics, the admin HTTP endpoint.
+//! - [`registry`], [`metrics`], [`admin`]: live handlers (current and
+//!   previous version, active / paused / removed), Prometheus metrics, the
+//!   admin HTTP endpoint.
+//! - [`reload`]: the folder watcher — load changed files off the hot path
+//!   (compiled-code cache), declare their topology, swap atomically.
+//! - [`health`]: the crash-loop breaker and a new version's probation
+//!   (automatic rollback).
 //! - [`server`]: `event-host run` — reconnecting broker sessions and
 //!   graceful shutdown.
 //! - [`router`], [`replay`]: AMQP routing in memory and the offline
@@ -36,9 +41,11 @@ pub mod config;
 pub mod dispatch;
 pub mod guest;
 pub mod handler;
+pub mod health;
 pub mod manifest;
 pub mod metrics;
 pub mod registry;
+pub mod reload;
 pub mod replay;
 pub mod router;
 pub mod runtime;

@@ -1,5 +1,6 @@
 //! Prometheus metrics: per-handler event counters, handler latency, in-flight
-//! events and instantiations; for the host, connection state and reconnects.
+//! events and instantiations, reloads, rollbacks, breaker; for the host,
+//! connection state, reconnects and refused handler files.
 
 use std::sync::atomic::AtomicI64;
 
@@ -42,6 +43,18 @@ pub struct Metrics {
     pub connected: Gauge<i64, AtomicI64>,
     /// Reconnects since start.
     pub reconnects: Counter,
+    /// New versions swapped in (and handlers added) by the folder watcher.
+    pub reloads: Family<HandlerLabel, Counter>,
+    /// Automatic rollbacks to the previous version.
+    pub rollbacks: Family<HandlerLabel, Counter>,
+    /// Times the crash-loop breaker paused a handler.
+    pub breaker_trips: Family<HandlerLabel, Counter>,
+    /// 1 while a handler is paused by the breaker.
+    pub paused: Family<HandlerLabel, Gauge>,
+    /// Dropped files refused (garbage, wrong world, compile error, too big).
+    pub load_failures: Counter,
+    /// Files in the handlers folder currently refused.
+    pub broken_files: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -72,6 +85,12 @@ impl Metrics {
             latency,
             connected: Gauge::default(),
             reconnects: Counter::default(),
+            reloads: Family::default(),
+            rollbacks: Family::default(),
+            breaker_trips: Family::default(),
+            paused: Family::default(),
+            load_failures: Counter::default(),
+            broken_files: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -128,6 +147,36 @@ impl Metrics {
             "broker_reconnects",
             "Reconnects since start",
             m.reconnects.clone(),
+        );
+        registry.register(
+            "handler_reloads",
+            "Handler versions activated by the folder watcher",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "handler_rollbacks",
+            "Automatic rollbacks to the previous version",
+            m.rollbacks.clone(),
+        );
+        registry.register(
+            "handler_breaker_trips",
+            "Times the crash-loop breaker paused the handler",
+            m.breaker_trips.clone(),
+        );
+        registry.register(
+            "handler_paused",
+            "1 while the handler is paused by the crash-loop breaker",
+            m.paused.clone(),
+        );
+        registry.register(
+            "handler_load_failures",
+            "Dropped handler files refused",
+            m.load_failures.clone(),
+        );
+        registry.register(
+            "handler_broken_files",
+            "Files in the handlers folder currently refused",
+            m.broken_files.clone(),
         );
         Self { registry, ..m }
     }

@@ -1,17 +1,26 @@
-//! The live set of handlers: which version serves each one, and whether it
-//! is really consuming. `/readyz` and `/handlers` read it; the serving loop
-//! and (later) the folder watcher write it.
+//! The live set of handlers: which version serves each one, whether it
+//! should consume (active, paused by the breaker, removed with its file),
+//! whether it really is, and which dropped files were refused.
+//!
+//! The folder watcher (`reload`) and the dispatch threads write it; the
+//! broker session, `/readyz`, `/handlers` and `/metrics` read it. Swaps are
+//! one pointer store under a lock: a batch already running holds the `Arc`
+//! of its version, new batches take the new one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
 
 use serde::Serialize;
+use tokio::sync::watch;
 
-use crate::broker::Topology;
 use crate::handler::HandlerVersion;
+use crate::health::{Health, Verdict};
+use crate::manifest::Subscription;
 
-/// Where a handler's consumer stands.
+/// Whether a handler's consumer is registered at the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
@@ -22,6 +31,11 @@ pub enum Status {
     /// Not consuming: the broker connection is down or the host is
     /// shutting down. Events wait in its queue.
     Disconnected = 2,
+    /// Paused by the crash-loop breaker; resumes after the cool-off or
+    /// when a new version is loaded. Events wait in its queue.
+    Paused = 3,
+    /// Its file was deleted; its queue stays and its events wait there.
+    Removed = 4,
 }
 
 impl Status {
@@ -34,58 +48,312 @@ impl Status {
     }
 }
 
+/// Whether a handler should be consuming.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Serving events.
+    Active,
+    /// Stopped by the breaker until `until`.
+    Paused {
+        /// When the cool-off ends.
+        until: Instant,
+    },
+    /// Its file is gone.
+    Removed,
+}
+
+/// The versions of one handler.
+struct Versions {
+    current: Arc<HandlerVersion>,
+    /// What `current` replaced, kept to roll back to while `current` is on
+    /// probation.
+    previous: Option<Arc<HandlerVersion>>,
+}
+
 /// One handler as the host serves it.
 pub struct Entry {
-    /// The version new deliveries go to. Events in flight keep the `Arc`
-    /// they started with.
-    version: RwLock<Arc<HandlerVersion>>,
-    /// Queue names.
-    pub topology: Topology,
+    name: Arc<str>,
+    versions: RwLock<Versions>,
     status: AtomicU8,
+    lifecycle: watch::Sender<Lifecycle>,
+    health: Mutex<Health>,
+    /// Versions (sha256) the host rolled back from: the same file is not
+    /// activated again until it changes.
+    refused: Mutex<HashSet<String>>,
+    /// The last thing an operator should know (a rollback, a pause).
+    note: Mutex<Option<String>>,
+    /// Bindings a swapped-out version had and the current one dropped,
+    /// still to remove at the broker (the session does it when it next
+    /// declares this handler's topology).
+    stale_bindings: Mutex<Vec<Subscription>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Entry {
-    /// A handler entry for `version`.
+    /// A handler entry serving `version`.
     pub fn new(version: Arc<HandlerVersion>) -> Self {
         Self {
-            topology: Topology::new(&version.settings.broker),
-            version: RwLock::new(version),
+            name: version.name.clone(),
+            health: Mutex::new(Health::new(version.settings.health.clone(), false)),
+            versions: RwLock::new(Versions {
+                current: version,
+                previous: None,
+            }),
             status: AtomicU8::new(Status::Starting as u8),
+            lifecycle: watch::Sender::new(Lifecycle::Active),
+            refused: Mutex::new(HashSet::new()),
+            note: Mutex::new(None),
+            stale_bindings: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Handler name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The version serving new deliveries.
     pub fn version(&self) -> Arc<HandlerVersion> {
-        self.version
+        self.versions
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .current
             .clone()
     }
 
-    /// Current status.
-    pub fn status(&self) -> Status {
-        Status::from_u8(self.status.load(Ordering::Acquire))
+    /// What the host would roll back to, while the current version is on
+    /// probation.
+    pub fn previous(&self) -> Option<Arc<HandlerVersion>> {
+        self.versions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .previous
+            .clone()
     }
 
-    /// Record a status change.
+    /// Status as `/handlers` reports it: the lifecycle when not active,
+    /// else whether the consumer is registered.
+    pub fn status(&self) -> Status {
+        match &*self.lifecycle.borrow() {
+            Lifecycle::Removed => Status::Removed,
+            Lifecycle::Paused { .. } => Status::Paused,
+            Lifecycle::Active => Status::from_u8(self.status.load(Ordering::Acquire)),
+        }
+    }
+
+    /// Record whether the consumer is registered.
     pub fn set_status(&self, status: Status) {
         self.status.store(status as u8, Ordering::Release);
     }
+
+    /// Current lifecycle.
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle.borrow().clone()
+    }
+
+    /// True while the handler should consume.
+    pub fn is_active(&self) -> bool {
+        *self.lifecycle.borrow() == Lifecycle::Active
+    }
+
+    /// Notified on every lifecycle change.
+    pub fn watch_lifecycle(&self) -> watch::Receiver<Lifecycle> {
+        self.lifecycle.subscribe()
+    }
+
+    /// The last rollback or pause, for operators.
+    pub fn note(&self) -> Option<String> {
+        lock(&self.note).clone()
+    }
+
+    /// Whether the host rolled back from this file content.
+    pub fn refused(&self, sha256: &str) -> bool {
+        lock(&self.refused).contains(sha256)
+    }
+
+    /// Serve `version` from now on: new batches use it, running ones finish
+    /// on theirs. The replaced version is kept for a rollback while the new
+    /// one is on probation. A paused or removed handler becomes active.
+    pub fn swap(&self, version: Arc<HandlerVersion>) -> Arc<HandlerVersion> {
+        let old = {
+            let mut v = self.versions.write().unwrap_or_else(|p| p.into_inner());
+            let old = std::mem::replace(&mut v.current, version.clone());
+            v.previous = Some(old.clone());
+            old
+        };
+        lock(&self.stale_bindings).extend(dropped_bindings(
+            &old.settings.manifest.subscriptions,
+            &version.settings.manifest.subscriptions,
+        ));
+        *lock(&self.health) = Health::new(version.settings.health.clone(), true);
+        *lock(&self.note) = None;
+        self.lifecycle.send_replace(Lifecycle::Active);
+        old
+    }
+
+    /// Go back to the previous version (the current one failed its
+    /// probation). Returns (bad, restored), or `None` with nothing to go
+    /// back to.
+    pub fn roll_back(&self) -> Option<(Arc<HandlerVersion>, Arc<HandlerVersion>)> {
+        let (bad, good) = {
+            let mut v = self.versions.write().unwrap_or_else(|p| p.into_inner());
+            let good = v.previous.take()?;
+            let bad = std::mem::replace(&mut v.current, good.clone());
+            (bad, good)
+        };
+        lock(&self.refused).insert(bad.sha256.clone());
+        // The restored version is not on probation: it is what ran before.
+        *lock(&self.health) = Health::new(good.settings.health.clone(), false);
+        Some((bad, good))
+    }
+
+    /// Stop consuming until the cool-off ends or a new version arrives.
+    pub fn pause(&self, reason: String) {
+        let cooloff = self.version().settings.health.breaker_cooloff;
+        *lock(&self.note) = Some(reason);
+        self.lifecycle.send_replace(Lifecycle::Paused {
+            until: Instant::now() + cooloff,
+        });
+    }
+
+    /// End a pause (cool-off over). No effect unless paused.
+    pub fn resume(&self) {
+        self.lifecycle.send_if_modified(|l| {
+            if matches!(l, Lifecycle::Paused { .. }) {
+                *l = Lifecycle::Active;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Its file is gone: stop consuming, keep the queue.
+    pub fn remove(&self) {
+        self.lifecycle.send_replace(Lifecycle::Removed);
+    }
+
+    /// Bindings to remove at the broker, taken (the caller removes them or
+    /// puts them back with [`Entry::keep_stale_bindings`]).
+    pub fn take_stale_bindings(&self) -> Vec<Subscription> {
+        std::mem::take(&mut *lock(&self.stale_bindings))
+    }
+
+    /// Put back bindings that could not be removed yet.
+    pub fn keep_stale_bindings(&self, bindings: Vec<Subscription>) {
+        lock(&self.stale_bindings).extend(bindings);
+    }
+
+    /// Record how one event of `version` went, and act on the verdict:
+    /// roll back a failing new version, or pause a crash-looping handler.
+    /// Events of a version no longer current do not count.
+    pub fn record(&self, version: &HandlerVersion, failed: bool) -> Verdict {
+        if version.sha256 != self.version().sha256 {
+            return Verdict::Healthy;
+        }
+        let verdict = lock(&self.health).record(failed, Instant::now());
+        match &verdict {
+            Verdict::Healthy => {}
+            Verdict::RollBack { failures, events } => match self.roll_back() {
+                Some((bad, good)) => {
+                    let note = format!(
+                        "rolled back from {} to {}: {failures} of its first {events} events failed",
+                        bad.short_version(),
+                        good.short_version()
+                    );
+                    tracing::error!(handler = %self.name, "{note}");
+                    *lock(&self.note) = Some(note);
+                }
+                None => self.trip(*failures),
+            },
+            Verdict::Trip { failures } => self.trip(*failures),
+        }
+        verdict
+    }
+
+    fn trip(&self, failures: u32) {
+        let h = &self.version().settings.health;
+        let reason = format!(
+            "paused by the crash-loop breaker: {failures} failed attempts within {} s; resuming in {} s or when a new version is loaded",
+            h.breaker_window.as_secs(),
+            h.breaker_cooloff.as_secs()
+        );
+        tracing::error!(handler = %self.name, "{reason}");
+        self.pause(reason);
+    }
 }
 
-/// All handlers, by name.
-#[derive(Default)]
+/// Bindings `old` has and `new` does not, one subscription per binding
+/// key, so a key both versions keep is never unbound.
+fn dropped_bindings(old: &[Subscription], new: &[Subscription]) -> Vec<Subscription> {
+    let kept = |s: &Subscription, key: &String| {
+        new.iter().any(|n| {
+            n.exchange == s.exchange && n.kind == s.kind && n.effective_keys().contains(key)
+        })
+    };
+    old.iter()
+        .flat_map(|s| {
+            s.effective_keys()
+                .into_iter()
+                .filter(|k| !kept(s, k))
+                .map(|k| Subscription {
+                    exchange: s.exchange.clone(),
+                    kind: s.kind,
+                    binding_keys: vec![k],
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A dropped file that was not activated.
+#[derive(Debug, Clone, Serialize)]
+pub struct BrokenFile {
+    /// The file.
+    pub file: PathBuf,
+    /// sha256 of its content when it was refused.
+    pub sha256: String,
+    /// Why (one line).
+    pub error: String,
+}
+
+/// All handlers, by name, and the files refused.
 pub struct Registry {
     entries: RwLock<BTreeMap<String, Arc<Entry>>>,
+    broken: Mutex<BTreeMap<PathBuf, BrokenFile>>,
+    /// Bumped when a handler is added, so the broker session starts its
+    /// consumer.
+    added: watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            entries: RwLock::default(),
+            broken: Mutex::default(),
+            added: watch::Sender::new(0),
+        }
+    }
 }
 
 impl Registry {
-    /// Add (or replace) a handler.
+    /// Add a handler (its name must not be registered yet).
     pub fn insert(&self, version: Arc<HandlerVersion>) -> Arc<Entry> {
         let entry = Arc::new(Entry::new(version));
-        let name = entry.version().name.to_string();
-        self.write().insert(name, entry.clone());
+        self.entries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(entry.name().to_owned(), entry.clone());
+        self.added.send_modify(|n| *n += 1);
         entry
+    }
+
+    /// Notified whenever a handler is added.
+    pub fn watch_added(&self) -> watch::Receiver<u64> {
+        self.added.subscribe()
     }
 
     /// Every handler, in name order.
@@ -107,13 +375,77 @@ impl Registry {
             .cloned()
     }
 
-    /// Ready when there is at least one handler and every one is consuming.
+    /// Ready when at least one handler is present and every present,
+    /// unpaused one is consuming. Removed handlers do not count; a paused
+    /// one is a deliberate state, not a broken host.
     pub fn ready(&self) -> bool {
-        let entries = self.entries();
-        !entries.is_empty() && entries.iter().all(|e| e.status() == Status::Consuming)
+        let present: Vec<_> = self
+            .entries()
+            .into_iter()
+            .filter(|e| e.status() != Status::Removed)
+            .collect();
+        !present.is_empty()
+            && present
+                .iter()
+                .all(|e| matches!(e.status(), Status::Consuming | Status::Paused))
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Entry>>> {
-        self.entries.write().unwrap_or_else(|p| p.into_inner())
+    /// Record a refused file. Returns false when the same content was
+    /// already reported (so it is logged once).
+    pub fn set_broken(&self, broken: BrokenFile) -> bool {
+        let mut map = lock(&self.broken);
+        if map
+            .get(&broken.file)
+            .is_some_and(|b| b.sha256 == broken.sha256)
+        {
+            return false;
+        }
+        map.insert(broken.file.clone(), broken);
+        true
+    }
+
+    /// The file loaded (or was deleted): forget its refusal.
+    pub fn clear_broken(&self, file: &std::path::Path) {
+        lock(&self.broken).remove(file);
+    }
+
+    /// Files currently refused.
+    pub fn broken(&self) -> Vec<BrokenFile> {
+        lock(&self.broken).values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::ExchangeKind;
+
+    fn sub(exchange: &str, kind: ExchangeKind, keys: &[&str]) -> Subscription {
+        Subscription {
+            exchange: exchange.into(),
+            kind,
+            binding_keys: keys.iter().map(|k| k.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn only_bindings_the_new_version_dropped_are_removed() {
+        let old = [
+            sub(
+                "checkout",
+                ExchangeKind::Direct,
+                &["order.created", "order.paid"],
+            ),
+            sub("orders", ExchangeKind::Fanout, &[]),
+        ];
+        let new = [sub("checkout", ExchangeKind::Direct, &["order.created"])];
+        assert_eq!(
+            dropped_bindings(&old, &new),
+            vec![
+                sub("checkout", ExchangeKind::Direct, &["order.paid"]),
+                sub("orders", ExchangeKind::Fanout, &[""]),
+            ]
+        );
+        assert!(dropped_bindings(&new, &old).is_empty());
     }
 }

@@ -8,6 +8,7 @@
 //! handler version" and gets back a [`CallOutcome`] whatever the guest did.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -137,6 +138,9 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<GuestState>,
     config: RuntimeConfig,
+    /// Names this engine's compiled-code format in cache file names, so a
+    /// host built differently never loads another's native code.
+    compat: String,
     /// Ticks the epoch; stops when the engine is dropped.
     _ticker: std::thread::JoinHandle<()>,
 }
@@ -200,10 +204,18 @@ impl Runtime {
             })
             .context("starting the epoch ticker")?;
 
+        let compat = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut h);
+            env!("CARGO_PKG_VERSION").hash(&mut h);
+            format!("{:016x}", h.finish())
+        };
         Ok(Self {
             engine,
             linker,
             config,
+            compat,
             _ticker: ticker,
         })
     }
@@ -217,6 +229,17 @@ impl Runtime {
     /// manifest. Anything that is not a valid handler component fails here
     /// with a one-line reason, before it could serve an event.
     pub fn prepare(&self, bytes: &[u8]) -> Result<Prepared> {
+        self.prepare_cached(bytes, None).map(|(p, _)| p)
+    }
+
+    /// [`Runtime::prepare`], reusing compiled code from `cache` (folder and
+    /// the bytes' sha256) when it holds it and storing it there otherwise.
+    /// Returns whether the cache had it.
+    pub fn prepare_cached(
+        &self,
+        bytes: &[u8],
+        cache: Option<(&Path, &str)>,
+    ) -> Result<(Prepared, bool)> {
         let max = (self.config.max_component_mb as usize) << 20;
         if bytes.len() > max {
             bail!(
@@ -228,9 +251,7 @@ impl Runtime {
         if !is_component(bytes) {
             bail!("not a WebAssembly component (a core module or another file type)");
         }
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| anyhow!("{}", first_line(&format!("{e:#}"))))
-            .context("compiling component")?;
+        let (component, hit) = self.compile(bytes, cache)?;
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
@@ -240,7 +261,37 @@ impl Runtime {
             .map_err(|e| anyhow!("{e:#}"))
             .context("component does not export the handler world (manifest, handle)")?;
         let manifest = self.read_manifest(&pre)?;
-        Ok(Prepared { pre, manifest })
+        Ok((Prepared { pre, manifest }, hit))
+    }
+
+    /// Compile, or load what an earlier compile of the same bytes left in
+    /// the cache. The cache is an optimisation: any trouble with it is
+    /// logged and the component compiled.
+    fn compile(&self, bytes: &[u8], cache: Option<(&Path, &str)>) -> Result<(Component, bool)> {
+        let file = cache.map(|(dir, sha)| dir.join(format!("{sha}-{}.cwasm", self.compat)));
+        if let Some(file) = file.as_ref().filter(|f| f.is_file()) {
+            // SAFETY: deserializing runs native code from the file. Only
+            // this host writes the cache folder (config documents that),
+            // each file from exactly the bytes whose sha256 names it, for an
+            // engine whose compatibility hash is in the name; wasmtime
+            // checks the header against the engine's settings too.
+            match unsafe { Component::deserialize_file(&self.engine, file) } {
+                Ok(component) => return Ok((component, true)),
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), "compiled-code cache entry unusable, compiling: {e:#}");
+                    let _ = std::fs::remove_file(file);
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| anyhow!("{}", first_line(&format!("{e:#}"))))
+            .context("compiling component")?;
+        if let Some(file) = &file {
+            if let Err(e) = store_compiled(&component, file) {
+                tracing::warn!(file = %file.display(), "could not cache compiled code: {e:#}");
+            }
+        }
+        Ok((component, false))
     }
 
     fn read_manifest(&self, pre: &HandlerPre<GuestState>) -> Result<Manifest> {
@@ -343,6 +394,22 @@ fn describe_error(e: &wasmtime::Error, deadline: Duration) -> Failure {
         Some(trap) => Failure::Trap(trap.to_string()),
         None => Failure::Trap(first_line(&format!("{e:#}")).to_owned()),
     }
+}
+
+/// Write compiled code atomically (temp file, then rename): a crash
+/// mid-write never leaves a truncated entry under the final name.
+fn store_compiled(component: &Component, file: &Path) -> Result<()> {
+    let dir = file.parent().context("cache file without a folder")?;
+    std::fs::create_dir_all(dir)?;
+    let bytes = component.serialize().map_err(anyhow::Error::from)?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        file.file_name().and_then(|n| n.to_str()).unwrap_or("cwasm"),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, file)?;
+    Ok(())
 }
 
 fn first_line(s: &str) -> &str {

@@ -19,7 +19,8 @@ use crate::broker;
 use crate::config::Config;
 use crate::dispatch::{amqp, Dispatcher};
 use crate::metrics::Metrics;
-use crate::registry::{Registry, Status};
+use crate::registry::{Entry, Lifecycle, Registry, Status};
+use crate::reload::{remove_stale_bindings, Reloader};
 use crate::runtime::Runtime;
 use crate::state::StateStore;
 
@@ -28,29 +29,30 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let config = Arc::new(config);
     let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
     let state = StateStore::open(&config.state_path, config.durability)?;
     let dispatcher = Dispatcher::new(runtime.clone(), state.clone());
     let registry = Arc::new(Registry::default());
+    let metrics = Arc::new(Metrics::new());
     std::fs::create_dir_all(&config.handlers_dir)
         .with_context(|| format!("creating handlers folder {}", config.handlers_dir.display()))?;
-    for path in crate::handler::wasm_files(&config.handlers_dir)? {
-        // One bad file must not keep the others from serving.
-        match crate::handler::load_file(&runtime, &config, &path) {
-            Ok(version) if registry.get(&version.name).is_some() => {
-                tracing::error!(file = %path.display(), handler = %version.name, "another file already declares this handler; ignored");
-            }
-            Ok(version) => {
-                tracing::info!(handler = %version.name, version = %version.short_version(), file = %path.display(), "handler loaded");
-                registry.insert(Arc::new(version));
-            }
-            Err(e) => tracing::error!("{e:#}"),
-        }
-    }
+    // The live connection, for the reloader to declare a new version's
+    // topology before swapping it in.
+    let (conn_tx, conn_rx) = watch::channel(None);
+    let mut reloader = Reloader::new(
+        runtime.clone(),
+        config.clone(),
+        registry.clone(),
+        metrics.clone(),
+        conn_rx,
+    );
+    // The first pass loads what is there; one bad file does not keep the
+    // others from serving.
+    reloader.reconcile().await;
     if registry.entries().is_empty() {
-        tracing::warn!(folder = %config.handlers_dir.display(), "no handlers loaded; /readyz stays false");
+        tracing::warn!(folder = %config.handlers_dir.display(), "no handlers loaded; /readyz stays false until one is dropped in");
     }
-    let metrics = Arc::new(Metrics::new());
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -69,6 +71,16 @@ pub async fn run(
     })
     .await?;
     tracing::info!(%admin_addr, "admin endpoint listening");
+    let watcher = if config.watch {
+        let stop = stop_rx.clone();
+        Some(tokio::spawn(async move {
+            if let Err(e) = reloader.watch(stop).await {
+                tracing::error!("hot reload is off: {e:#}");
+            }
+        }))
+    } else {
+        None
+    };
 
     let mut failures = 0u32;
     loop {
@@ -80,6 +92,7 @@ pub async fn run(
             &dispatcher,
             &registry,
             &metrics,
+            &conn_tx,
             stop_rx.clone(),
             &mut failures,
         )
@@ -106,6 +119,9 @@ pub async fn run(
         }
     }
     let _ = admin_task.await;
+    if let Some(watcher) = watcher {
+        let _ = watcher.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -117,12 +133,14 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 /// One connection's life: connect, release any unconfirmed outbox
-/// messages, declare topology, consume until stopped or broken.
+/// messages, then run every handler's consumer (and those of handlers the
+/// watcher adds) until stopped or broken.
 async fn session(
     config: &Config,
     dispatcher: &Dispatcher,
     registry: &Registry,
     metrics: &Arc<Metrics>,
+    conn_slot: &watch::Sender<Option<Arc<lapin::Connection>>>,
     stop: watch::Receiver<bool>,
     failures: &mut u32,
 ) -> Result<()> {
@@ -130,34 +148,31 @@ async fn session(
     metrics.connected.set(1);
     tracing::info!(broker = %broker::redact(&config.amqp_url), "connected");
     relay_outbox(&conn, dispatcher).await?;
+    conn_slot.send_replace(Some(conn.clone()));
     let mut tasks = JoinSet::new();
-    for entry in registry.entries() {
-        let version = entry.version();
-        broker::declare(
-            &conn,
-            &entry.topology,
-            &version.settings.manifest.subscriptions,
-            &version.settings.broker,
-        )
-        .await
-        .with_context(|| format!("topology of handler {}", version.name))?;
-        let (conn, dispatcher, metrics, stop) = (
-            conn.clone(),
-            dispatcher.clone(),
-            metrics.clone(),
-            stop.clone(),
-        );
-        tasks.spawn(async move { amqp::serve(conn, dispatcher, entry, metrics, stop).await });
-    }
+    let mut serving = std::collections::HashSet::new();
+    let mut added = registry.watch_added();
     *failures = 0;
     let drain = Duration::from_secs(config.drain_timeout_secs);
     let mut result = Ok(());
     let mut stopping = stop.clone();
     loop {
+        added.mark_unchanged();
+        for entry in registry.entries() {
+            if serving.insert(entry.name().to_owned()) {
+                let (conn, dispatcher, metrics, stop) = (
+                    conn.clone(),
+                    dispatcher.clone(),
+                    metrics.clone(),
+                    stop.clone(),
+                );
+                tasks.spawn(handler_loop(conn, dispatcher, entry, metrics, stop));
+            }
+        }
         tokio::select! {
-            joined = tasks.join_next() => match joined {
-                None => break,
-                Some(Ok(Ok(()))) => {}
+            _ = added.changed() => {}
+            joined = tasks.join_next(), if !tasks.is_empty() => match joined {
+                None | Some(Ok(Ok(()))) => {}
                 Some(Ok(Err(e))) => { result = Err(e); break; }
                 Some(Err(e)) => { result = Err(anyhow::anyhow!("consumer task panicked: {e}")); break; }
             },
@@ -171,10 +186,76 @@ async fn session(
             }
         }
     }
+    conn_slot.send_replace(None);
     tasks.abort_all();
     let _ = conn.close(200, "event-host stopping".into()).await;
     metrics.connected.set(0);
     result
+}
+
+/// One handler on one connection: consume while it is active; sit out a
+/// breaker pause (resuming after the cool-off) or a removal; return when
+/// the host stops, or with the error that broke the connection.
+async fn handler_loop(
+    conn: Arc<lapin::Connection>,
+    dispatcher: Dispatcher,
+    entry: Arc<Entry>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut lifecycle = entry.watch_lifecycle();
+    let label = Metrics::label(entry.name());
+    loop {
+        let current = lifecycle.borrow_and_update().clone();
+        match current {
+            Lifecycle::Active => {}
+            Lifecycle::Paused { until } => {
+                metrics.paused.get_or_create(&label).set(1);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until.into()) => {
+                        tracing::info!(handler = entry.name(), "breaker cool-off over: consuming again");
+                        entry.resume();
+                    }
+                    _ = lifecycle.changed() => {}
+                    _ = stopped(&mut stop) => return Ok(()),
+                }
+                continue;
+            }
+            Lifecycle::Removed => {
+                tokio::select! {
+                    _ = lifecycle.changed() => {}
+                    _ = stopped(&mut stop) => return Ok(()),
+                }
+                continue;
+            }
+        }
+        metrics.paused.get_or_create(&label).set(0);
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let version = entry.version();
+        broker::declare(
+            &conn,
+            &version.topology,
+            &version.settings.manifest.subscriptions,
+            &version.settings.broker,
+        )
+        .await
+        .with_context(|| format!("topology of handler {}", version.name))?;
+        remove_stale_bindings(&conn, &entry).await;
+        amqp::serve(
+            conn.clone(),
+            dispatcher.clone(),
+            entry.clone(),
+            metrics.clone(),
+            stop.clone(),
+        )
+        .await?;
+        if *stop.borrow() {
+            return Ok(());
+        }
+        // Not active any more (paused or removed): wait for the next change.
+    }
 }
 
 /// Publish outbox rows left by a run that stopped between committing an

@@ -34,8 +34,9 @@ use tokio::sync::{mpsc, watch};
 use super::{Committed, Dispatcher, Handled, Outcome};
 use crate::broker::{self, text};
 use crate::handler::HandlerVersion;
+use crate::health::Verdict;
 use crate::metrics::Metrics;
-use crate::registry::{Entry, Status};
+use crate::registry::{Entry, Lifecycle, Status};
 
 /// Most deliveries one worker batch takes (and so one transaction holds).
 const MAX_BATCH: usize = 128;
@@ -67,15 +68,16 @@ pub async fn serve(
     let tag = format!("event-host.{name}");
     let mut consumer = consume_ch
         .basic_consume(
-            entry.topology.queue.as_str().into(),
+            version.topology.queue.as_str().into(),
             tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
-        .with_context(|| format!("consuming from {:?}", entry.topology.queue))?;
+        .with_context(|| format!("consuming from {:?}", version.topology.queue))?;
     entry.set_status(Status::Consuming);
-    tracing::info!(handler = %name, queue = %entry.topology.queue, version = %version.short_version(), "consuming");
+    tracing::info!(handler = %name, queue = %version.topology.queue, version = %version.short_version(), "consuming");
+    let mut lifecycle = entry.watch_lifecycle();
 
     let (work_tx, work_rx) = std_mpsc::channel::<lapin::message::Delivery>();
     let (done_tx, done_rx) = mpsc::channel::<Vec<Settled>>(16);
@@ -91,7 +93,6 @@ pub async fn serve(
         consume_ch.clone(),
         publish_ch,
         dispatcher.clone(),
-        entry.clone(),
         metrics.clone(),
         done_rx,
     ));
@@ -100,6 +101,14 @@ pub async fn serve(
     let mut failure = None;
     loop {
         tokio::select! {
+            // Paused by the breaker or its file deleted: stop taking
+            // deliveries like a shutdown does; the queue keeps the rest.
+            _ = left_active(&mut lifecycle) => {
+                if let Err(e) = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
+                    failure = Some(anyhow::Error::from(e).context("cancelling the consumer"));
+                }
+                break;
+            }
             _ = stop.changed() => {
                 // Stop taking deliveries; what is in flight still settles.
                 if let Err(e) = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
@@ -146,14 +155,25 @@ pub async fn serve(
         }
     }
     let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    let graceful = *stop.borrow() || !entry.is_active();
+    if graceful {
+        // Deliveries never handed to the worker go back to the queue.
+        let _ = consume_ch.close(200, "consumer stopped".into()).await;
+    }
     match failure {
-        Some(e) if !*stop.borrow() => Err(e),
+        Some(e) if !graceful => Err(e),
         Some(e) => {
             tracing::warn!(handler = %name, "while stopping: {e:#}");
             Ok(())
         }
         None => Ok(()),
     }
+}
+
+/// Resolves once the handler is no longer active (the `Ref` `wait_for`
+/// returns is not `Send`, so it is dropped here).
+async fn left_active(lifecycle: &mut watch::Receiver<Lifecycle>) {
+    let _ = lifecycle.wait_for(|l| *l != Lifecycle::Active).await;
 }
 
 /// The worker thread: batches in, settled batches out.
@@ -175,7 +195,15 @@ fn work(
         // A batch runs on the version current when it starts; events
         // already in flight keep theirs.
         let version = entry.version();
-        let settled = run_batch(&dispatcher, &version, &metrics, batch);
+        let settled = if entry.is_active() {
+            let settled = run_batch(&dispatcher, &version, &metrics, batch);
+            judge(&entry, &metrics, &settled);
+            settled
+        } else {
+            // Paused or removed since these arrived: they go back to the
+            // queue unrun, without spending an attempt.
+            requeue_unrun(&version, batch)
+        };
         if tx.blocking_send(settled).is_err() {
             return;
         }
@@ -265,6 +293,53 @@ fn run_batch(
         .collect()
 }
 
+/// Feed the batch's outcomes to the handler's health tracker and count
+/// what it decided.
+fn judge(entry: &Entry, metrics: &Metrics, settled: &[Settled]) {
+    for s in settled {
+        let label = Metrics::label(&s.version.name);
+        match entry.record(&s.version, s.handled.is_failure()) {
+            Verdict::Healthy => {}
+            Verdict::RollBack { .. } => {
+                // `record` rolled back when it had a version to go to; with
+                // none it paused the handler instead.
+                if entry.is_active() {
+                    metrics.rollbacks.get_or_create(&label).inc();
+                } else {
+                    metrics.breaker_trips.get_or_create(&label).inc();
+                }
+            }
+            Verdict::Trip { .. } => {
+                metrics.breaker_trips.get_or_create(&label).inc();
+            }
+        }
+    }
+}
+
+fn requeue_unrun(
+    version: &Arc<HandlerVersion>,
+    batch: Vec<lapin::message::Delivery>,
+) -> Vec<Settled> {
+    batch
+        .into_iter()
+        .map(|delivery| {
+            let input = broker::to_delivery(&delivery);
+            Settled {
+                delivery,
+                handled: Handled::without_effects(
+                    Outcome::Requeue,
+                    Some("handler not active".into()),
+                    Default::default(),
+                ),
+                version: version.clone(),
+                attempt: input.attempt,
+                exchange: input.exchange,
+                routing_key: input.routing_key,
+            }
+        })
+        .collect()
+}
+
 fn host_fault(e: &anyhow::Error) -> Handled {
     tracing::error!("host fault while dispatching: {e:#}");
     Handled::without_effects(
@@ -307,7 +382,6 @@ async fn acks(
     consume_ch: lapin::Channel,
     publish_ch: lapin::Channel,
     dispatcher: Dispatcher,
-    entry: Arc<Entry>,
     metrics: Arc<Metrics>,
     mut rx: mpsc::Receiver<Vec<Settled>>,
 ) -> Result<()> {
@@ -343,7 +417,8 @@ async fn acks(
                     }
                 }
                 Outcome::Retry => {
-                    let queue = entry
+                    let queue = s
+                        .version
                         .topology
                         .retry_queue(s.attempt)
                         .context("retry outcome with no retry queue")?;
@@ -388,8 +463,8 @@ async fn acks(
                         ],
                     );
                     publishes.push(publish_ch.basic_publish(
-                        entry.topology.dlx.as_str().into(),
-                        entry.topology.queue.as_str().into(),
+                        s.version.topology.dlx.as_str().into(),
+                        s.version.topology.queue.as_str().into(),
                         BasicPublishOptions::default(),
                         &s.delivery.data,
                         props,

@@ -116,7 +116,7 @@ pub fn decide(result: &CallResult, attempt: u32, max_attempts: u32) -> (Outcome,
             (
                 Outcome::Reject,
                 Some(format!(
-                    "attempts exhausted ({attempt}/{max_attempts}): {reason}"
+                    "{ATTEMPTS_EXHAUSTED} ({attempt}/{max_attempts}): {reason}"
                 )),
             )
         } else {
@@ -152,9 +152,27 @@ pub struct Handled {
 }
 
 impl Handled {
+    /// A failed attempt (trap, timeout, `retry`, attempts exhausted): what
+    /// the crash-loop breaker and rollback count. A deliberate `reject` is
+    /// the handler working, not failing.
+    pub fn is_failure(&self) -> bool {
+        match self.outcome {
+            Outcome::Retry => true,
+            Outcome::Reject => self
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with(ATTEMPTS_EXHAUSTED)),
+            Outcome::Ack | Outcome::Requeue => false,
+        }
+    }
+
     /// An outcome with no effects released (failures, skipped duplicates,
     /// read-only calls).
-    fn without_effects(outcome: Outcome, reason: Option<String>, elapsed: Duration) -> Self {
+    pub(crate) fn without_effects(
+        outcome: Outcome,
+        reason: Option<String>,
+        elapsed: Duration,
+    ) -> Self {
         Self {
             duplicate: reason.as_deref().is_some_and(|r| r.starts_with(DUPLICATE)),
             outcome,
@@ -165,6 +183,9 @@ impl Handled {
         }
     }
 }
+
+/// How the reason of a dead-lettered, repeatedly failing event starts.
+const ATTEMPTS_EXHAUSTED: &str = "attempts exhausted";
 
 /// Reason given for an event whose message id already committed.
 const DUPLICATE: &str = "duplicate: message id already committed";
