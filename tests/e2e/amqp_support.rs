@@ -132,14 +132,44 @@ impl TestHost {
         }
     }
 
+    /// The folder the host watches.
+    pub fn handlers_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("handlers")
+    }
+
+    /// `/handlers`, parsed (refused files included).
+    pub fn handlers(&self) -> Vec<Value> {
+        let (_, body) = self.get("/handlers");
+        serde_json::from_str::<Vec<Value>>(&body).unwrap_or_default()
+    }
+
+    /// One handler's entry from `/handlers` (`Null` when absent).
+    pub fn handler(&self, name: &str) -> Value {
+        self.handlers()
+            .into_iter()
+            .find(|h| h["name"] == name)
+            .unwrap_or(Value::Null)
+    }
+
+    /// Poll `/handlers` until `ok` holds for `name`'s entry (30 s at most).
+    pub fn wait_handler(&self, name: &str, ok: impl Fn(&Value) -> bool, what: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let h = self.handler(name);
+            if ok(&h) {
+                return h;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {h}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// A handler's counters from `/handlers`.
     pub fn counters(&self, handler: &str) -> Value {
-        let (_, body) = self.get("/handlers");
-        let list: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-        list.as_array()
-            .and_then(|l| l.iter().find(|h| h["name"] == handler))
-            .map(|h| h["counters"].clone())
-            .unwrap_or(Value::Null)
+        self.handler(handler)["counters"].clone()
     }
 
     /// Wait until a counter of `handler` reaches `n`.
@@ -264,6 +294,26 @@ impl Client {
         })
     }
 
+    /// Messages ready in `queue` (a passive declare).
+    pub fn depth(&self, queue: &str) -> u32 {
+        self.rt.block_on(async {
+            let ch = self.conn.create_channel().await.unwrap();
+            let q = ch
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            let _ = ch.close(200, "probe".into()).await;
+            q.message_count()
+        })
+    }
+
     /// Take up to `n` messages from `queue`, waiting at most `wait`.
     pub fn take(
         &self,
@@ -324,4 +374,75 @@ pub fn header(m: &lapin::message::BasicGetMessage, name: &str) -> Option<String>
         event_host::dispatch::HeaderValue::Integer(i) => i.to_string(),
         other => format!("{other:?}"),
     })
+}
+
+/// Names for one inventory deployment.
+pub struct Inventory {
+    pub orders: String,
+    pub events: String,
+    pub queue: String,
+}
+
+impl Inventory {
+    pub fn new() -> Self {
+        Self {
+            orders: unique("orders"),
+            events: unique("inventory-events"),
+            queue: unique("inventory"),
+        }
+    }
+
+    pub fn config(&self, extra: &str) -> String {
+        self.config_with_stock(extra, 10)
+    }
+
+    /// [`Inventory::config`] with `stock` Laptops.
+    pub fn config_with_stock(&self, extra: &str, stock: u64) -> String {
+        format!(
+            r#"
+[handlers.inventory]
+queue = "{q}"
+subscriptions = [{{ exchange = "{o}", kind = "fanout" }}]
+retry_base_ms = 50
+{extra}
+[handlers.inventory.config]
+"stock.Laptop" = "{stock}"
+"inventory-exchange" = "{e}"
+"#,
+            q = self.queue,
+            o = self.orders,
+            e = self.events,
+        )
+    }
+
+    pub fn cleanup(&self, client: &mut Client) {
+        let q = &self.queue;
+        client.cleanup(
+            &[
+                q,
+                &format!("{q}.dlq"),
+                &format!("{q}.retry.50ms"),
+                &format!("{q}.retry.100ms"),
+                &format!("{q}.retry.200ms"),
+                &format!("{q}.retry.400ms"),
+            ],
+            &[&self.orders, &self.events, &format!("{q}.dlx")],
+        );
+    }
+}
+
+/// Declare a topic exchange (non-durable, deleted by the test).
+pub fn declare_topic(client: &Client, exchange: &str) {
+    client.rt.block_on(async {
+        client
+            .ch
+            .exchange_declare(
+                exchange.into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    });
 }

@@ -8,72 +8,7 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use serde_json::{json, Value};
 
-use crate::amqp_support::{header, unique, Client, TestHost};
-
-/// Names for one inventory deployment.
-struct Inventory {
-    orders: String,
-    events: String,
-    queue: String,
-}
-
-impl Inventory {
-    fn new() -> Self {
-        Self {
-            orders: unique("orders"),
-            events: unique("inventory-events"),
-            queue: unique("inventory"),
-        }
-    }
-
-    fn config(&self, extra: &str) -> String {
-        format!(
-            r#"
-[handlers.inventory]
-queue = "{q}"
-subscriptions = [{{ exchange = "{o}", kind = "fanout" }}]
-retry_base_ms = 50
-{extra}
-[handlers.inventory.config]
-"stock.Laptop" = "10"
-"inventory-exchange" = "{e}"
-"#,
-            q = self.queue,
-            o = self.orders,
-            e = self.events,
-        )
-    }
-
-    fn cleanup(&self, client: &mut Client) {
-        let q = &self.queue;
-        client.cleanup(
-            &[
-                q,
-                &format!("{q}.dlq"),
-                &format!("{q}.retry.50ms"),
-                &format!("{q}.retry.100ms"),
-                &format!("{q}.retry.200ms"),
-                &format!("{q}.retry.400ms"),
-            ],
-            &[&self.orders, &self.events, &format!("{q}.dlx")],
-        );
-    }
-}
-
-fn declare_topic(client: &Client, exchange: &str) {
-    client.rt.block_on(async {
-        client
-            .ch
-            .exchange_declare(
-                exchange.into(),
-                lapin::ExchangeKind::Topic,
-                lapin::options::ExchangeDeclareOptions::default(),
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .unwrap();
-    });
-}
+use crate::amqp_support::{declare_topic, header, unique, Client, Inventory, TestHost};
 
 #[test]
 fn a_plain_client_publishing_with_no_properties_changes_stock() {

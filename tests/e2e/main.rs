@@ -9,5 +9,6 @@ mod broker;
 mod business;
 mod cli;
 mod deploy;
+mod reload;
 mod sandbox;
 mod state;

@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::bindings;
+use crate::broker::{HANDLER_HEADER, VERSION_HEADER};
 use crate::handler::{sha256_hex, HandlerVersion};
 use crate::runtime::{CallResult, Runtime};
 use crate::state::{Commit, CommitOutcome, Outgoing, StateStore};
@@ -375,8 +376,10 @@ pub enum Committed {
 }
 
 /// Give every publish a stable message id (so a re-run after a crash
-/// publishes the same ids and downstream dedupe works) and carry the input's
-/// correlation id when the guest set none.
+/// publishes the same ids and downstream dedupe works), carry the input's
+/// correlation id when the guest set none, and say which handler version
+/// produced it (`x-event-host-handler`, `x-event-host-version`): after a
+/// hot reload, consumers and operators can tell the versions' output apart.
 fn stamp_publishes(
     handler: &HandlerVersion,
     delivery: &Delivery,
@@ -408,6 +411,12 @@ fn stamp_publishes(
         if p.correlation_id.is_none() {
             p.correlation_id = delivery.correlation_id.clone();
         }
+        p.headers
+            .retain(|(k, _)| k != HANDLER_HEADER && k != VERSION_HEADER);
+        p.headers
+            .push((HANDLER_HEADER.to_owned(), handler.name.to_string()));
+        p.headers
+            .push((VERSION_HEADER.to_owned(), handler.sha256.clone()));
     }
     publishes
 }
