@@ -78,7 +78,7 @@ pub async fn connect(url: &str, heartbeat_secs: u16) -> Result<Connection> {
 }
 
 /// A handler's queue names.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     /// Work queue.
     pub queue: String,

@@ -50,7 +50,7 @@ pub struct Config {
     /// Watch the handlers folder and hot-reload changed files. Default true.
     pub watch: bool,
     /// Quiet time after the last change in the handlers folder before it is
-    /// read, in ms. Default 20. Too low and a file written in several steps
+    /// read, in ms. Default 10. Too low and a file written in several steps
     /// is read (and refused) mid-write more often; too high and every
     /// reload waits longer.
     pub reload_debounce_ms: u64,
@@ -81,7 +81,7 @@ impl Default for Config {
             heartbeat_secs: 10,
             drain_timeout_secs: 30,
             watch: true,
-            reload_debounce_ms: 20,
+            reload_debounce_ms: 10,
             load_timeout_secs: 60,
             cache_dir: None,
             runtime: RuntimeConfig::default(),

@@ -264,8 +264,16 @@ impl Reloader {
                 return Ok(());
             }
         }
+        // A version with the same subscriptions and queues as the one it
+        // replaces needs nothing new at the broker.
+        let unchanged = entry.as_ref().is_some_and(|e| {
+            let current = e.version();
+            current.settings.manifest.subscriptions == version.settings.manifest.subscriptions
+                && current.topology == version.topology
+                && e.lifecycle() == Lifecycle::Active
+        });
         let conn = self.conn.borrow().clone();
-        if let Some(conn) = conn.filter(|c| c.status().connected()) {
+        if let Some(conn) = conn.filter(|c| !unchanged && c.status().connected()) {
             broker::declare(
                 &conn,
                 &version.topology,

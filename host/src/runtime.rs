@@ -286,10 +286,14 @@ impl Runtime {
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| anyhow!("{}", first_line(&format!("{e:#}"))))
             .context("compiling component")?;
-        if let Some(file) = &file {
-            if let Err(e) = store_compiled(&component, file) {
-                tracing::warn!(file = %file.display(), "could not cache compiled code: {e:#}");
-            }
+        if let Some(file) = file {
+            // Serializing and writing is off the reload's critical path.
+            let component = component.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = store_compiled(&component, &file) {
+                    tracing::warn!(file = %file.display(), "could not cache compiled code: {e:#}");
+                }
+            });
         }
         Ok((component, false))
     }

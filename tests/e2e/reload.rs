@@ -4,7 +4,6 @@
 //! version is rolled back, and a crash-looping handler is paused.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,41 +13,7 @@ use lapin::BasicProperties;
 use serde_json::Value;
 
 use crate::amqp_support::{declare_topic, header, Client, Inventory, TestHost};
-use crate::support::guest;
-
-/// A built guest with a custom section appended: the same code in a
-/// different file (another sha256), as a rebuild of the handler would be.
-pub fn variant(name: &str, tag: &str) -> Vec<u8> {
-    let mut bytes = std::fs::read(guest(name)).unwrap();
-    let section = b"event-host-test";
-    let mut payload = leb128(section.len());
-    payload.extend_from_slice(section);
-    payload.extend_from_slice(tag.as_bytes());
-    bytes.push(0); // custom section id
-    bytes.extend(leb128(payload.len()));
-    bytes.extend(payload);
-    bytes
-}
-
-fn leb128(mut n: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let byte = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            out.push(byte);
-            return out;
-        }
-        out.push(byte | 0x80);
-    }
-}
-
-/// The documented safe install: write a dot-file beside it, rename.
-pub fn install(dir: &Path, file: &str, bytes: &[u8]) {
-    let tmp = dir.join(format!(".{file}.partial"));
-    std::fs::write(&tmp, bytes).unwrap();
-    std::fs::rename(&tmp, dir.join(file)).unwrap();
-}
+use crate::support::{guest, install, variant};
 
 fn order(id: usize) -> Vec<u8> {
     format!(r#"{{"id": {id}, "item": "Laptop", "quantity": 1}}"#).into_bytes()

@@ -120,3 +120,37 @@ impl Harness {
             .map(|v| String::from_utf8(v).expect("utf-8 state"))
     }
 }
+
+/// A built guest with a custom section appended: the same code in a
+/// different file (another sha256), as a rebuild of the handler would be.
+pub fn variant(name: &str, tag: &str) -> Vec<u8> {
+    let mut bytes = std::fs::read(guest(name)).unwrap();
+    let section = b"event-host-test";
+    let mut payload = leb128(section.len());
+    payload.extend_from_slice(section);
+    payload.extend_from_slice(tag.as_bytes());
+    bytes.push(0); // custom section id
+    bytes.extend(leb128(payload.len()));
+    bytes.extend(payload);
+    bytes
+}
+
+fn leb128(mut n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return out;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// The documented safe install: write a dot-file beside it, rename.
+pub fn install(dir: &Path, file: &str, bytes: &[u8]) {
+    let tmp = dir.join(format!(".{file}.partial"));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, dir.join(file)).unwrap();
+}
