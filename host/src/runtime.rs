@@ -270,12 +270,18 @@ impl Runtime {
     fn compile(&self, bytes: &[u8], cache: Option<(&Path, &str)>) -> Result<(Component, bool)> {
         let file = cache.map(|(dir, sha)| dir.join(format!("{sha}-{}.cwasm", self.compat)));
         if let Some(file) = file.as_ref().filter(|f| f.is_file()) {
+            // Read into memory rather than `deserialize_file`, which maps
+            // the file: anything truncating a mapped file would crash the
+            // host with SIGBUS.
+            let compiled = std::fs::read(file).map_err(anyhow::Error::from);
             // SAFETY: deserializing runs native code from the file. Only
             // this host writes the cache folder (config documents that),
             // each file from exactly the bytes whose sha256 names it, for an
             // engine whose compatibility hash is in the name; wasmtime
             // checks the header against the engine's settings too.
-            match unsafe { Component::deserialize_file(&self.engine, file) } {
+            match compiled.and_then(|c| {
+                unsafe { Component::deserialize(&self.engine, c) }.map_err(anyhow::Error::from)
+            }) {
                 Ok(component) => return Ok((component, true)),
                 Err(e) => {
                     tracing::warn!(file = %file.display(), "compiled-code cache entry unusable, compiling: {e:#}");

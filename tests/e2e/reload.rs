@@ -328,3 +328,66 @@ fn a_crash_looping_handler_is_paused_and_a_new_version_resumes_it() {
     assert_eq!(host.handler("inventory")["status"], "consuming");
     host.stop().unwrap();
 }
+
+/// Wait until `dir` holds a compiled-code cache entry (written in the
+/// background after a compile).
+fn wait_for_cache_entry(dir: &std::path::Path) -> std::path::PathBuf {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let entry = std::fs::read_dir(dir).ok().and_then(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        });
+        if let Some(entry) = entry {
+            return entry;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cache entry written"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn known_files_load_from_the_compiled_code_cache_across_restarts() {
+    use event_host::config::Config;
+    use event_host::handler::load_bytes;
+    use event_host::runtime::Runtime;
+
+    let cache = tempfile::tempdir().unwrap();
+    let config = Config::default();
+    let path = guest("inventory");
+    let bytes = std::fs::read(&path).unwrap();
+    let load = |runtime: &Runtime| {
+        load_bytes(runtime, &config, &path, &bytes, Some(cache.path())).unwrap()
+    };
+
+    let runtime = Runtime::new(Default::default()).unwrap();
+    let first = load(&runtime);
+    assert!(!first.cached, "nothing cached yet");
+    let entry = wait_for_cache_entry(cache.path());
+    assert!(
+        entry
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with(&first.sha256),
+        "keyed by the file's sha256: {entry:?}"
+    );
+    let again = load(&runtime);
+    assert!(again.cached, "a re-drop of a known file does not recompile");
+    assert_eq!(again.declared, first.declared);
+
+    // A restarted host (a new engine with the same settings) uses it too.
+    let restarted = Runtime::new(Default::default()).unwrap();
+    assert!(load(&restarted).cached);
+
+    // A damaged entry is not trusted: compiled again, and it still works.
+    std::fs::write(&entry, b"not compiled code").unwrap();
+    let recovered = load(&restarted);
+    assert!(!recovered.cached);
+    assert_eq!(recovered.declared, first.declared);
+}
