@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use lapin::options::BasicPublishOptions;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -23,6 +22,9 @@ use crate::registry::{Entry, Lifecycle, Registry, Status};
 use crate::reload::{remove_stale_bindings, Reloader};
 use crate::runtime::Runtime;
 use crate::state::StateStore;
+
+/// Longest a connection handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Run the sidecar until `shutdown` resolves, then drain and return.
 pub async fn run(
@@ -144,10 +146,22 @@ async fn session(
     stop: watch::Receiver<bool>,
     failures: &mut u32,
 ) -> Result<()> {
-    let conn = Arc::new(broker::connect(&config.amqp_url, config.heartbeat_secs).await?);
+    // A broker (or a path to it) that accepts TCP but never answers would
+    // hang the handshake forever; a stop request must not wait for it either.
+    let connect = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        broker::connect(&config.amqp_url, config.heartbeat_secs),
+    );
+    let mut stopping = stop.clone();
+    let conn = tokio::select! {
+        c = connect => Arc::new(c.map_err(|_| anyhow::anyhow!(
+            "no answer from the broker within {} s", CONNECT_TIMEOUT.as_secs()
+        ))??),
+        _ = stopped(&mut stopping) => return Ok(()),
+    };
     metrics.connected.set(1);
     tracing::info!(broker = %broker::redact(&config.amqp_url), "connected");
-    relay_outbox(&conn, dispatcher).await?;
+    amqp::relay_outbox(&conn, dispatcher).await?;
     conn_slot.send_replace(Some(conn.clone()));
     let mut tasks = JoinSet::new();
     let mut serving = std::collections::HashSet::new();
@@ -256,44 +270,4 @@ async fn handler_loop(
         }
         // Not active any more (paused or removed): wait for the next change.
     }
-}
-
-/// Publish outbox rows left by a run that stopped between committing an
-/// event and the broker confirming its publishes. Their events were acked
-/// or will be redelivered as duplicates; either way these messages are
-/// owed exactly once more (with their stable message ids).
-async fn relay_outbox(conn: &lapin::Connection, dispatcher: &Dispatcher) -> Result<()> {
-    let state = dispatcher.state().clone();
-    let pending = tokio::task::spawn_blocking(move || state.pending_outbox()).await??;
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let ch = broker::confirm_channel(conn).await?;
-    let mut confirms = Vec::with_capacity(pending.len());
-    for (_, _, message) in &pending {
-        confirms.push(
-            ch.basic_publish(
-                message.exchange.as_str().into(),
-                message.routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &message.payload,
-                broker::outgoing_properties(message),
-            )
-            .await?,
-        );
-    }
-    for confirm in confirms {
-        if confirm.await?.is_nack() {
-            anyhow::bail!("the broker refused an outbox message");
-        }
-    }
-    let ids: Vec<i64> = pending.iter().map(|(id, _, _)| *id).collect();
-    let state = dispatcher.state().clone();
-    tokio::task::spawn_blocking(move || state.clear_outbox(&ids)).await??;
-    tracing::info!(
-        messages = pending.len(),
-        "released outbox messages left by a previous run"
-    );
-    let _ = ch.close(200, "outbox relayed".into()).await;
-    Ok(())
 }

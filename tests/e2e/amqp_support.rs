@@ -56,6 +56,12 @@ impl TestHost {
     /// Start a host with these guests and config (TOML without the
     /// top-level addresses, which are filled in here).
     pub fn start(guests: &[&str], config: &str) -> Self {
+        Self::start_with_url(guests, config, &amqp_url())
+    }
+
+    /// [`TestHost::start`] against the broker at `url` (a private node, a
+    /// proxy in front of the shared one).
+    pub fn start_with_url(guests: &[&str], config: &str, url: &str) -> Self {
         // Host logs show up with a failing test's output.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(std::env::var("EVENT_HOST_TEST_LOG").unwrap_or_else(|_| "info".into()))
@@ -72,7 +78,7 @@ impl TestHost {
             "handlers_dir = {:?}\nstate_path = {:?}\namqp_url = {:?}\nadmin_addr = {:?}\ndurability = \"normal\"\n{config}",
             handlers.to_str().unwrap(),
             dir.path().join("state").to_str().unwrap(),
-            amqp_url(),
+            url,
             admin,
         );
         let config = event_host::config::Config::parse(&text).expect("test config");

@@ -9,6 +9,8 @@ mod broker;
 mod business;
 mod cli;
 mod deploy;
+mod network;
+mod proxy;
 mod reload;
 mod sandbox;
 mod state;

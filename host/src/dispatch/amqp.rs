@@ -356,22 +356,30 @@ fn host_fault(e: &anyhow::Error) -> Handled {
 /// is dropped with a warning.
 #[derive(Default)]
 struct ExchangeCheck {
-    known: std::collections::HashMap<String, bool>,
+    /// Whether it existed, and when that was checked.
+    known: std::collections::HashMap<String, (bool, std::time::Instant)>,
 }
 
 impl ExchangeCheck {
+    /// A missing exchange is checked again after this long: someone may
+    /// create it, and from then on its messages must flow.
+    const RECHECK_MISSING: std::time::Duration = std::time::Duration::from_secs(5);
+
     async fn exists(&mut self, conn: &Connection, exchange: &str) -> Result<bool> {
         if exchange.is_empty() {
             return Ok(true); // the default exchange always exists
         }
-        if let Some(known) = self.known.get(exchange) {
-            return Ok(*known);
+        if let Some((exists, at)) = self.known.get(exchange) {
+            if *exists || at.elapsed() < Self::RECHECK_MISSING {
+                return Ok(*exists);
+            }
         }
         let exists = broker::exchange_exists(conn, exchange).await?;
         if !exists {
             tracing::warn!(exchange, "a handler published to an exchange that does not exist; message dropped as unroutable");
         }
-        self.known.insert(exchange.to_owned(), exists);
+        self.known
+            .insert(exchange.to_owned(), (exists, std::time::Instant::now()));
         Ok(exists)
     }
 }
@@ -523,5 +531,56 @@ async fn acks(
                 .dec_by(batch.len() as i64);
         }
     }
+    Ok(())
+}
+
+/// Publish outbox rows left by a session (or a run) that ended between
+/// committing an event and the broker confirming its publishes. Their
+/// events were acked or will be redelivered as duplicates; either way these
+/// messages are owed exactly once more (with their stable message ids).
+/// Rows already confirmed are deleted first, not sent again; messages for
+/// an exchange that no longer exists are dropped like any unroutable
+/// publish, so one of them cannot stall every reconnect.
+pub async fn relay_outbox(conn: &Connection, dispatcher: &Dispatcher) -> Result<()> {
+    let state = dispatcher.state().clone();
+    let pending = tokio::task::spawn_blocking(move || {
+        state.flush_confirmed_outbox()?;
+        state.pending_outbox()
+    })
+    .await??;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let ch = broker::confirm_channel(conn).await?;
+    let mut exchanges = ExchangeCheck::default();
+    let mut confirms = Vec::with_capacity(pending.len());
+    for (_, _, message) in &pending {
+        if !exchanges.exists(conn, &message.exchange).await? {
+            continue;
+        }
+        confirms.push(
+            ch.basic_publish(
+                message.exchange.as_str().into(),
+                message.routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &message.payload,
+                broker::outgoing_properties(message),
+            )
+            .await?,
+        );
+    }
+    for confirm in confirms {
+        if confirm.await?.is_nack() {
+            anyhow::bail!("the broker refused an outbox message");
+        }
+    }
+    let ids: Vec<i64> = pending.iter().map(|(id, _, _)| *id).collect();
+    let state = dispatcher.state().clone();
+    tokio::task::spawn_blocking(move || state.clear_outbox(&ids)).await??;
+    tracing::info!(
+        messages = pending.len(),
+        "released outbox messages left by a previous run"
+    );
+    let _ = ch.close(200, "outbox relayed".into()).await;
     Ok(())
 }
