@@ -236,8 +236,8 @@ fn main() {
 
     // The dip.
     // The cached loop ended on `b` when `reloads` is even, else on `a`.
-    let current = if reloads % 2 == 0 { &b } else { &a };
-    let other = if reloads % 2 == 0 { &a } else { &b };
+    let current = if reloads.is_multiple_of(2) { &b } else { &a };
+    let other = if reloads.is_multiple_of(2) { &a } else { &b };
     let n = 30_000;
     let steady = drain(&host, &client, &inv, n, current, None, 1 << 40);
     let swapping = drain(

@@ -42,26 +42,47 @@ pub const ATTEMPTS_HEADER: &str = "x-event-host-attempts";
 
 /// `amqp://user:***@host/...`: the URL with its password hidden, for logs
 /// and errors.
+///
+/// The user info ends at the *last* `@`: a password that was not
+/// percent-encoded may itself hold `@`, `/`, `?` or `#`, so the first of
+/// those cannot be trusted to end it. A `@` in the vhost or query hides more
+/// than needed, never less. Text without `://` (a URL missing its scheme)
+/// is redacted the same way.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
         return url.to_owned();
     };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
+    let Some((user, _password)) = userinfo.split_once(':') else {
+        // A user name alone: nothing secret.
+        return url.to_owned();
     };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
-        None => url.to_owned(),
+    match scheme {
+        Some(scheme) => format!("{scheme}://{user}:***@{host}"),
+        None => format!("{user}:***@{host}"),
     }
 }
 
 /// Open a connection. Errors name the broker by its redacted URL and never
 /// carry the password (lapin's own error text does not include the URL).
+///
+/// A `@` after the host is refused: it means a password with `@`, `/`, `?`
+/// or `#` that was not percent-encoded, and connecting would treat part of
+/// the password as the host name (which lapin logs and DNS sees).
 pub async fn connect(url: &str, heartbeat_secs: u16) -> Result<Connection> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    if rest[authority_end..].contains('@') {
+        bail!(
+            "invalid AMQP URL {}: `@` after the host; percent-encode reserved characters \
+             in the user name and password (`@` as %40, `/` as %2F, `?` as %3F, `#` as %23, \
+             `%` as %25)",
+            redact(url)
+        );
+    }
     let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|e: String| {
         anyhow!(
             "invalid AMQP URL {}: {}",
@@ -431,8 +452,10 @@ fn amqp_text(v: &AMQPValue) -> Option<String> {
     }
 }
 
-/// Any AMQP field value as a WIT header value; nested tables and arrays
-/// (RabbitMQ's `x-death`, for example) become JSON text.
+/// Any AMQP field value as a WIT header value. Nested tables and arrays
+/// (RabbitMQ's `x-death`, for example) become JSON text of the plain shape
+/// a replayed event's headers have (see [`json_value`]), so a handler sees
+/// the same JSON in production as under `replay`.
 pub fn header_value(v: &AMQPValue) -> HeaderValue {
     if let Some(n) = amqp_int(v) {
         return HeaderValue::Integer(n);
@@ -447,8 +470,47 @@ pub fn header_value(v: &AMQPValue) -> HeaderValue {
             Err(_) => HeaderValue::Bytes(s.as_bytes().to_vec()),
         },
         AMQPValue::ByteArray(b) => HeaderValue::Bytes(b.as_slice().to_vec()),
-        AMQPValue::Void => HeaderValue::Json("null".into()),
-        other => HeaderValue::Json(serde_json::to_string(other).unwrap_or_else(|_| "null".into())),
+        other => HeaderValue::Json(json_value(other).to_string()),
+    }
+}
+
+/// A field value as plain JSON: a table is an object, an array an array,
+/// text a string, any number a number (a decimal as its value, a NaN or
+/// infinite float as `null`), void `null`, and bytes (a byte array, or a
+/// long string that is not UTF-8) an array of numbers. Not serde's tagged
+/// form (`{"FieldTable":{"count":{"LongLongInt":1}, ...}}`), in which
+/// even a queue name would arrive as an array of bytes.
+pub fn json_value(v: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value;
+    let float = |f: f64| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number);
+    let bytes = |b: &[u8]| Value::Array(b.iter().map(|&b| Value::from(b)).collect());
+    match v {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::ShortShortInt(n) => Value::from(*n),
+        AMQPValue::ShortShortUInt(n) => Value::from(*n),
+        AMQPValue::ShortInt(n) => Value::from(*n),
+        AMQPValue::ShortUInt(n) => Value::from(*n),
+        AMQPValue::LongInt(n) => Value::from(*n),
+        AMQPValue::LongUInt(n) => Value::from(*n),
+        AMQPValue::LongLongInt(n) => Value::from(*n),
+        AMQPValue::Timestamp(n) => Value::from(*n),
+        AMQPValue::Float(f) => float(f64::from(*f)),
+        AMQPValue::Double(f) => float(*f),
+        AMQPValue::DecimalValue(d) => float(f64::from(d.value) / 10f64.powi(i32::from(d.scale))),
+        AMQPValue::ShortString(s) => Value::String(s.as_str().to_owned()),
+        AMQPValue::LongString(s) => match std::str::from_utf8(s.as_bytes()) {
+            Ok(text) => Value::String(text.to_owned()),
+            Err(_) => bytes(s.as_bytes()),
+        },
+        AMQPValue::ByteArray(b) => bytes(b.as_slice()),
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(json_value).collect()),
+        AMQPValue::FieldTable(t) => Value::Object(
+            t.inner()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), json_value(v)))
+                .collect(),
+        ),
+        AMQPValue::Void => Value::Null,
     }
 }
 

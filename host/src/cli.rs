@@ -93,10 +93,39 @@ pub fn run() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: what failed and why, outermost context first.
-            eprintln!("error: {}", format!("{e:#}").replace('\n', "; "));
+            // Any URL in it is redacted: a config file error quotes the
+            // offending line, which may be the `amqp_url` one.
+            eprintln!(
+                "error: {}",
+                redact_urls(&format!("{e:#}").replace('\n', "; "))
+            );
             ExitCode::FAILURE
         }
     }
+}
+
+/// `text` with the password of every `scheme://user:password@host` in it
+/// hidden (see [`crate::broker::redact`]). A URL runs to the next
+/// whitespace or quote.
+fn redact_urls(text: &str) -> String {
+    let is_scheme = |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let start = rest[..i]
+            .char_indices()
+            .rev()
+            .find(|&(_, c)| !is_scheme(c))
+            .map_or(0, |(j, c)| j + c.len_utf8());
+        let end = rest[i + 3..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`'))
+            .map_or(rest.len(), |j| i + 3 + j);
+        out.push_str(&rest[..start]);
+        out.push_str(&crate::broker::redact(&rest[start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -119,14 +148,54 @@ async fn shutdown_signal() {
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.finish().with(HideCredentials).init(),
+        LogFormat::Json => builder.json().finish().with(HideCredentials).init(),
+    }
+}
+
+/// Drops the trace events in which lapin prints a frame carrying the
+/// broker credentials. At `trace` lapin logs every frame it writes
+/// (`lapin::io_loop`, "will write to buffer") with its `Debug` form, and
+/// `Connection.StartOk` holds the SASL PLAIN response `\0user\0password`
+/// as a byte list, so the password would be one `--log trace` away.
+/// `SecureOk` and `UpdateSecret` carry credentials the same way.
+struct HideCredentials;
+
+impl HideCredentials {
+    /// `Debug` text of the frames and internal commands that carry secrets.
+    const MARKERS: [&'static str; 3] = ["StartOk {", "SecureOk {", "UpdateSecret"];
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for HideCredentials {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        if !event.metadata().target().starts_with("lapin") {
+            return true;
+        }
+        struct Find(bool);
+        impl tracing::field::Visit for Find {
+            fn record_debug(&mut self, _: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if !self.0 {
+                    let text = format!("{value:?}");
+                    self.0 = HideCredentials::MARKERS.iter().any(|m| text.contains(m));
+                }
+            }
+        }
+        let mut found = Find(false);
+        event.record(&mut found);
+        !found.0
     }
 }
 

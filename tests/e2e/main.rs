@@ -5,9 +5,11 @@
 mod amqp_support;
 mod support;
 
+mod boundary;
 mod broker;
 mod business;
 mod cli;
+mod credentials;
 mod deploy;
 mod network;
 mod proxy;

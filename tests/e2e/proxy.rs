@@ -1,7 +1,7 @@
 //! A TCP proxy in front of the shared broker, for network faults that must
 //! not disturb anyone else: `freeze` is a silent cut (bytes vanish, no FIN,
 //! no RST — what a dead link or a stateful firewall dropping the flow looks
-//! like), `cut` closes every proxied connection at once.
+//! like); `thaw` closes the frozen connections and lets new ones through.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -67,11 +67,6 @@ impl Proxy {
     /// bytes), so they are closed; new ones are forwarded again.
     pub fn thaw(&self) {
         self.state.frozen.store(false, Ordering::SeqCst);
-        self.state.close_all();
-    }
-
-    /// Close every proxied connection now (a reset, not a silent cut).
-    pub fn cut(&self) {
         self.state.close_all();
     }
 }

@@ -1,0 +1,677 @@
+//! Credentials never leak. The real binary runs at the most verbose level
+//! (`--log trace`: every crate, lapin's frame traces and Cranelift's
+//! included) through a good connect, a wrong password, an unreachable
+//! broker, a forced reconnect, a malformed URL and a malformed config file,
+//! and the password is in none of its output, in any encoding; nor in
+//! `--help` with `EVENT_HOST_AMQP_URL` set.
+//!
+//! Each run uses a dedicated RabbitMQ user with a random password (deleted
+//! at the end, even on failure) and its own queue and exchange names. The
+//! only connections closed at the broker are that user's.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::amqp_support::{unique, Client};
+use crate::support::guest;
+
+/// How long a host at `trace` may take to compile its guest and get ready
+/// (Cranelift's own traces make the first compile slow).
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long to wait for any other sign of life in the log.
+const LOG_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("running rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// 16 random hex digits (std's `RandomState` is randomly seeded).
+fn random_hex() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
+/// Percent-encode everything but RFC 3986's unreserved characters.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A password made of random tokens joined by characters that must be
+/// percent-encoded in a URL, and every form in which it could show up.
+struct Secret {
+    password: String,
+    tokens: Vec<String>,
+}
+
+impl Secret {
+    fn new() -> Self {
+        let tokens: Vec<String> = (0..3).map(|_| random_hex()).collect();
+        Self {
+            password: format!("{}@{}/{}", tokens[0], tokens[1], tokens[2]),
+            tokens,
+        }
+    }
+
+    /// The password as written in a URL.
+    fn encoded(&self) -> String {
+        percent_encode(&self.password)
+    }
+
+    /// Each form is a leak: the password raw and percent-encoded; any one
+    /// of its random tokens (a partial leak); a token's bytes as `Debug`
+    /// prints a `Vec<u8>` (`[0, 117, ...]`, how lapin traces a frame) and
+    /// as hex.
+    fn forms(&self) -> Vec<String> {
+        let mut forms = vec![self.password.clone(), self.encoded()];
+        for t in &self.tokens {
+            forms.push(t.clone());
+            forms.push(
+                t.bytes()
+                    .map(|b| b.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            forms.push(t.bytes().map(|b| format!("{b:02x}")).collect());
+        }
+        forms
+    }
+}
+
+/// A RabbitMQ user of its own, deleted on drop (which also closes its
+/// connections).
+struct BrokerUser {
+    name: String,
+    secret: Secret,
+}
+
+impl BrokerUser {
+    fn create() -> Self {
+        let user = Self {
+            name: unique("cred-user"),
+            secret: Secret::new(),
+        };
+        rabbitmqctl(&["add_user", &user.name, &user.secret.password]);
+        rabbitmqctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"]);
+        user
+    }
+
+    /// A URL for this user with `password` percent-encoded, as it must be.
+    fn url(&self, password: &Secret, port: u16) -> String {
+        format!(
+            "amqp://{}:{}@127.0.0.1:{port}/%2f",
+            self.name,
+            password.encoded()
+        )
+    }
+
+    /// Close this user's connections, and only these, at the broker.
+    fn close_connections(&self) -> usize {
+        let list = rabbitmqctl(&["list_connections", "--quiet", "user", "pid"]);
+        let mut closed = 0;
+        for line in list.lines() {
+            if let Some((user, pid)) = line.split_once('\t') {
+                if user.trim() == self.name {
+                    rabbitmqctl(&[
+                        "close_connection",
+                        pid.trim(),
+                        "credentials test: reconnect",
+                    ]);
+                    closed += 1;
+                }
+            }
+        }
+        closed
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `path` from an admin endpoint: the status code, 0 if unreachable.
+pub(crate) fn http_status(addr: &str, path: &str) -> u16 {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads a growing log file line by line from where it left off.
+struct LogTail {
+    path: PathBuf,
+    offset: u64,
+    carry: Vec<u8>,
+}
+
+impl LogTail {
+    fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+            offset: 0,
+            carry: Vec::new(),
+        }
+    }
+
+    /// Complete lines written since the last call.
+    fn new_lines(&mut self) -> Vec<String> {
+        let Ok(mut f) = File::open(&self.path) else {
+            return Vec::new();
+        };
+        f.seek(SeekFrom::Start(self.offset)).unwrap();
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).unwrap();
+        self.offset += buf.len() as u64;
+        self.carry.extend_from_slice(&buf);
+        let Some(last) = self.carry.iter().rposition(|&b| b == b'\n') else {
+            return Vec::new();
+        };
+        let rest = self.carry.split_off(last + 1);
+        let done = std::mem::replace(&mut self.carry, rest);
+        String::from_utf8_lossy(&done)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The `event-host` binary with a clean environment: no inherited
+/// `EVENT_HOST_*` settings, no colours, run from `cwd`.
+pub(crate) fn event_host(cwd: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_event-host"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("EVENT_HOST_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .current_dir(cwd);
+    cmd
+}
+
+/// A running host whose stdout and stderr both go to one log file. Killed
+/// if still running when dropped (a failed assertion mid-scenario).
+struct Run {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+    admin: String,
+}
+
+impl Run {
+    fn start(name: &'static str, dir: &Path, mut cmd: Command) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let out = File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let admin = format!("127.0.0.1:{}", free_port());
+        cmd.args(["--admin-addr", &admin])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        let child = cmd.spawn().expect("starting event-host");
+        Self {
+            name,
+            child,
+            log,
+            admin,
+        }
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!(
+                "{}: event-host exited early ({status}); log: {}",
+                self.name,
+                self.log.display()
+            );
+        }
+    }
+
+    /// Wait until /readyz answers 200.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while http_status(&self.admin, "/readyz") != 200 {
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "{}: host not ready in time; log: {}",
+                self.name,
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait until `n` log lines contain `needle` (counting from the start).
+    fn wait_log(&mut self, needle: &str, n: usize) {
+        let deadline = Instant::now() + LOG_TIMEOUT;
+        let mut tail = LogTail::new(&self.log);
+        let mut count = 0;
+        loop {
+            count += tail
+                .new_lines()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .count();
+            if count >= n {
+                return;
+            }
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {n} log lines with {needle:?} in time; log: {}",
+                self.name,
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, then wait for a graceful exit.
+    fn terminate(mut self) -> PathBuf {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let status = self.wait_exit();
+        assert!(
+            status.success(),
+            "{}: event-host did not stop cleanly on SIGTERM ({status})",
+            self.name
+        );
+        self.log.clone()
+    }
+
+    /// Wait for the host to exit by itself.
+    fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + LOG_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: event-host did not exit in time",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// What a scan of one output found.
+struct Scan {
+    lines: usize,
+    /// (line number, the leaked form, the line's start).
+    leaks: Vec<(usize, String, String)>,
+    /// Per marker, whether some line contained it.
+    markers: Vec<bool>,
+}
+
+/// Stream through `text`'s lines looking for every secret form and marker.
+fn scan(reader: impl BufRead, secrets: &[String], markers: &[&str]) -> Scan {
+    let mut result = Scan {
+        lines: 0,
+        leaks: Vec::new(),
+        markers: vec![false; markers.len()],
+    };
+    let mut reader = reader;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf).unwrap() == 0 {
+            break;
+        }
+        result.lines += 1;
+        let line = String::from_utf8_lossy(&buf);
+        for s in secrets {
+            if line.contains(s.as_str()) {
+                let start: String = line.chars().take(400).collect();
+                result.leaks.push((result.lines, s.clone(), start));
+            }
+        }
+        for (found, m) in result.markers.iter_mut().zip(markers) {
+            *found |= line.contains(m);
+        }
+    }
+    result
+}
+
+/// What is wrong with `log`: any secret in it, any marker missing. A clean
+/// log is deleted (a trace run writes hundreds of MB).
+fn check(name: &str, log: &Path, secrets: &[String], markers: &[&str]) -> Vec<String> {
+    let s = scan(BufReader::new(File::open(log).unwrap()), secrets, markers);
+    let mut problems = Vec::new();
+    if !s.leaks.is_empty() {
+        problems.push(format!(
+            "{name}: the password leaked ({} of {} lines), first: {:?}",
+            s.leaks.len(),
+            s.lines,
+            &s.leaks[..s.leaks.len().min(3)]
+        ));
+    }
+    for (found, m) in s.markers.iter().zip(markers) {
+        if !found {
+            problems.push(format!(
+                "{name}: the scenario did not happen as planned: no {m:?} in {} lines",
+                s.lines
+            ));
+        }
+    }
+    eprintln!("{name}: {} lines, {} problems", s.lines, problems.len());
+    if problems.is_empty() {
+        let _ = std::fs::remove_file(log);
+    }
+    problems
+}
+
+#[test]
+fn the_password_is_in_no_output_even_at_trace_level() {
+    let user = BrokerUser::create();
+    let wrong = Secret::new();
+    // Every scenario runs even after one failed, so a failure shows all.
+    let mut problems = Vec::new();
+    let mut secrets = user.secret.forms();
+    secrets.extend(wrong.forms());
+
+    let exchange = unique("cred-orders");
+    let queue = unique("cred-inventory");
+    let mut client = Client::connect();
+    client.cleanup(
+        &[&queue, &format!("{queue}.dlq")],
+        &[&exchange, &format!("{queue}.dlx")],
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let handlers = dir.path().join("handlers");
+    std::fs::create_dir_all(&handlers).unwrap();
+    std::fs::copy(guest("inventory"), handlers.join("inventory.wasm")).unwrap();
+    // One state folder for every run: the first compiles the guest (with
+    // Cranelift tracing), the others reuse the compiled code.
+    let config_text = |amqp_url: &str| {
+        format!(
+            "handlers_dir = {:?}\nstate_path = {:?}\n{amqp_url}durability = \"normal\"\n\
+             drain_timeout_secs = 5\n\
+             [handlers.inventory]\nqueue = {queue:?}\nmax_attempts = 1\n\
+             subscriptions = [{{ exchange = {exchange:?}, kind = \"fanout\" }}]\n",
+            handlers.to_str().unwrap(),
+            dir.path().join("state").to_str().unwrap(),
+        )
+    };
+    let config = dir.path().join("host.toml");
+    std::fs::write(&config, config_text("")).unwrap();
+    let config = config.to_str().unwrap();
+    let good_url = user.url(&user.secret, 5672);
+    let connected = format!(
+        "connected broker=amqp://{}:***@127.0.0.1:5672/%2f",
+        user.name
+    );
+    let session_ended = format!(
+        "broker session ended: connecting to amqp://{}:***@",
+        user.name
+    );
+
+    // 1. A good connect, the URL as a flag.
+    let mut cmd = event_host(dir.path());
+    cmd.args([
+        "--log",
+        "trace",
+        "run",
+        "--config",
+        config,
+        "--amqp-url",
+        &good_url,
+    ]);
+    let mut run = Run::start("good-connect", dir.path(), cmd);
+    run.wait_ready();
+    let log = run.terminate();
+    problems.extend(check(
+        "good-connect",
+        &log,
+        &secrets,
+        &[
+            &connected,
+            // Trace level really reached lapin's frame traces and Cranelift.
+            " TRACE ",
+            "lapin::io_loop: will write to buffer",
+            "cranelift_codegen::",
+            "stopped",
+        ],
+    ));
+
+    // 2. A wrong password, the URL from the environment: refused, retried.
+    let mut cmd = event_host(dir.path());
+    cmd.env("EVENT_HOST_AMQP_URL", user.url(&wrong, 5672))
+        .args(["--log", "trace", "run", "--config", config]);
+    let mut run = Run::start("wrong-password", dir.path(), cmd);
+    run.wait_log(&session_ended, 2);
+    assert_ne!(http_status(&run.admin, "/readyz"), 200);
+    let log = run.terminate();
+    problems.extend(check(
+        "wrong-password",
+        &log,
+        &secrets,
+        &[&session_ended, "ACCESS_REFUSED", " TRACE "],
+    ));
+
+    // 3. An unreachable broker (a closed port), the URL in the config file.
+    let closed = free_port();
+    let unreachable = dir.path().join("unreachable.toml");
+    std::fs::write(
+        &unreachable,
+        config_text(&format!(
+            "amqp_url = {:?}\n",
+            user.url(&user.secret, closed)
+        )),
+    )
+    .unwrap();
+    let mut cmd = event_host(dir.path());
+    cmd.args([
+        "--log",
+        "trace",
+        "run",
+        "--config",
+        unreachable.to_str().unwrap(),
+    ]);
+    let mut run = Run::start("unreachable", dir.path(), cmd);
+    run.wait_log(&session_ended, 2);
+    let log = run.terminate();
+    problems.extend(check(
+        "unreachable",
+        &log,
+        &secrets,
+        &[
+            &format!("amqp://{}:***@127.0.0.1:{closed}/%2f", user.name),
+            "Connection refused",
+        ],
+    ));
+
+    // 4. A reconnect: the broker closes the host's connection; JSON logs.
+    let mut cmd = event_host(dir.path());
+    cmd.env("EVENT_HOST_AMQP_URL", &good_url).args([
+        "--log",
+        "trace",
+        "--log-format",
+        "json",
+        "run",
+        "--config",
+        config,
+    ]);
+    let mut run = Run::start("reconnect", dir.path(), cmd);
+    run.wait_ready();
+    run.wait_log("\"message\":\"connected\"", 1);
+    assert!(
+        user.close_connections() >= 1,
+        "the host's connection is listed at the broker"
+    );
+    run.wait_log("broker session ended", 1);
+    run.wait_log("\"message\":\"connected\"", 2);
+    run.wait_ready();
+    let log = run.terminate();
+    problems.extend(check(
+        "reconnect",
+        &log,
+        &secrets,
+        &[
+            "credentials test: reconnect",
+            &format!("\"broker\":\"amqp://{}:***@127.0.0.1:5672/%2f\"", user.name),
+            "\"level\":\"TRACE\"",
+        ],
+    ));
+
+    // 5. The password written into the URL without percent-encoding: its
+    // `@` and `/` must not let part of it pass for the host name.
+    let raw = format!(
+        "amqp://{}:{}@127.0.0.1:5672/%2f",
+        user.name, user.secret.password
+    );
+    let mut cmd = event_host(dir.path());
+    cmd.args([
+        "--log",
+        "trace",
+        "run",
+        "--config",
+        config,
+        "--amqp-url",
+        &raw,
+    ]);
+    let mut run = Run::start("malformed-url", dir.path(), cmd);
+    run.wait_log("broker session ended", 2);
+    let log = run.terminate();
+    problems.extend(check(
+        "malformed-url",
+        &log,
+        &secrets,
+        &[&format!(
+            "invalid AMQP URL amqp://{}:***@127.0.0.1:5672/%2f",
+            user.name
+        )],
+    ));
+
+    // 6. A config file whose `amqp_url` line does not parse: the TOML error
+    // quotes that line.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, format!("amqp_url = {good_url}\n")).unwrap();
+    let mut cmd = event_host(dir.path());
+    cmd.args(["--log", "trace", "run", "--config", bad.to_str().unwrap()]);
+    let mut run = Run::start("bad-config", dir.path(), cmd);
+    assert!(!run.wait_exit().success(), "a bad config file is an error");
+    let log = run.log.clone();
+    problems.extend(check(
+        "bad-config",
+        &log,
+        &secrets,
+        &[
+            "TOML parse error",
+            &format!("amqp_url = amqp://{}:***@127.0.0.1", user.name),
+        ],
+    ));
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn help_never_shows_the_amqp_url() {
+    let secret = Secret::new();
+    let url = format!("amqp://evh-help:{}@127.0.0.1:5672/%2f", secret.encoded());
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["help", "run"],
+        &["run", "-h"],
+        &["--version"],
+    ] {
+        let out = event_host(dir.path())
+            .env("EVENT_HOST_AMQP_URL", &url)
+            .env("EVENT_HOST_LOG", "trace")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        let mut text = out.stdout.clone();
+        text.extend_from_slice(&out.stderr);
+        let s = scan(&text[..], &secret.forms(), &["event-host"]);
+        assert!(
+            s.leaks.is_empty(),
+            "{args:?} shows the password: {:?}",
+            s.leaks
+        );
+        assert!(s.markers[0], "{args:?} printed something");
+    }
+}
+
+#[test]
+fn redact_hides_passwords_even_when_not_percent_encoded() {
+    use event_host::broker::redact;
+    let cases = [
+        ("amqp://u:p4ss@h:5672/%2f", "amqp://u:***@h:5672/%2f"),
+        ("amqp://u:pa/ss@h/%2f", "amqp://u:***@h/%2f"),
+        ("amqp://u:p@ss/w#rd@h/vh", "amqp://u:***@h/vh"),
+        ("amqps://u:p?ss@h", "amqps://u:***@h"),
+        ("u:p4ss@h:5672", "u:***@h:5672"),
+        ("amqp://h:5672/%2f", "amqp://h:5672/%2f"),
+        ("amqp://u@h/%2f", "amqp://u@h/%2f"),
+    ];
+    for (url, want) in cases {
+        assert_eq!(redact(url), want, "{url}");
+    }
+}
