@@ -202,6 +202,15 @@ async fn session(
     }
     conn_slot.send_replace(None);
     tasks.abort_all();
+    // Outbox rows confirmed since the last commit wait for the next one to
+    // delete them; with no next commit in this session they would be
+    // relayed again by the next one — duplicate output.
+    let state = dispatcher.state().clone();
+    match tokio::task::spawn_blocking(move || state.flush_confirmed_outbox()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("clearing confirmed outbox rows: {e:#}"),
+        Err(e) => tracing::warn!("clearing confirmed outbox rows: {e}"),
+    }
     let _ = conn.close(200, "event-host stopping".into()).await;
     metrics.connected.set(0);
     result

@@ -33,7 +33,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{json, Value};
 
 use crate::amqp_support::{unique, Client};
-use crate::credentials::{event_host, free_port, http_status};
+use crate::process::{event_host, free_port, http_status};
 use crate::support::{guest, Harness};
 
 /// Cases per property unless `PROPTEST_CASES` says otherwise.

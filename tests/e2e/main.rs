@@ -12,6 +12,7 @@ mod cli;
 mod credentials;
 mod deploy;
 mod network;
+mod process;
 mod proxy;
 mod reload;
 mod sandbox;
