@@ -73,6 +73,19 @@ pub fn redact(url: &str) -> String {
 /// or `#` that was not percent-encoded, and connecting would treat part of
 /// the password as the host name (which lapin logs and DNS sees).
 pub async fn connect(url: &str, heartbeat_secs: u16) -> Result<Connection> {
+    let mut uri = parse_url(url)?;
+    uri.query.heartbeat = Some(heartbeat_secs);
+    let properties = ConnectionProperties::default().with_connection_name("event-host".into());
+    Connection::connect_uri(uri, properties)
+        .await
+        .map_err(|e| anyhow!("{}", e.to_string().replace(url, &redact(url))))
+        .with_context(|| format!("connecting to {}", redact(url)))
+}
+
+/// Parse an AMQP URL; errors never show the password. `run` checks the
+/// URL with this at start, so a typo fails at once instead of looking
+/// like an unreachable broker forever.
+pub fn parse_url(url: &str) -> Result<lapin::uri::AMQPUri> {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     if rest[authority_end..].contains('@') {
@@ -83,19 +96,13 @@ pub async fn connect(url: &str, heartbeat_secs: u16) -> Result<Connection> {
             redact(url)
         );
     }
-    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|e: String| {
+    url.parse().map_err(|e: String| {
         anyhow!(
             "invalid AMQP URL {}: {}",
             redact(url),
             e.replace(url, &redact(url))
         )
-    })?;
-    uri.query.heartbeat = Some(heartbeat_secs);
-    let properties = ConnectionProperties::default().with_connection_name("event-host".into());
-    Connection::connect_uri(uri, properties)
-        .await
-        .map_err(|e| anyhow!("{}", e.to_string().replace(url, &redact(url))))
-        .with_context(|| format!("connecting to {}", redact(url)))
+    })
 }
 
 /// A handler's queue names.

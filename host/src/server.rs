@@ -31,6 +31,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    broker::parse_url(&config.amqp_url)?;
     let config = Arc::new(config);
     let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
     let state = StateStore::open(&config.state_path, config.durability)?;
