@@ -85,3 +85,34 @@ fn a_silent_network_cut_is_noticed_within_two_heartbeats_and_the_host_recovers()
     eprintln!("silent cut noticed after {detected:?} (heartbeat {HEARTBEAT:?})");
     host.stop().unwrap();
 }
+
+#[test]
+fn a_consumer_cancelled_by_the_broker_is_redeclared_and_resumed() {
+    let inv = Inventory::new();
+    let mut client = Client::connect();
+    inv.cleanup(&mut client);
+    let host = TestHost::start(&["inventory"], &inv.config(""));
+    client.publish(&inv.orders, "", &order(1), BasicProperties::default());
+    host.wait_counter("inventory", "acked", 1);
+
+    // An operator deletes the work queue: the broker cancels the consumer.
+    client.rt.block_on(async {
+        client
+            .ch
+            .queue_delete(inv.queue.as_str().into(), Default::default())
+            .await
+            .unwrap();
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&host, "event_host_broker_reconnects_total").unwrap_or(0.0) < 1.0 {
+        assert!(Instant::now() < deadline, "the cancel went unnoticed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Topology redeclared (queue and binding), consuming again.
+    host.wait_for("/readyz", |s, _| s == 200, "ready again");
+    client.publish(&inv.orders, "", &order(2), BasicProperties::default());
+    host.wait_counter("inventory", "acked", 2);
+    let (_, body) = host.get("/state/inventory/stock.Laptop");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["value"], 8);
+    host.stop().unwrap();
+}
