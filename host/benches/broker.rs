@@ -21,6 +21,7 @@ mod support;
 mod amqp_support;
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amqp_support::{unique, Client, TestHost};
@@ -151,45 +152,22 @@ fn receive_reservations(
     queue: String,
     count: usize,
 ) -> std::thread::JoinHandle<Vec<(usize, Instant)>> {
+    let got = Arc::new(Mutex::new(Vec::with_capacity(count)));
+    let sink = got.clone();
+    let consumer = amqp_support::consume_in_thread(
+        queue,
+        Arc::default(),
+        Duration::from_secs(60),
+        move |d, at| {
+            let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+            let mut got = sink.lock().unwrap();
+            got.push((v["order_id"].as_u64().unwrap() as usize, at));
+            got.len() < count
+        },
+    );
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let conn = lapin::Connection::connect(&amqp_support::amqp_url(), Default::default())
-                .await
-                .unwrap();
-            let ch = conn.create_channel().await.unwrap();
-            let mut consumer = ch
-                .basic_consume(
-                    queue.as_str().into(),
-                    "latency".into(),
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
-            let mut got = Vec::with_capacity(count);
-            let deadline = tokio::time::sleep(Duration::from_secs(60));
-            tokio::pin!(deadline);
-            while got.len() < count {
-                tokio::select! {
-                    next = consumer.next() => match next {
-                        Some(Ok(d)) => {
-                            let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
-                            got.push((v["order_id"].as_u64().unwrap() as usize, Instant::now()));
-                        }
-                        _ => break,
-                    },
-                    _ = &mut deadline => break,
-                }
-            }
-            got
-        })
+        consumer.join().unwrap();
+        std::mem::take(&mut *got.lock().unwrap())
     })
 }
 

@@ -27,8 +27,6 @@ use std::time::{Duration, Instant};
 
 use amqp_support::{declare_topic, Client, Inventory, TestHost};
 use event_host::handler::sha256_hex;
-use futures_util::StreamExt;
-use lapin::options::BasicConsumeOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use support::{install, variant};
@@ -46,42 +44,16 @@ fn watch_versions(
     seen: FirstSeen,
     done: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let conn = lapin::Connection::connect(&amqp_support::amqp_url(), Default::default())
-                .await
-                .unwrap();
-            let ch = conn.create_channel().await.unwrap();
-            let mut consumer = ch
-                .basic_consume(
-                    queue.as_str().into(),
-                    "reload-bench".into(),
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
-            while !done.load(Ordering::Relaxed) {
-                let next = tokio::time::timeout(Duration::from_millis(100), consumer.next()).await;
-                let Ok(Some(Ok(d))) = next else { continue };
-                let now = Instant::now();
-                let version = d
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .and_then(|h| h.inner().get("x-event-host-version").cloned());
-                if let Some(AMQPValue::LongString(v)) = version {
-                    seen.lock().unwrap().entry(v.to_string()).or_insert(now);
-                }
-            }
-        })
+    amqp_support::consume_in_thread(queue, done, Duration::from_secs(3600), move |d, at| {
+        let version = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-event-host-version").cloned());
+        if let Some(AMQPValue::LongString(v)) = version {
+            seen.lock().unwrap().entry(v.to_string()).or_insert(at);
+        }
+        true
     })
 }
 

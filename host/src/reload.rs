@@ -274,14 +274,7 @@ impl Reloader {
         });
         let conn = self.conn.borrow().clone();
         if let Some(conn) = conn.filter(|c| !unchanged && c.status().connected()) {
-            broker::declare(
-                &conn,
-                &version.topology,
-                &version.settings.manifest.subscriptions,
-                &version.settings.broker,
-            )
-            .await
-            .with_context(|| format!("declaring the topology of {}", version.name))?;
+            declare_topology(&conn, &version).await?;
         }
         let label = Metrics::label(&version.name);
         match entry {
@@ -328,6 +321,19 @@ impl Reloader {
             tracing::error!(file = %path.display(), "handler file refused, the previous version (if any) keeps serving: {e:#}");
         }
     }
+}
+
+/// Declare what `version` needs at the broker: its exchanges, queue,
+/// bindings, retry and dead-letter path.
+pub async fn declare_topology(conn: &Connection, version: &HandlerVersion) -> Result<()> {
+    broker::declare(
+        conn,
+        &version.topology,
+        &version.settings.manifest.subscriptions,
+        &version.settings.broker,
+    )
+    .await
+    .with_context(|| format!("declaring the topology of handler {}", version.name))
 }
 
 /// Remove bindings a swapped-out version had and the current one dropped.

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::dispatch::{amqp, Dispatcher};
 use crate::metrics::Metrics;
 use crate::registry::{Entry, Lifecycle, Registry, Status};
-use crate::reload::{remove_stale_bindings, Reloader};
+use crate::reload::{declare_topology, remove_stale_bindings, Reloader};
 use crate::runtime::Runtime;
 use crate::state::StateStore;
 
@@ -257,15 +257,7 @@ async fn handler_loop(
         if *stop.borrow() {
             return Ok(());
         }
-        let version = entry.version();
-        broker::declare(
-            &conn,
-            &version.topology,
-            &version.settings.manifest.subscriptions,
-            &version.settings.broker,
-        )
-        .await
-        .with_context(|| format!("topology of handler {}", version.name))?;
+        declare_topology(&conn, &entry.version()).await?;
         remove_stale_bindings(&conn, &entry).await;
         amqp::serve(
             conn.clone(),

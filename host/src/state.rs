@@ -565,11 +565,8 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn outbox_survives_until_cleared() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("evh-state-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let message = Outgoing {
+    fn outgoing() -> Outgoing {
+        Outgoing {
             exchange: "x".into(),
             routing_key: "k".into(),
             payload: b"{}".to_vec(),
@@ -577,7 +574,14 @@ mod tests {
             message_id: Some("id".into()),
             correlation_id: None,
             headers: vec![("h".into(), "v".into())],
-        };
+        }
+    }
+
+    #[test]
+    fn outbox_survives_until_cleared() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("evh-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let message = outgoing();
         let ids = {
             let store = StateStore::open(&dir, Durability::Normal)?;
             let commit = Txn::default().into_commit("h", None, vec![message.clone()]);
@@ -599,15 +603,7 @@ mod tests {
     #[test]
     fn confirmed_rows_are_never_relayed_again() -> Result<()> {
         let store = StateStore::in_memory()?;
-        let message = Outgoing {
-            exchange: "x".into(),
-            routing_key: "k".into(),
-            payload: b"{}".to_vec(),
-            content_type: None,
-            message_id: Some("id".into()),
-            correlation_id: None,
-            headers: vec![],
-        };
+        let message = outgoing();
         let commit = Txn::default().into_commit("h", None, vec![message]);
         let CommitOutcome::Committed { outbox_ids } = store.commit(&[commit])?.remove(0) else {
             anyhow::bail!("not committed");

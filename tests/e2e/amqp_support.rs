@@ -34,6 +34,73 @@ pub fn unique(what: &str) -> String {
     )
 }
 
+/// GET `path` from an admin endpoint: (status, body); status 0 if
+/// unreachable.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Consume `queue` without acks on a connection of its own, in a thread,
+/// handing each message (with when it arrived) to `on` until `on` returns
+/// false, `stop` is set, or `limit` has passed.
+pub fn consume_in_thread(
+    queue: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    limit: Duration,
+    mut on: impl FnMut(&lapin::message::Delivery, Instant) -> bool + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use futures_util::StreamExt;
+            let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+                .await
+                .unwrap();
+            let ch = conn.create_channel().await.unwrap();
+            let mut consumer = ch
+                .basic_consume(
+                    queue.as_str().into(),
+                    "test-consumer".into(),
+                    lapin::options::BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            let deadline = Instant::now() + limit;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let next = tokio::time::timeout(Duration::from_millis(100), consumer.next()).await;
+                let Ok(Some(Ok(d))) = next else { continue };
+                if !on(&d, Instant::now()) {
+                    break;
+                }
+            }
+            let _ = conn.close(200, "done".into()).await;
+        })
+    })
+}
+
 /// A TCP port nothing listens on now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -105,22 +172,7 @@ impl TestHost {
 
     /// GET a path of the admin endpoint: (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
-        let Ok(mut s) = TcpStream::connect(&self.admin) else {
-            return (0, String::new());
-        };
-        let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n");
-        let mut text = String::new();
-        let _ = s.read_to_string(&mut text);
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        http_get(&self.admin, path)
     }
 
     /// Poll an admin path until `ok` holds (30 s at most).

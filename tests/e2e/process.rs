@@ -2,13 +2,12 @@
 //! signals (SIGTERM, SIGKILL) or the whole process's output.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::TcpStream;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-pub use crate::amqp_support::free_port;
+pub use crate::amqp_support::{free_port, http_get};
 
 /// How long a host may take to compile its guests and get ready (at
 /// `trace`, Cranelift's own traces make the first compile slow).
@@ -192,28 +191,6 @@ impl Drop for Run {
             let _ = self.child.wait();
         }
     }
-}
-
-/// GET `path` from an admin endpoint: (status, body); status 0 if
-/// unreachable.
-pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 impl Run {
