@@ -252,6 +252,33 @@ impl TestHost {
         self.shutdown()
     }
 
+    /// Stop gracefully but keep the host's folder (its state can then be
+    /// read) until the `TestHost` is dropped.
+    pub fn stop_in_place(&mut self) -> anyhow::Result<()> {
+        self.shutdown()
+    }
+
+    /// True while `run` has not returned (the host has not exited).
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// The host's state folder (`state_path`).
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("state")
+    }
+
+    /// One unlabelled sample of `/metrics` (0 when absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .find(|(key, _)| *key == name)
+            .and_then(|(_, value)| value.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     fn shutdown(&mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());

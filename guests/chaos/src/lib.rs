@@ -17,6 +17,7 @@ use std::hint::black_box;
 use event_host::handler::publisher::{publish, Properties};
 use event_host::handler::types::{ExchangeKind, Subscription};
 use serde_json::Value;
+use wasi::config::store as config;
 use wasi::keyvalue::{atomics, store as kv};
 use wasi::logging::logging::{log, Level};
 
@@ -57,6 +58,44 @@ fn publish_n(v: &Value) -> Result<(), HandleError> {
         .map_err(|e| HandleError::Reject(format!("publish refused: {e:?}")))?;
     }
     Ok(())
+}
+
+/// A ledger event of the fault-survival harness (`tests/e2e/ledger.rs`):
+/// count its application in state — `applied.<id>` incremented by 1,
+/// atomically, so an event applied twice shows as 2 — and publish one
+/// output carrying the id, so a checker can read back both effects. The id
+/// is the payload's `id`, else the message id; the output goes to the
+/// payload's `exchange`, else the config key `ledger-exchange`.
+fn ledger(v: &Value, event: &Event) -> Result<(), HandleError> {
+    let id = match text(v, "id") {
+        "" => event.message_id.clone().unwrap_or_default(),
+        id => id.to_owned(),
+    };
+    if id.is_empty() {
+        return Err(HandleError::Reject("ledger event without an id".into()));
+    }
+    atomics::increment(&bucket()?, &format!("applied.{id}"), 1)
+        .map_err(|e| HandleError::Retry(format!("state error: {e:?}")))?;
+    let exchange = match text(v, "exchange") {
+        "" => config::get("ledger-exchange")
+            .ok()
+            .flatten()
+            .unwrap_or_default(),
+        exchange => exchange.to_owned(),
+    };
+    let routing_key = match text(v, "routing_key") {
+        "" => "ledger",
+        key => key,
+    };
+    let props = Properties {
+        content_type: Some("application/json".into()),
+        message_id: None,
+        correlation_id: None,
+        headers: vec![],
+    };
+    let body = serde_json::json!({ "id": id }).to_string();
+    publish(&exchange, routing_key, body.as_bytes(), &props)
+        .map_err(|e| HandleError::Reject(format!("publish refused: {e:?}")))
 }
 
 fn probe<T, E: std::fmt::Display>(
@@ -143,6 +182,7 @@ impl Guest for Chaos {
                 publish_n(&v)?;
                 Err(HandleError::Retry("failed after publishing".into()))
             }
+            "ledger" => ledger(&v, &event),
             "kv-set" => kv_set(&v),
             "kv-set-then-fail" => {
                 kv_set(&v)?;

@@ -19,6 +19,7 @@
 //! redelivers them and the dedupe record (message id) or the handler's
 //! own idempotency keeps their effects single.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 
@@ -88,12 +89,22 @@ pub async fn serve(
             .spawn(move || work(dispatcher, entry, metrics, work_rx, done_tx))
             .context("starting the dispatch thread")?
     };
+    // Deliveries received and not yet settled; those left when this
+    // consumer ends go back to the broker, and out of the in-flight gauge.
+    let unsettled = Unsettled {
+        gauge: metrics
+            .in_flight
+            .get_or_create(&Metrics::label(&name))
+            .clone(),
+        count: Arc::new(AtomicI64::new(0)),
+    };
     let mut acker = tokio::spawn(acks(
         conn.clone(),
         consume_ch.clone(),
         publish_ch,
         dispatcher.clone(),
         metrics.clone(),
+        unsettled.count.clone(),
         done_rx,
     ));
     let label = Metrics::label(&name);
@@ -119,6 +130,7 @@ pub async fn serve(
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     metrics.in_flight.get_or_create(&label).inc();
+                    unsettled.count.fetch_add(1, Ordering::Relaxed);
                     if work_tx.send(delivery).is_err() {
                         failure = Some(anyhow::anyhow!("dispatch thread of {name} stopped"));
                         break;
@@ -167,6 +179,20 @@ pub async fn serve(
             Ok(())
         }
         None => Ok(()),
+    }
+}
+
+/// A consumer's received-but-unsettled deliveries. Dropped when the
+/// consumer ends (or its task is aborted), it takes those still counted out
+/// of the in-flight gauge: the broker redelivers them, nothing holds them.
+struct Unsettled {
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    count: Arc<AtomicI64>,
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.count.swap(0, Ordering::Relaxed));
     }
 }
 
@@ -391,6 +417,7 @@ async fn acks(
     publish_ch: lapin::Channel,
     dispatcher: Dispatcher,
     metrics: Arc<Metrics>,
+    unsettled: Arc<AtomicI64>,
     mut rx: mpsc::Receiver<Vec<Settled>>,
 ) -> Result<()> {
     let mut exchanges = ExchangeCheck::default();
@@ -529,6 +556,7 @@ async fn acks(
                 .in_flight
                 .get_or_create(&Metrics::label(&first.version.name))
                 .dec_by(batch.len() as i64);
+            unsettled.fetch_sub(batch.len() as i64, Ordering::Relaxed);
         }
     }
     Ok(())
