@@ -41,7 +41,8 @@ pub struct Metrics {
     pub latency: Family<HandlerLabel, Histogram>,
     /// 1 while connected to the broker.
     pub connected: Gauge<i64, AtomicI64>,
-    /// Reconnects since start.
+    /// Reconnect attempts since start (one per backoff, so an outage of
+    /// several seconds counts several).
     pub reconnects: Counter,
     /// New versions swapped in (and handlers added) by the folder watcher.
     pub reloads: Family<HandlerLabel, Counter>,
@@ -145,7 +146,7 @@ impl Metrics {
         );
         registry.register(
             "broker_reconnects",
-            "Reconnects since start",
+            "Reconnect attempts since start",
             m.reconnects.clone(),
         );
         registry.register(

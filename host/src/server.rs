@@ -212,7 +212,12 @@ async fn session(
         Ok(Err(e)) => tracing::warn!("clearing confirmed outbox rows: {e:#}"),
         Err(e) => tracing::warn!("clearing confirmed outbox rows: {e}"),
     }
-    let _ = conn.close(200, "event-host stopping".into()).await;
+    // A broken connection may never answer the close.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        conn.close(200, "event-host stopping".into()),
+    )
+    .await;
     metrics.connected.set(0);
     result
 }
