@@ -205,6 +205,10 @@ impl Entry {
             (bad, good)
         };
         lock(&self.refused).insert(bad.sha256.clone());
+        lock(&self.stale_bindings).extend(dropped_bindings(
+            &bad.settings.manifest.subscriptions,
+            &good.settings.manifest.subscriptions,
+        ));
         // The restored version is not on probation: it is what ran before.
         *lock(&self.health) = Health::new(good.settings.health.clone(), false);
         Some((bad, good))
@@ -240,6 +244,11 @@ impl Entry {
     /// puts them back with [`Entry::keep_stale_bindings`]).
     pub fn take_stale_bindings(&self) -> Vec<Subscription> {
         std::mem::take(&mut *lock(&self.stale_bindings))
+    }
+
+    /// Whether bindings wait to be removed.
+    pub fn has_stale_bindings(&self) -> bool {
+        !lock(&self.stale_bindings).is_empty()
     }
 
     /// Put back bindings that could not be removed yet.

@@ -391,3 +391,71 @@ fn known_files_load_from_the_compiled_code_cache_across_restarts() {
     assert!(!recovered.cached);
     assert_eq!(recovered.declared, first.declared);
 }
+
+/// Exchanges `queue` is bound to (besides the default exchange).
+fn bound_to(queue: &str) -> Vec<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_bindings",
+            "-q",
+            "--no-table-headers",
+            "source_name",
+            "destination_name",
+        ])
+        .output()
+        .expect("rabbitmqctl");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(source, dest)| *dest == queue && !source.is_empty())
+        .map(|(source, _)| source.to_owned())
+        .collect()
+}
+
+#[test]
+fn a_new_versions_bindings_exist_before_it_serves_and_dropped_ones_are_removed() {
+    // The guests' own subscriptions, not pinned by config: inventory binds
+    // `orders`; bad-inventory binds `orders` and `orders-audit`.
+    let queue = crate::amqp_support::unique("inventory");
+    let mut client = Client::connect();
+    let q = queue.as_str();
+    client.cleanup(
+        &[
+            q,
+            &format!("{q}.dlq"),
+            &format!("{q}.retry.1000ms"),
+            &format!("{q}.retry.2000ms"),
+            &format!("{q}.retry.4000ms"),
+            &format!("{q}.retry.8000ms"),
+        ],
+        // `orders` stays: other software on this broker may use it.
+        &["orders-audit", &format!("{q}.dlx")],
+    );
+    let host = TestHost::start(
+        &["inventory"],
+        &format!("[handlers.inventory]\nqueue = {q:?}\n"),
+    );
+    assert_eq!(bound_to(q), ["orders"]);
+
+    let bad = std::fs::read(guest("bad-inventory")).unwrap();
+    install(&host.handlers_dir(), "inventory.wasm", &bad);
+    host.wait_handler("inventory", version_is(&sha256_hex(&bad)), "v2");
+    let mut now = bound_to(q);
+    now.sort();
+    assert_eq!(now, ["orders", "orders-audit"], "declared before the swap");
+
+    let good = std::fs::read(guest("inventory")).unwrap();
+    install(&host.handlers_dir(), "inventory.wasm", &good);
+    host.wait_handler("inventory", version_is(&sha256_hex(&good)), "v1 again");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while bound_to(q) != ["orders"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dropped binding stayed: {:?}",
+            bound_to(q)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    host.stop().unwrap();
+}

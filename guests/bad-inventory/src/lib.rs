@@ -1,6 +1,7 @@
-//! A broken build of `inventory`: the same name and subscription, and a
-//! `handle` that traps on every event — the bad deploy that hot-reload
-//! tests roll back from.
+//! A broken build of `inventory`: the same name, one more subscription
+//! (`orders-audit`, so a swap changes the topology), and a `handle` that
+//! traps on every event — the bad deploy that hot-reload tests roll back
+//! from.
 
 wit_bindgen::generate!({ world: "handler", path: "../../wit", generate_all });
 
@@ -13,11 +14,18 @@ impl Guest for BadInventory {
         Manifest {
             name: "inventory".into(),
             version: "1.0.1-broken".into(),
-            subscriptions: vec![Subscription {
-                exchange: "orders".into(),
-                kind: ExchangeKind::Fanout,
-                binding_keys: vec![],
-            }],
+            subscriptions: vec![
+                Subscription {
+                    exchange: "orders".into(),
+                    kind: ExchangeKind::Fanout,
+                    binding_keys: vec![],
+                },
+                Subscription {
+                    exchange: "orders-audit".into(),
+                    kind: ExchangeKind::Fanout,
+                    binding_keys: vec![],
+                },
+            ],
             max_attempts: None,
         }
     }

@@ -103,6 +103,7 @@ pub async fn serve(
         consume_ch.clone(),
         publish_ch,
         dispatcher.clone(),
+        entry.clone(),
         metrics.clone(),
         unsettled.count.clone(),
         done_rx,
@@ -333,10 +334,12 @@ fn judge(entry: &Entry, metrics: &Metrics, settled: &[Settled]) {
                     metrics.rollbacks.get_or_create(&label).inc();
                 } else {
                     metrics.breaker_trips.get_or_create(&label).inc();
+                    metrics.paused.get_or_create(&label).set(1);
                 }
             }
             Verdict::Trip { .. } => {
                 metrics.breaker_trips.get_or_create(&label).inc();
+                metrics.paused.get_or_create(&label).set(1);
             }
         }
     }
@@ -416,6 +419,7 @@ async fn acks(
     consume_ch: lapin::Channel,
     publish_ch: lapin::Channel,
     dispatcher: Dispatcher,
+    entry: Arc<Entry>,
     metrics: Arc<Metrics>,
     unsettled: Arc<AtomicI64>,
     mut rx: mpsc::Receiver<Vec<Settled>>,
@@ -557,6 +561,11 @@ async fn acks(
                 .get_or_create(&Metrics::label(&first.version.name))
                 .dec_by(batch.len() as i64);
             unsettled.fetch_sub(batch.len() as i64, Ordering::Relaxed);
+        }
+        // A rollback on the worker thread leaves the bad version's extra
+        // bindings to remove; this is the first async place to do it.
+        if entry.has_stale_bindings() {
+            crate::reload::remove_stale_bindings(&conn, &entry).await;
         }
     }
     Ok(())
