@@ -89,18 +89,20 @@ impl Reloader {
     /// burst of changes.
     pub async fn watch(mut self, mut stop: watch::Receiver<bool>) -> Result<()> {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                // Errors are treated like a change: the rescan sorts it out.
-                let _ = tx.send(event.is_ok());
-            })
-            .context("starting the folder watcher")?;
-        watcher
-            .watch(
-                &self.config.handlers_dir,
-                notify::RecursiveMode::NonRecursive,
-            )
-            .with_context(|| format!("watching {}", self.config.handlers_dir.display()))?;
+        // Kept so the channel stays open even with no watcher.
+        let _events = tx.clone();
+        // Without folder events (inotify limits, some network filesystems)
+        // the periodic rescan still picks changes up, only later.
+        let _watcher = match watch_folder(&self.config.handlers_dir, tx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(
+                    "{e:#}; checking the handlers folder every {} s instead",
+                    RESCAN.as_secs()
+                );
+                None
+            }
+        };
         let debounce = Duration::from_millis(self.config.reload_debounce_ms);
         loop {
             tokio::select! {
@@ -321,6 +323,19 @@ impl Reloader {
             tracing::error!(file = %path.display(), "handler file refused, the previous version (if any) keeps serving: {e:#}");
         }
     }
+}
+
+/// Send a message on `tx` for every event in `dir` (errors included: the
+/// reconcile that follows sorts them out).
+fn watch_folder(dir: &Path, tx: mpsc::UnboundedSender<bool>) -> Result<notify::RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let _ = tx.send(event.is_ok());
+    })
+    .context("starting the folder watcher")?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    Ok(watcher)
 }
 
 /// Declare what `version` needs at the broker: its exchanges, queue,
