@@ -19,7 +19,16 @@ use crate::state::StateStore;
 #[command(version, about)]
 pub struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `event_host=debug`.
-    #[arg(long, global = true, env = "EVENT_HOST_LOG", default_value = "info")]
+    /// The default leaves lapin out: it logs every channel the broker closes
+    /// at ERROR, including the host's own probes for exchanges that do not
+    /// exist yet, and every broker error that matters is reported by the
+    /// host with its context. `--log info` brings lapin's lines back.
+    #[arg(
+        long,
+        global = true,
+        env = "EVENT_HOST_LOG",
+        default_value = "info,lapin=off"
+    )]
     pub log: String,
     /// Log format.
     #[arg(long, global = true, env = "EVENT_HOST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]

@@ -133,3 +133,52 @@ fn replay_reports_failures_per_invocation() {
     assert_eq!(lines[1]["outcome"], "retry");
     assert_eq!(lines[1]["reason"], "later");
 }
+
+#[test]
+fn run_at_the_default_level_logs_no_errors_for_a_healthy_start() {
+    use crate::amqp_support::{amqp_url, unique, Client};
+    use crate::process::Run;
+    // Exchanges that do not exist yet: the host probes for them (a passive
+    // declare the broker answers by closing the channel) and creates them.
+    let (exchange, queue) = (unique("fresh-orders"), unique("fresh-inventory"));
+    let mut client = Client::connect();
+    let q = queue.as_str();
+    client.cleanup(
+        &[
+            q,
+            &format!("{q}.dlq"),
+            &format!("{q}.retry.1000ms"),
+            &format!("{q}.retry.2000ms"),
+            &format!("{q}.retry.4000ms"),
+            &format!("{q}.retry.8000ms"),
+        ],
+        &[&exchange, &format!("{q}.dlx")],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("handlers")).unwrap();
+    std::fs::copy(
+        guest("inventory"),
+        dir.path().join("handlers/inventory.wasm"),
+    )
+    .unwrap();
+    let config = dir.path().join("host.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "amqp_url = {:?}\n[handlers.inventory]\nqueue = {q:?}\nsubscriptions = [{{ exchange = {exchange:?}, kind = \"fanout\" }}]\n",
+            amqp_url()
+        ),
+    )
+    .unwrap();
+    let mut cmd = crate::process::event_host(dir.path());
+    cmd.args(["run", "--config", config.to_str().unwrap()]);
+    let mut run = Run::start("default-log", dir.path(), cmd);
+    run.wait_ready();
+    let log = run.terminate();
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(text.contains("consuming"), "{text}");
+    assert!(
+        !text.contains("ERROR") && !text.contains("WARN"),
+        "a healthy start logged a problem:\n{text}"
+    );
+}
