@@ -143,8 +143,12 @@ impl Reloader {
             let Some(entry) = seen.handler.and_then(|h| self.registry.get(&h)) else {
                 continue;
             };
-            // Only if this file is what serves it (it may have moved).
-            if entry.version().path == path && entry.lifecycle() != Lifecycle::Removed {
+            // Not if another file provides it now (a rename, a move).
+            let still_provided = self
+                .files
+                .iter()
+                .any(|(p, s)| s.handler.as_deref() == Some(entry.name()) && present.contains(p));
+            if !still_provided && entry.lifecycle() != Lifecycle::Removed {
                 entry.remove();
                 tracing::warn!(handler = entry.name(), file = %path.display(), "handler file deleted: consumer stopped, its queue keeps the events");
             }

@@ -459,3 +459,19 @@ fn a_new_versions_bindings_exist_before_it_serves_and_dropped_ones_are_removed()
     }
     host.stop().unwrap();
 }
+
+#[test]
+fn renaming_a_handler_file_keeps_it_serving() {
+    let inv = Inventory::new();
+    let mut client = Client::connect();
+    inv.cleanup(&mut client);
+    let host = TestHost::start(&["inventory"], &inv.config(""));
+    let dir = host.handlers_dir();
+    std::fs::rename(dir.join("inventory.wasm"), dir.join("inventory-v1.wasm")).unwrap();
+    // Give the watcher a pass over the folder, then check nothing stopped.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(host.handler("inventory")["status"], "consuming");
+    client.publish(&inv.orders, "", &order(1), BasicProperties::default());
+    host.wait_counter("inventory", "acked", 1);
+    host.stop().unwrap();
+}
