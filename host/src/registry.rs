@@ -65,8 +65,8 @@ pub enum Lifecycle {
 /// The versions of one handler.
 struct Versions {
     current: Arc<HandlerVersion>,
-    /// What `current` replaced, kept to roll back to while `current` is on
-    /// probation.
+    /// What `current` replaced: the rollback target while `current` is on
+    /// probation, and shown in `/handlers` after.
     previous: Option<Arc<HandlerVersion>>,
 }
 
@@ -124,8 +124,8 @@ impl Entry {
             .clone()
     }
 
-    /// What the host would roll back to, while the current version is on
-    /// probation.
+    /// The version the current one replaced: what a rollback goes back to
+    /// while the current one is on probation (kept after, for `/handlers`).
     pub fn previous(&self) -> Option<Arc<HandlerVersion>> {
         self.versions
             .read()
