@@ -258,8 +258,9 @@ fn traps_and_timeouts_take_the_retry_path() {
 
 #[test]
 fn a_handler_that_publishes_then_fails_publishes_nothing() {
-    let c = Chaos::new();
+    let mut c = Chaos::new();
     let out = unique("out");
+    c.client.cleanup(&[], &[&out]);
     declare_topic(&c.client, &out);
     let probe = c.client.bind_probe(&out, "#");
     let host = c.start("max_attempts = 2");
@@ -281,13 +282,6 @@ fn a_handler_that_publishes_then_fails_publishes_nothing() {
         "only the successful call's two publishes went out"
     );
     host.stop().unwrap();
-    c.client.rt.block_on(async {
-        let _ = c
-            .client
-            .ch
-            .exchange_delete(out.as_str().into(), Default::default())
-            .await;
-    });
 }
 
 #[test]
