@@ -188,20 +188,8 @@ fn main() {
     // Named (not exclusive) so the latency receiver can consume it from a
     // connection of its own; the cleanup deletes it.
     let probe = unique("bench-probe");
-    client.cleanup(
-        &[
-            &host_queue,
-            &format!("{host_queue}.dlq"),
-            &format!("{host_queue}.retry.1000ms"),
-            &format!("{host_queue}.retry.2000ms"),
-            &format!("{host_queue}.retry.4000ms"),
-            &format!("{host_queue}.retry.8000ms"),
-            &lapin_q,
-            &pika_q,
-            &probe,
-        ],
-        &[&orders, &out, &format!("{host_queue}.dlx")],
-    );
+    client.cleanup_handler(&host_queue, 1000, &[&orders, &out]);
+    client.cleanup(&[&lapin_q, &pika_q, &probe], &[]);
     client.rt.block_on(async {
         for (name, kind) in [
             (&orders, lapin::ExchangeKind::Fanout),

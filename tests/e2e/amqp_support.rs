@@ -327,6 +327,20 @@ impl Client {
         }
     }
 
+    /// Remember a handler's whole topology to delete when the client is
+    /// dropped: its work queue, dead-letter queue and exchange, and the
+    /// retry queues of the default four retries from `retry_base_ms`
+    /// (doubling, as the host names them), plus `exchanges`.
+    pub fn cleanup_handler(&mut self, queue: &str, retry_base_ms: u64, exchanges: &[&str]) {
+        let mut queues = vec![queue.to_owned(), format!("{queue}.dlq")];
+        queues.extend((0..4).map(|n| format!("{queue}.retry.{}ms", retry_base_ms << n)));
+        let queues: Vec<&str> = queues.iter().map(String::as_str).collect();
+        let dlx = format!("{queue}.dlx");
+        let mut all = vec![dlx.as_str()];
+        all.extend_from_slice(exchanges);
+        self.cleanup(&queues, &all);
+    }
+
     /// Remember names to delete when the client is dropped.
     pub fn cleanup(&mut self, queues: &[&str], exchanges: &[&str]) {
         self.queues.extend(queues.iter().map(|s| s.to_string()));
@@ -502,18 +516,7 @@ retry_base_ms = 50
     }
 
     pub fn cleanup(&self, client: &mut Client) {
-        let q = &self.queue;
-        client.cleanup(
-            &[
-                q,
-                &format!("{q}.dlq"),
-                &format!("{q}.retry.50ms"),
-                &format!("{q}.retry.100ms"),
-                &format!("{q}.retry.200ms"),
-                &format!("{q}.retry.400ms"),
-            ],
-            &[&self.orders, &self.events, &format!("{q}.dlx")],
-        );
+        client.cleanup_handler(&self.queue, 50, &[&self.orders, &self.events]);
     }
 }
 

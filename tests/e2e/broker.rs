@@ -57,17 +57,7 @@ fn a_plain_queue_receives_what_order_publisher_publishes() {
     let orders = unique("orders");
     let queue = unique("order-publisher");
     let mut client = Client::connect();
-    client.cleanup(
-        &[
-            &queue,
-            &format!("{queue}.dlq"),
-            &format!("{queue}.retry.1000ms"),
-            &format!("{queue}.retry.2000ms"),
-            &format!("{queue}.retry.4000ms"),
-            &format!("{queue}.retry.8000ms"),
-        ],
-        &[&checkout, &orders, &format!("{queue}.dlx")],
-    );
+    client.cleanup_handler(&queue, 1000, &[&checkout, &orders]);
     client.rt.block_on(async {
         client
             .ch

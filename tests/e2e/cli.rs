@@ -143,17 +143,7 @@ fn run_at_the_default_level_logs_no_errors_for_a_healthy_start() {
     let (exchange, queue) = (unique("fresh-orders"), unique("fresh-inventory"));
     let mut client = Client::connect();
     let q = queue.as_str();
-    client.cleanup(
-        &[
-            q,
-            &format!("{q}.dlq"),
-            &format!("{q}.retry.1000ms"),
-            &format!("{q}.retry.2000ms"),
-            &format!("{q}.retry.4000ms"),
-            &format!("{q}.retry.8000ms"),
-        ],
-        &[&exchange, &format!("{q}.dlx")],
-    );
+    client.cleanup_handler(q, 1000, &[&exchange]);
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("handlers")).unwrap();
     std::fs::copy(

@@ -420,18 +420,8 @@ fn a_new_versions_bindings_exist_before_it_serves_and_dropped_ones_are_removed()
     let queue = crate::amqp_support::unique("inventory");
     let mut client = Client::connect();
     let q = queue.as_str();
-    client.cleanup(
-        &[
-            q,
-            &format!("{q}.dlq"),
-            &format!("{q}.retry.1000ms"),
-            &format!("{q}.retry.2000ms"),
-            &format!("{q}.retry.4000ms"),
-            &format!("{q}.retry.8000ms"),
-        ],
-        // `orders` stays: other software on this broker may use it.
-        &["orders-audit", &format!("{q}.dlx")],
-    );
+    // `orders` stays: other software on this broker may use it.
+    client.cleanup_handler(q, 1000, &["orders-audit"]);
     let host = TestHost::start(
         &["inventory"],
         &format!("[handlers.inventory]\nqueue = {q:?}\n"),
