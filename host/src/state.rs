@@ -306,13 +306,7 @@ impl StateStore {
     pub fn commit(&self, batch: &[Commit]) -> Result<Vec<CommitOutcome>> {
         let mut conn = self.conn();
         let tx = conn.transaction().context("starting state transaction")?;
-        let confirmed = std::mem::take(
-            &mut *self
-                .inner
-                .confirmed_outbox
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
+        let confirmed = self.take_confirmed();
         if !confirmed.is_empty() {
             let mut del = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
             for id in &confirmed {
@@ -435,17 +429,22 @@ impl StateStore {
         }
     }
 
-    /// Delete now the confirmed rows [`StateStore::forget_outbox_later`]
-    /// was holding for the next commit: before the outbox is relayed after
-    /// a reconnect, so messages already confirmed are not published again.
-    pub fn flush_confirmed_outbox(&self) -> Result<()> {
-        let ids = std::mem::take(
+    /// The confirmed outbox rows waiting to be deleted, taken.
+    fn take_confirmed(&self) -> Vec<i64> {
+        std::mem::take(
             &mut *self
                 .inner
                 .confirmed_outbox
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()),
-        );
+        )
+    }
+
+    /// Delete now the confirmed rows [`StateStore::forget_outbox_later`]
+    /// was holding for the next commit: before the outbox is relayed after
+    /// a reconnect, so messages already confirmed are not published again.
+    pub fn flush_confirmed_outbox(&self) -> Result<()> {
+        let ids = self.take_confirmed();
         self.clear_outbox(&ids)
             .inspect_err(|_| self.forget_outbox_later(ids.clone()))
     }

@@ -155,6 +155,15 @@ impl Drop for BrokerUser {
     }
 }
 
+/// `event-host --log trace <global> run --config <config>`, from `dir`.
+fn traced_run(dir: &Path, config: &str, global: &[&str]) -> Command {
+    let mut cmd = event_host(dir);
+    cmd.args(["--log", "trace"])
+        .args(global)
+        .args(["run", "--config", config]);
+    cmd
+}
+
 /// What a scan of one output found.
 struct Scan {
     lines: usize,
@@ -268,16 +277,8 @@ fn the_password_is_in_no_output_even_at_trace_level() {
     );
 
     // 1. A good connect, the URL as a flag.
-    let mut cmd = event_host(dir.path());
-    cmd.args([
-        "--log",
-        "trace",
-        "run",
-        "--config",
-        config,
-        "--amqp-url",
-        &good_url,
-    ]);
+    let mut cmd = traced_run(dir.path(), config, &[]);
+    cmd.args(["--amqp-url", &good_url]);
     let mut run = Run::start("good-connect", dir.path(), cmd);
     run.wait_ready();
     let log = run.terminate();
@@ -296,9 +297,8 @@ fn the_password_is_in_no_output_even_at_trace_level() {
     ));
 
     // 2. A wrong password, the URL from the environment: refused, retried.
-    let mut cmd = event_host(dir.path());
-    cmd.env("EVENT_HOST_AMQP_URL", user.url(&wrong, 5672))
-        .args(["--log", "trace", "run", "--config", config]);
+    let mut cmd = traced_run(dir.path(), config, &[]);
+    cmd.env("EVENT_HOST_AMQP_URL", user.url(&wrong, 5672));
     let mut run = Run::start("wrong-password", dir.path(), cmd);
     run.wait_log(&session_ended, 2);
     assert_ne!(http_status(&run.admin, "/readyz"), 200);
@@ -321,14 +321,7 @@ fn the_password_is_in_no_output_even_at_trace_level() {
         )),
     )
     .unwrap();
-    let mut cmd = event_host(dir.path());
-    cmd.args([
-        "--log",
-        "trace",
-        "run",
-        "--config",
-        unreachable.to_str().unwrap(),
-    ]);
+    let cmd = traced_run(dir.path(), unreachable.to_str().unwrap(), &[]);
     let mut run = Run::start("unreachable", dir.path(), cmd);
     run.wait_log(&session_ended, 2);
     let log = run.terminate();
@@ -343,16 +336,8 @@ fn the_password_is_in_no_output_even_at_trace_level() {
     ));
 
     // 4. A reconnect: the broker closes the host's connection; JSON logs.
-    let mut cmd = event_host(dir.path());
-    cmd.env("EVENT_HOST_AMQP_URL", &good_url).args([
-        "--log",
-        "trace",
-        "--log-format",
-        "json",
-        "run",
-        "--config",
-        config,
-    ]);
+    let mut cmd = traced_run(dir.path(), config, &["--log-format", "json"]);
+    cmd.env("EVENT_HOST_AMQP_URL", &good_url);
     let mut run = Run::start("reconnect", dir.path(), cmd);
     run.wait_ready();
     run.wait_log("\"message\":\"connected\"", 1);
@@ -381,16 +366,8 @@ fn the_password_is_in_no_output_even_at_trace_level() {
         "amqp://{}:{}@127.0.0.1:5672/%2f",
         user.name, user.secret.password
     );
-    let mut cmd = event_host(dir.path());
-    cmd.args([
-        "--log",
-        "trace",
-        "run",
-        "--config",
-        config,
-        "--amqp-url",
-        &raw,
-    ]);
+    let mut cmd = traced_run(dir.path(), config, &[]);
+    cmd.args(["--amqp-url", &raw]);
     let mut run = Run::start("malformed-url", dir.path(), cmd);
     // Refused at start (not retried as if the broker were away).
     assert!(!run.wait_exit().success(), "a malformed URL is an error");
@@ -409,8 +386,7 @@ fn the_password_is_in_no_output_even_at_trace_level() {
     // quotes that line.
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, format!("amqp_url = {good_url}\n")).unwrap();
-    let mut cmd = event_host(dir.path());
-    cmd.args(["--log", "trace", "run", "--config", bad.to_str().unwrap()]);
+    let cmd = traced_run(dir.path(), bad.to_str().unwrap(), &[]);
     let mut run = Run::start("bad-config", dir.path(), cmd);
     assert!(!run.wait_exit().success(), "a bad config file is an error");
     let log = run.log.clone();
