@@ -324,8 +324,12 @@ fn run_batch(
 /// what it decided.
 fn judge(entry: &Entry, metrics: &Metrics, settled: &[Settled]) {
     for s in settled {
+        let verdict = entry.record(&s.version, s.handled.is_failure());
+        if verdict == Verdict::Healthy {
+            continue; // the common case: no label to build
+        }
         let label = Metrics::label(&s.version.name);
-        match entry.record(&s.version, s.handled.is_failure()) {
+        match verdict {
             Verdict::Healthy => {}
             Verdict::RollBack { .. } => {
                 // `record` rolled back when it had a version to go to; with
