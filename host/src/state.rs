@@ -54,7 +54,9 @@ pub struct Outgoing {
     pub headers: Vec<(String, String)>,
 }
 
-/// The properties of an outbox row, stored as JSON beside the payload blob.
+/// The properties of a row of the outbox table older versions wrote (one
+/// row per message), stored as JSON beside the payload blob. Read only to
+/// carry such rows over (see [`migrate_legacy_outbox`]).
 #[derive(Serialize, Deserialize)]
 struct OutboxProperties {
     content_type: Option<String>,
@@ -157,6 +159,10 @@ pub enum CommitOutcome {
     },
 }
 
+/// How long opening the store waits for another process to release it
+/// (a host restarting while its predecessor exits).
+const OWNER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The embedded state store (SQLite in WAL mode).
 #[derive(Clone)]
 pub struct StateStore {
@@ -180,8 +186,78 @@ struct Inner {
     /// One connection: SQLite serialises writers anyway, and reads are point
     /// lookups on a primary key, far cheaper than the lock round trip a
     /// second connection would save.
-    conn: Mutex<Connection>,
+    db: Mutex<Db>,
     path: Option<PathBuf>,
+}
+
+/// The connection and what this process knows of the committed state.
+struct Db {
+    conn: Connection,
+    cache: ReadCache,
+}
+
+/// Committed values this process read or wrote, so that the hot path — a
+/// handler reading a key, then the commit validating that read — costs a
+/// hash lookup instead of two SQLite statements. Every write goes through
+/// [`StateStore::commit`], which updates the cache after its transaction
+/// commits, and no other process can write the file while this one holds
+/// it (see [`StateStore::open`]), so the cache is never stale.
+#[derive(Default)]
+struct ReadCache {
+    /// Namespace → key → committed value (`None`: absent).
+    entries: HashMap<String, HashMap<String, Option<Vec<u8>>>>,
+    /// Approximate bytes held, to bound the cache.
+    bytes: usize,
+}
+
+impl ReadCache {
+    /// Bound on what the cache holds. Past it the cache starts over: hot
+    /// keys come back at once, and the memory stays bounded whatever the
+    /// handlers store.
+    const MAX_BYTES: usize = 64 << 20;
+    /// Rough per-entry overhead of the maps, for the bound.
+    const ENTRY_OVERHEAD: usize = 64;
+
+    fn get(&self, ns: &str, key: &str) -> Option<&Option<Vec<u8>>> {
+        self.entries.get(ns)?.get(key)
+    }
+
+    fn insert(&mut self, ns: &str, key: &str, value: Option<Vec<u8>>) {
+        let size = key.len() + value.as_ref().map_or(0, Vec::len) + Self::ENTRY_OVERHEAD;
+        if self.bytes + size > Self::MAX_BYTES {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        let keys = match self.entries.get_mut(ns) {
+            Some(keys) => keys,
+            None => self.entries.entry(ns.to_owned()).or_default(),
+        };
+        self.bytes += size;
+        if let Some(old) = keys.insert(key.to_owned(), value) {
+            let old = key.len() + old.map_or(0, |v| v.len()) + Self::ENTRY_OVERHEAD;
+            self.bytes = self.bytes.saturating_sub(old);
+        }
+    }
+}
+
+impl Db {
+    /// The committed value of `key`: from the cache, else from SQLite (and
+    /// then cached).
+    fn read(&mut self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        if let Some(value) = self.cache.get(ns, key) {
+            return Ok(value.clone());
+        }
+        let value = read_kv(&self.conn, ns, key)?;
+        self.cache.insert(ns, key, value.clone());
+        Ok(value)
+    }
+}
+
+fn read_kv(conn: &Connection, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
+    let mut stmt = conn.prepare_cached("SELECT value FROM kv WHERE ns = ?1 AND key = ?2")?;
+    stmt.query_row(params![ns, key], |row| row.get(0))
+        .optional()
+        .with_context(|| format!("reading state {ns}/{key}"))
 }
 
 const SCHEMA: &str = "
@@ -191,25 +267,98 @@ CREATE TABLE IF NOT EXISTS kv (
 CREATE TABLE IF NOT EXISTS processed (
     ns TEXT NOT NULL, message_id TEXT NOT NULL, at INTEGER NOT NULL,
     PRIMARY KEY (ns, message_id)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, exchange TEXT NOT NULL,
-    routing_key TEXT NOT NULL, payload BLOB NOT NULL, properties TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox_batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, messages BLOB NOT NULL);
 ";
 
+/// Carry rows of the per-message outbox table older versions wrote into
+/// the batch table, in order, so an upgrade never drops a message owed.
+fn migrate_legacy_outbox(conn: &mut Connection) -> Result<()> {
+    let legacy: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'outbox'",
+        [],
+        |r| r.get(0),
+    )?;
+    if legacy == 0 {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    {
+        let mut rows = tx.prepare(
+            "SELECT id, ns, exchange, routing_key, payload, properties FROM outbox ORDER BY id",
+        )?;
+        let mut insert = tx.prepare("INSERT INTO outbox_batches (ns, messages) VALUES (?1, ?2)")?;
+        let mut rows = rows.query([])?;
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            let ns: String = row.get(1)?;
+            let properties: String = row.get(5)?;
+            let p: OutboxProperties = serde_json::from_str(&properties)
+                .with_context(|| format!("decoding legacy outbox row {id}"))?;
+            let message = Outgoing {
+                exchange: row.get(2)?,
+                routing_key: row.get(3)?,
+                payload: row.get(4)?,
+                content_type: p.content_type,
+                message_id: p.message_id,
+                correlation_id: p.correlation_id,
+                headers: p.headers,
+            };
+            insert.execute(params![ns, encode_messages(&[&message])?])?;
+        }
+    }
+    tx.execute("DROP TABLE outbox", [])?;
+    tx.commit().context("migrating the outbox table")?;
+    Ok(())
+}
+
+fn encode_messages(messages: &[&Outgoing]) -> Result<Vec<u8>> {
+    postcard::to_stdvec(messages).context("encoding outbox messages")
+}
+
+fn decode_messages(bytes: &[u8]) -> Result<Vec<Outgoing>> {
+    postcard::from_bytes(bytes).context("decoding outbox messages")
+}
+
 impl StateStore {
-    /// Open (creating if needed) the store in directory `dir`.
+    /// Open (creating if needed) the store in directory `dir`, and hold it:
+    /// one process at a time owns a state folder. A second host, or a
+    /// `replay --state` on a running host's folder, gets a clear error
+    /// instead of racing the owner's commits.
     pub fn open(dir: &Path, durability: Durability) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating state directory {}", dir.display()))?;
         let path = dir.join("state.sqlite3");
         let conn = Connection::open(&path)
             .with_context(|| format!("opening state database {}", path.display()))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
         let sync = match durability {
             Durability::Full => "FULL",
             Durability::Normal => "NORMAL",
         };
-        conn.pragma_update(None, "synchronous", sync)?;
+        // Exclusive locking, set before WAL is entered: the lock is taken
+        // once and held, so no transaction pays the file-lock system calls
+        // and WAL needs no shared-memory index. It also makes the read
+        // cache safe: nobody else can write the file while it is held.
+        let owned = conn
+            .busy_timeout(OWNER_WAIT)
+            .and_then(|()| conn.pragma_update(None, "locking_mode", "EXCLUSIVE"))
+            .and_then(|()| conn.pragma_update(None, "journal_mode", "WAL"))
+            .and_then(|()| conn.pragma_update(None, "synchronous", sync))
+            // A write takes the exclusive lock now, not at the first event.
+            .and_then(|()| conn.execute_batch("BEGIN IMMEDIATE; COMMIT;"));
+        match owned {
+            Ok(()) => {}
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
+                anyhow::bail!(
+                    "state database {} is in use by another process (another event-host, or a replay with --state, on the same folder)",
+                    path.display()
+                )
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("setting up state database {}", path.display()))
+            }
+        }
         Self::with_connection(conn, Some(path))
     }
 
@@ -218,14 +367,16 @@ impl StateStore {
         Self::with_connection(Connection::open_in_memory()?, None)
     }
 
-    fn with_connection(conn: Connection, path: Option<PathBuf>) -> Result<Self> {
+    fn with_connection(mut conn: Connection, path: Option<PathBuf>) -> Result<Self> {
         conn.execute_batch(SCHEMA)
             .context("creating state schema")?;
+        migrate_legacy_outbox(&mut conn)?;
+        let cache = ReadCache::default();
         Ok(Self {
             inner: Arc::new(Inner {
                 staged: Mutex::new(HashMap::new()),
                 confirmed_outbox: Mutex::new(Vec::new()),
-                conn: Mutex::new(conn),
+                db: Mutex::new(Db { conn, cache }),
                 path,
             }),
         })
@@ -236,10 +387,11 @@ impl StateStore {
         self.inner.path.as_deref()
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    fn db(&self) -> MutexGuard<'_, Db> {
         // A panic while holding the lock cannot leave SQLite inconsistent
         // (transactions roll back on drop), so a poisoned lock is usable.
-        self.inner.conn.lock().unwrap_or_else(|p| p.into_inner())
+        // The cache is only updated after a commit succeeded, so it is too.
+        self.inner.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Make `writes` visible to reads of `ns` until [`StateStore::unstage`]:
@@ -261,8 +413,9 @@ impl StateStore {
         staged.remove(ns);
     }
 
-    /// The value of `key` in namespace `ns`: staged if an uncommitted event
-    /// of the current batch wrote it, else committed.
+    /// The value of `key` in namespace `ns`, as a handler call sees it:
+    /// staged if an uncommitted event of the current batch wrote it, else
+    /// committed (possibly from the cache; the commit validates it).
     pub fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
         {
             let staged = self.inner.staged.lock().unwrap_or_else(|p| p.into_inner());
@@ -270,22 +423,18 @@ impl StateStore {
                 return Ok(v.clone());
             }
         }
-        self.get_committed(ns, key)
+        self.db().read(ns, key)
     }
 
     /// The committed value of `key`, ignoring anything staged.
     pub fn get_committed(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached("SELECT value FROM kv WHERE ns = ?1 AND key = ?2")?;
-        stmt.query_row(params![ns, key], |row| row.get(0))
-            .optional()
-            .with_context(|| format!("reading state {ns}/{key}"))
+        self.db().read(ns, key)
     }
 
     /// Up to `limit` committed keys of `ns` after `after`, in key order.
     pub fn list_keys(&self, ns: &str, after: Option<&str>, limit: usize) -> Result<Vec<String>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        let db = self.db();
+        let mut stmt = db.conn.prepare_cached(
             "SELECT key FROM kv WHERE ns = ?1 AND key > ?2 ORDER BY key LIMIT ?3",
         )?;
         let rows = stmt.query_map(params![ns, after.unwrap_or(""), limit as i64], |r| r.get(0))?;
@@ -294,42 +443,52 @@ impl StateStore {
 
     /// Whether an event with `message_id` already committed in `ns`.
     pub fn is_processed(&self, ns: &str, message_id: &str) -> Result<bool> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached("SELECT 1 FROM processed WHERE ns = ?1 AND message_id = ?2")?;
+        let db = self.db();
+        let mut stmt = db
+            .conn
+            .prepare_cached("SELECT 1 FROM processed WHERE ns = ?1 AND message_id = ?2")?;
         Ok(stmt.exists(params![ns, message_id])?)
     }
 
     /// Commit a batch of events' transactions in one database transaction
     /// (one fsync for all of them). Each commit is validated and applied on
     /// its own: a conflict or duplicate skips that commit only.
+    ///
+    /// What reaches SQLite is the batch's net effect: each key written once
+    /// with its last value, and one outbox row holding every message of
+    /// the batch (the outcomes all name that row). Per event that leaves
+    /// only the dedupe record, when the event has a message id.
     pub fn commit(&self, batch: &[Commit]) -> Result<Vec<CommitOutcome>> {
-        let mut conn = self.conn();
-        let tx = conn.transaction().context("starting state transaction")?;
         let confirmed = self.take_confirmed();
+        self.commit_with(batch, &confirmed).inspect_err(|_| {
+            // Rolled back: the confirmed rows are still there, and still
+            // to delete — not to relay again at the next reconnect.
+            self.forget_outbox_later(confirmed.clone());
+        })
+    }
+
+    fn commit_with(&self, batch: &[Commit], confirmed: &[i64]) -> Result<Vec<CommitOutcome>> {
+        let mut db = self.db();
+        let Db { conn, cache } = &mut *db;
+        let tx = conn.transaction().context("starting state transaction")?;
         if !confirmed.is_empty() {
-            let mut del = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
-            for id in &confirmed {
+            let mut del = tx.prepare_cached("DELETE FROM outbox_batches WHERE id = ?1")?;
+            for id in confirmed {
                 del.execute(params![id])?;
             }
         }
         let now = unix_now();
         let mut outcomes = Vec::with_capacity(batch.len());
+        // The batch's writes so far, by (namespace, key): what later
+        // commits of the batch validate against, and what reaches SQLite.
+        let mut written: HashMap<(&str, &str), Option<&[u8]>> = HashMap::new();
+        // Per namespace: its messages, and which outcomes they came from.
+        let mut outbox: Vec<(&str, Vec<&Outgoing>, Vec<usize>)> = Vec::new();
         {
-            let mut read = tx.prepare_cached("SELECT value FROM kv WHERE ns = ?1 AND key = ?2")?;
             let mut seen =
                 tx.prepare_cached("SELECT 1 FROM processed WHERE ns = ?1 AND message_id = ?2")?;
-            let mut put = tx.prepare_cached(
-                "INSERT INTO kv (ns, key, value) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value",
-            )?;
-            let mut del = tx.prepare_cached("DELETE FROM kv WHERE ns = ?1 AND key = ?2")?;
             let mut mark = tx
                 .prepare_cached("INSERT INTO processed (ns, message_id, at) VALUES (?1, ?2, ?3)")?;
-            let mut enqueue = tx.prepare_cached(
-                "INSERT INTO outbox (ns, exchange, routing_key, payload, properties)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
             'commits: for commit in batch {
                 if let Some(id) = &commit.message_id {
                     if seen.exists(params![commit.ns, id])? {
@@ -338,81 +497,93 @@ impl StateStore {
                     }
                 }
                 for (key, expected) in &commit.reads {
-                    let current: Option<Vec<u8>> = read
-                        .query_row(params![commit.ns, key], |r| r.get(0))
-                        .optional()?;
+                    let current = match written.get(&(commit.ns.as_str(), key.as_str())) {
+                        Some(v) => v.map(<[u8]>::to_vec),
+                        None => match cache.get(&commit.ns, key) {
+                            Some(v) => v.clone(),
+                            None => {
+                                let v = read_kv(&tx, &commit.ns, key)?;
+                                cache.insert(&commit.ns, key, v.clone());
+                                v
+                            }
+                        },
+                    };
                     if &current != expected {
                         outcomes.push(CommitOutcome::Conflict { key: key.clone() });
                         continue 'commits;
                     }
                 }
                 for (key, value) in &commit.writes {
-                    match value {
-                        Some(v) => put.execute(params![commit.ns, key, v])?,
-                        None => del.execute(params![commit.ns, key])?,
-                    };
+                    written.insert((&commit.ns, key), value.as_deref());
                 }
                 if let Some(id) = &commit.message_id {
                     mark.execute(params![commit.ns, id, now])?;
                 }
-                let mut outbox_ids = Vec::with_capacity(commit.outbox.len());
-                for message in &commit.outbox {
-                    let properties = serde_json::to_string(&OutboxProperties {
-                        content_type: message.content_type.clone(),
-                        message_id: message.message_id.clone(),
-                        correlation_id: message.correlation_id.clone(),
-                        headers: message.headers.clone(),
-                    })?;
-                    enqueue.execute(params![
-                        commit.ns,
-                        message.exchange,
-                        message.routing_key,
-                        message.payload,
-                        properties
-                    ])?;
-                    outbox_ids.push(tx.last_insert_rowid());
+                if !commit.outbox.is_empty() {
+                    let group = match outbox.iter().position(|(ns, ..)| *ns == commit.ns) {
+                        Some(i) => &mut outbox[i],
+                        None => {
+                            outbox.push((&commit.ns, Vec::new(), Vec::new()));
+                            outbox.last_mut().expect("just pushed")
+                        }
+                    };
+                    group.1.extend(&commit.outbox);
+                    group.2.push(outcomes.len());
                 }
-                outcomes.push(CommitOutcome::Committed { outbox_ids });
+                outcomes.push(CommitOutcome::Committed {
+                    outbox_ids: Vec::new(),
+                });
+            }
+            let mut put = tx.prepare_cached(
+                "INSERT INTO kv (ns, key, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value",
+            )?;
+            let mut del = tx.prepare_cached("DELETE FROM kv WHERE ns = ?1 AND key = ?2")?;
+            for ((ns, key), value) in &written {
+                match value {
+                    Some(v) => put.execute(params![ns, key, v])?,
+                    None => del.execute(params![ns, key])?,
+                };
+            }
+        }
+        for (ns, messages, from) in outbox {
+            tx.prepare_cached("INSERT INTO outbox_batches (ns, messages) VALUES (?1, ?2)")?
+                .execute(params![ns, encode_messages(&messages)?])?;
+            let row = tx.last_insert_rowid();
+            for index in from {
+                outcomes[index] = CommitOutcome::Committed {
+                    outbox_ids: vec![row],
+                };
             }
         }
         tx.commit().context("committing state transaction")?;
+        for ((ns, key), value) in written {
+            cache.insert(ns, key, value.map(<[u8]>::to_vec));
+        }
         Ok(outcomes)
     }
 
-    /// Outbox rows not yet confirmed published (after a crash, for example).
+    /// Outbox messages not yet confirmed published (after a crash, for
+    /// example), in publish order, each with its outbox row (one row holds
+    /// a committed batch's messages) and namespace.
     pub fn pending_outbox(&self) -> Result<Vec<(i64, String, Outgoing)>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, ns, exchange, routing_key, payload, properties FROM outbox ORDER BY id",
-        )?;
+        let db = self.db();
+        let mut stmt = db
+            .conn
+            .prepare_cached("SELECT id, ns, messages FROM outbox_batches ORDER BY id")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Vec<u8>>(4)?,
-                r.get::<_, String>(5)?,
+                r.get::<_, Vec<u8>>(2)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, ns, exchange, routing_key, payload, properties) = row?;
-            let p: OutboxProperties = serde_json::from_str(&properties)
-                .with_context(|| format!("decoding outbox row {id}"))?;
-            out.push((
-                id,
-                ns,
-                Outgoing {
-                    exchange,
-                    routing_key,
-                    payload,
-                    content_type: p.content_type,
-                    message_id: p.message_id,
-                    correlation_id: p.correlation_id,
-                    headers: p.headers,
-                },
-            ));
+            let (id, ns, messages) = row?;
+            let messages =
+                decode_messages(&messages).with_context(|| format!("outbox row {id}"))?;
+            out.extend(messages.into_iter().map(|m| (id, ns.clone(), m)));
         }
         Ok(out)
     }
@@ -429,15 +600,19 @@ impl StateStore {
         }
     }
 
-    /// The confirmed outbox rows waiting to be deleted, taken.
+    /// The confirmed outbox rows waiting to be deleted, taken (each once:
+    /// the events of a batch share their row).
     fn take_confirmed(&self) -> Vec<i64> {
-        std::mem::take(
+        let mut ids = std::mem::take(
             &mut *self
                 .inner
                 .confirmed_outbox
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()),
-        )
+        );
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// Delete now the confirmed rows [`StateStore::forget_outbox_later`]
@@ -454,10 +629,10 @@ impl StateStore {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let mut db = self.db();
+        let tx = db.conn.transaction()?;
         {
-            let mut del = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+            let mut del = tx.prepare_cached("DELETE FROM outbox_batches WHERE id = ?1")?;
             for id in ids {
                 del.execute(params![id])?;
             }
@@ -471,7 +646,8 @@ impl StateStore {
     pub fn prune_processed(&self, max_age_secs: i64) -> Result<usize> {
         let cutoff = unix_now() - max_age_secs;
         Ok(self
-            .conn()
+            .db()
+            .conn
             .execute("DELETE FROM processed WHERE at < ?1", params![cutoff])?)
     }
 }
@@ -613,6 +789,109 @@ mod tests {
         assert_eq!(store.pending_outbox()?.len(), 1);
         store.flush_confirmed_outbox()?;
         assert!(store.pending_outbox()?.is_empty());
+        Ok(())
+    }
+
+    fn committed_row(outcome: &CommitOutcome) -> i64 {
+        match outcome {
+            CommitOutcome::Committed { outbox_ids } if outbox_ids.len() == 1 => outbox_ids[0],
+            other => panic!("expected one outbox row, got {other:?}"),
+        }
+    }
+
+    fn message(n: u8) -> Outgoing {
+        Outgoing {
+            payload: vec![n],
+            ..outgoing()
+        }
+    }
+
+    #[test]
+    fn a_batch_writes_its_net_effect_and_one_outbox_row() -> Result<()> {
+        let store = StateStore::in_memory()?;
+        let mut commits = Vec::new();
+        for n in 1..=3u8 {
+            let mut txn = Txn::default();
+            txn.get(&store, "h", "c")?;
+            txn.set("c", vec![n]);
+            let commit = txn.into_commit("h", None, vec![message(n)]);
+            store.stage("h", &commit.writes);
+            commits.push(commit);
+        }
+        let out = store.commit(&commits)?;
+        store.unstage("h");
+        let row = committed_row(&out[0]);
+        assert!(out.iter().all(|o| committed_row(o) == row), "{out:?}");
+        assert_eq!(store.get("h", "c")?, Some(vec![3]));
+        let pending = store.pending_outbox()?;
+        let payloads: Vec<_> = pending.iter().map(|(_, _, m)| m.payload[0]).collect();
+        assert_eq!(payloads, [1, 2, 3], "every message, in order");
+        assert!(pending.iter().all(|(id, ns, _)| *id == row && ns == "h"));
+        // The events share the row: confirming them all clears it once.
+        store.forget_outbox_later(vec![row, row, row]);
+        store.commit(&[])?;
+        assert!(store.pending_outbox()?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn one_process_at_a_time_owns_a_state_folder() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let owner = StateStore::open(dir.path(), Durability::Normal)?;
+        // A second owner (another host, a replay --state) would commit
+        // behind the first one's read cache: it is refused, clearly.
+        let err = StateStore::open(dir.path(), Durability::Normal)
+            .err()
+            .expect("a second owner must be refused");
+        assert!(
+            format!("{err:#}").contains("in use by another process"),
+            "{err:#}"
+        );
+        drop(owner);
+        // Released with the owner: the next one opens it.
+        StateStore::open(dir.path(), Durability::Normal)?;
+        Ok(())
+    }
+
+    #[test]
+    fn outbox_rows_of_the_per_message_table_are_carried_over() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        {
+            let conn = Connection::open(dir.path().join("state.sqlite3"))?;
+            conn.execute_batch(
+                "CREATE TABLE outbox (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, exchange TEXT NOT NULL,
+                    routing_key TEXT NOT NULL, payload BLOB NOT NULL, properties TEXT NOT NULL);
+                 INSERT INTO outbox (ns, exchange, routing_key, payload, properties) VALUES
+                    ('h', 'x', 'k', X'7B7D',
+                     '{\"content_type\":null,\"message_id\":\"id\",\"correlation_id\":null,\"headers\":[[\"h\",\"v\"]]}');",
+            )?;
+        }
+        let store = StateStore::open(dir.path(), Durability::Normal)?;
+        let pending = store.pending_outbox()?;
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].2, outgoing());
+        drop(store);
+        // Migrated once: reopening finds no legacy table to carry again.
+        let store = StateStore::open(dir.path(), Durability::Normal)?;
+        assert_eq!(store.pending_outbox()?.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_commit_keeps_the_confirmed_rows_to_delete() -> Result<()> {
+        let store = StateStore::in_memory()?;
+        let out = store.commit(&[Txn::default().into_commit("h", None, vec![message(1)])])?;
+        let row = committed_row(&out[0]);
+        store.forget_outbox_later(vec![row]);
+        // Break the next commit's write.
+        store.db().conn.execute_batch("DROP TABLE kv")?;
+        let mut txn = Txn::default();
+        txn.set("k", b"v".to_vec());
+        assert!(store
+            .commit(&[txn.into_commit("h", None, Vec::new())])
+            .is_err());
+        assert_eq!(store.take_confirmed(), [row], "still owed a delete");
         Ok(())
     }
 }
