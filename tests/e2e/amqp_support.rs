@@ -307,7 +307,11 @@ pub struct Client {
 
 impl Client {
     pub fn connect() -> Self {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // A worker thread of its own, so the connection answers heartbeats
+        // between `block_on` calls: a test may leave its client idle for
+        // longer than the broker's heartbeat timeout.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
@@ -443,7 +447,18 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         self.rt.block_on(async {
-            let ch = self.conn.create_channel().await.unwrap();
+            // The test may have broken this connection (or the broker);
+            // the cleanup still runs, on a fresh one.
+            let ch = match self.conn.create_channel().await {
+                Ok(ch) => ch,
+                Err(_) => {
+                    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+                        .await
+                        .expect("broker reachable for cleanup");
+                    self.conn = conn;
+                    self.conn.create_channel().await.expect("cleanup channel")
+                }
+            };
             for q in &self.queues {
                 let _ = ch
                     .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
