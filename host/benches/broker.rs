@@ -13,6 +13,12 @@
 //!
 //! Then publish-to-handled latency through event-host at a steady 50% of
 //! the drain rate it just measured, and at a low steady 500 events/s.
+//!
+//! Beside each rate it prints the CPU each drain cost per event, read from
+//! `/proc`: the consumer's own (this process for event-host and lapin, the
+//! Python child for pika) and the broker's (the local `beam.smp`). On a
+//! machine where consumer and broker share the cores, their sum is what
+//! bounds the rate.
 
 #[path = "../../tests/e2e/support.rs"]
 mod support;
@@ -123,6 +129,90 @@ fn lapin_drain(client: &Client, queue: &str, n: usize) -> f64 {
     })
 }
 
+/// CPU seconds used so far: by this process, by its waited-for children,
+/// and by the local broker (`beam.smp`) when it runs on this machine.
+#[derive(Clone, Copy)]
+struct Cpu {
+    own: f64,
+    children: f64,
+    broker: Option<f64>,
+}
+
+impl Cpu {
+    fn now(broker: Option<u32>) -> Self {
+        let own = proc_cpu("self");
+        Self {
+            own: own.map_or(0.0, |(own, _)| own),
+            children: own.map_or(0.0, |(_, children)| children),
+            broker: broker
+                .and_then(|pid| proc_cpu(&pid.to_string()))
+                .map(|(own, _)| own),
+        }
+    }
+
+    /// µs of CPU per event since `start`: (consumer, broker). `child`: the
+    /// consumer was a child process.
+    fn per_event(start: Self, end: Self, n: usize, child: bool) -> (f64, Option<f64>) {
+        let per = |s: f64| s * 1e6 / n as f64;
+        let consumer = if child {
+            end.children - start.children
+        } else {
+            end.own - start.own
+        };
+        let broker = end.broker.zip(start.broker).map(|(e, s)| per(e - s));
+        (per(consumer), broker)
+    }
+}
+
+/// (own, waited-for children) CPU seconds of a process, from
+/// `/proc/<pid>/stat` (utime + stime, cutime + cstime).
+fn proc_cpu(pid: &str) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is 0,
+    // utime 11, stime 12, cutime 13, cstime 14.
+    let fields: Vec<f64> = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    let tick = clock_ticks();
+    Some((
+        (fields[0] + fields[1]) / tick,
+        (fields[2] + fields[3]) / tick,
+    ))
+}
+
+fn clock_ticks() -> f64 {
+    static TICK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICK.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// The local RabbitMQ's Erlang VM: the `beam.smp` that has used the most
+/// CPU (short-lived ones, such as `rabbitmqctl`, have used little).
+fn broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "beam.smp")
+        })
+        .max_by(|a, b| {
+            let cpu = |p: &u32| proc_cpu(&p.to_string()).map_or(0.0, |(own, _)| own);
+            cpu(a).total_cmp(&cpu(b))
+        })
+}
+
 fn pika_drain(queue: &str, n: usize) -> f64 {
     let out = std::process::Command::new("python3")
         .arg(support::repo_root().join("scripts/bench_pika.py"))
@@ -219,22 +309,30 @@ subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
 "#
     );
 
+    let broker = broker_pid();
+
     // event-host: start once to declare its topology, stop, prefill, restart, time the drain.
     TestHost::start(&["inventory"], &config).stop().unwrap();
     prefill(&client, &orders, "", n);
+    let cpu = Cpu::now(broker);
     let host = TestHost::start(&["inventory"], &config);
     let started = Instant::now();
     host.wait_counter("inventory", "acked", n as u64);
     let host_rate = n as f64 / started.elapsed().as_secs_f64();
+    let host_cpu = Cpu::per_event(cpu, Cpu::now(broker), n, false);
     host.stop().unwrap();
 
     declare_queue(&client, &lapin_q);
     prefill(&client, "", &lapin_q, n);
+    let cpu = Cpu::now(broker);
     let lapin_rate = lapin_drain(&client, &lapin_q, n);
+    let lapin_cpu = Cpu::per_event(cpu, Cpu::now(broker), n, false);
 
     declare_queue(&client, &pika_q);
     prefill(&client, "", &pika_q, n);
+    let cpu = Cpu::now(broker);
     let pika_rate = pika_drain(&pika_q, n);
+    let pika_cpu = Cpu::per_event(cpu, Cpu::now(broker), n, true);
 
     // Latency at 50% of the host's drain rate: publish at a steady pace,
     // read the reservations inventory publishes, match by order id.
@@ -260,24 +358,35 @@ subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
     println!(
         "broker benchmark: {n} order events drained from a prefilled queue, prefetch {PREFETCH}"
     );
-    println!("{:<52} {:>12} {:>12}", "consumer", "events/s", "ratio");
     println!(
-        "{:<52} {:>12.0} {:>12}",
-        "event-host + inventory (Wasm, durable state, confirms)", host_rate, ""
+        "{:<52} {:>10} {:>7} {:>14} {:>12}",
+        "consumer", "events/s", "ratio", "own CPU µs/ev", "broker µs/ev"
     );
-    println!(
-        "{:<52} {:>12.0} {:>11.2}x",
-        "plain lapin (JSON parse, multiple ack every 30)",
-        lapin_rate,
-        host_rate / lapin_rate
-    );
-    println!(
-        "{:<52} {:>12.0} {:>11.2}x",
-        "python pika (same)",
-        pika_rate,
-        host_rate / pika_rate
-    );
-    println!("(ratio = event-host rate / that consumer's rate, same run)");
+    let broker_col = |b: Option<f64>| b.map_or("-".to_owned(), |b| format!("{b:.1}"));
+    for (what, rate, (own, broker)) in [
+        (
+            "event-host + inventory (Wasm, durable state, confirms)",
+            host_rate,
+            host_cpu,
+        ),
+        (
+            "plain lapin (JSON parse, multiple ack every 30)",
+            lapin_rate,
+            lapin_cpu,
+        ),
+        ("python pika (same)", pika_rate, pika_cpu),
+    ] {
+        let ratio = if what.starts_with("event-host") {
+            String::new()
+        } else {
+            format!("{:.2}x", host_rate / rate)
+        };
+        println!(
+            "{what:<52} {rate:>10.0} {ratio:>7} {own:>14.1} {:>12}",
+            broker_col(broker)
+        );
+    }
+    println!("(ratio = event-host rate / that consumer's rate, same run; CPU per event drained, from /proc)");
     for ((rate, latencies), what) in [(half, "50% of drain rate"), (low, "a low, steady rate")] {
         let pct =
             |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
