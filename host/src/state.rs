@@ -218,8 +218,16 @@ impl ReadCache {
     /// Rough per-entry overhead of the maps, for the bound.
     const ENTRY_OVERHEAD: usize = 64;
 
-    fn get(&self, ns: &str, key: &str) -> Option<&Option<Vec<u8>>> {
-        self.entries.get(ns)?.get(key)
+    /// The committed value of `key`: from the cache, else from SQLite
+    /// through `conn` (the store's connection, or its open transaction),
+    /// and then cached.
+    fn read(&mut self, conn: &Connection, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        if let Some(value) = self.entries.get(ns).and_then(|keys| keys.get(key)) {
+            return Ok(value.clone());
+        }
+        let value = read_kv(conn, ns, key)?;
+        self.insert(ns, key, value.clone());
+        Ok(value)
     }
 
     fn insert(&mut self, ns: &str, key: &str, value: Option<Vec<u8>>) {
@@ -241,15 +249,9 @@ impl ReadCache {
 }
 
 impl Db {
-    /// The committed value of `key`: from the cache, else from SQLite (and
-    /// then cached).
+    /// The committed value of `key` (see [`ReadCache::read`]).
     fn read(&mut self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        if let Some(value) = self.cache.get(ns, key) {
-            return Ok(value.clone());
-        }
-        let value = read_kv(&self.conn, ns, key)?;
-        self.cache.insert(ns, key, value.clone());
-        Ok(value)
+        self.cache.read(&self.conn, ns, key)
     }
 }
 
@@ -499,14 +501,7 @@ impl StateStore {
                 for (key, expected) in &commit.reads {
                     let current = match written.get(&(commit.ns.as_str(), key.as_str())) {
                         Some(v) => v.map(<[u8]>::to_vec),
-                        None => match cache.get(&commit.ns, key) {
-                            Some(v) => v.clone(),
-                            None => {
-                                let v = read_kv(&tx, &commit.ns, key)?;
-                                cache.insert(&commit.ns, key, v.clone());
-                                v
-                            }
-                        },
+                        None => cache.read(&tx, &commit.ns, key)?,
                     };
                     if &current != expected {
                         outcomes.push(CommitOutcome::Conflict { key: key.clone() });
