@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use event_host::dispatch::Outcome;
+use event_host::runtime::CallResult;
 
 use crate::support::{guest, Harness};
 
@@ -125,13 +126,37 @@ fn file_env_and_socket_probes_all_fail() {
 
 #[test]
 fn guest_output_is_captured_with_a_bound() {
-    let h = chaos("[handlers.chaos]\nmax_output_bytes = 1024");
-    // 100k lines of output: kept to 1 KiB, and the guest never sees an error.
-    let handled = h.send(
-        "chaos",
-        r#"{"action":"print","text":"hello from the guest","times":100000}"#,
+    // The deadline is generous: 100k writes take a second or more on a
+    // loaded machine, and this test is about the output bound, not speed.
+    let h = chaos("[handlers.chaos]\nmax_output_bytes = 1024\ndeadline_ms = 60000");
+    let handler = &h.handlers["chaos"];
+    // 100k lines of output (2 MB): kept to 1 KiB, and the guest never sees
+    // an error.
+    let event = event_host::bindings::Event {
+        payload: br#"{"action":"print","text":"hello from the guest","times":100000}"#.to_vec(),
+        exchange: "test".into(),
+        routing_key: String::new(),
+        message_id: None,
+        correlation_id: None,
+        content_type: None,
+        headers: Vec::new(),
+        timestamp: None,
+        redelivered: false,
+        attempt: 1,
+    };
+    let call = h.dispatcher.runtime().call(
+        &handler.pre,
+        handler.name.clone(),
+        h.dispatcher.state().clone(),
+        handler.settings.config.clone(),
+        &handler.settings.budget,
+        &event,
     );
-    assert_eq!(handled.outcome, Outcome::Ack, "{handled:?}");
+    assert!(matches!(call.result, CallResult::Ok), "{:?}", call.result);
+    assert_eq!(call.effects.stdout.len(), 1024, "stdout kept to the cap");
+    assert!(call.effects.stdout.starts_with(b"hello from the guest\n"));
+    assert_eq!(call.effects.stderr, b"hello from the guest\n");
+    assert_next_event_ok(&h);
 }
 
 #[test]
