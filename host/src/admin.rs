@@ -107,6 +107,7 @@ async fn handlers(State(s): State<Arc<AdminState>>) -> Json<Value> {
                 "queue": v.topology.queue,
                 "dead_letter_queue": v.topology.dlq,
                 "max_attempts": v.settings.max_attempts,
+                "events_per_instance": v.settings.budget.events_per_instance,
                 "status": e.status(),
                 "previous_version": e.previous().map(|p| p.sha256.clone()),
                 "note": e.note(),

@@ -112,6 +112,18 @@ pub struct HandlerConfig {
     pub max_publish_kb: Option<u32>,
     /// Bytes of guest stdout/stderr kept per event (default 8192).
     pub max_output_bytes: Option<usize>,
+    /// Events one instance of the handler may serve, one after another
+    /// within a batch, before a fresh one is made (default 1: a fresh
+    /// instance per event, as Spin does). Raising it saves the
+    /// instantiation and teardown per event — for small handlers most of
+    /// the host's cost per event — but gives up memory isolation between
+    /// those events: whatever the guest keeps in globals or its heap, the
+    /// next event sees, and a leak grows until the memory cap traps an
+    /// event (which then retries in a fresh instance). Only for handlers
+    /// that keep nothing between calls; each event's state, publishes and
+    /// outcome stay its own either way, and any failed call discards the
+    /// instance. Capped by the batch size (128).
+    pub events_per_instance: Option<u32>,
     /// Replace the manifest's subscriptions (pin the topology).
     pub subscriptions: Option<Vec<Subscription>>,
     /// Work queue name (default: the handler name). Renaming it strands
@@ -333,6 +345,9 @@ impl Config {
                         as usize,
                     max_log_lines: 100,
                 },
+                events_per_instance: pick(|c| c.events_per_instance.map(u64::from))
+                    .unwrap_or(1)
+                    .clamp(1, u64::from(u32::MAX)) as u32,
             },
             config: Arc::new(config),
         })
@@ -433,6 +448,10 @@ mod tests {
         let s = config.resolve(&manifest())?;
         assert_eq!(s.budget.deadline, Duration::from_millis(1000));
         assert_eq!(s.budget.limits.memory_bytes, 64 << 20);
+        assert_eq!(
+            s.budget.events_per_instance, 1,
+            "a fresh instance per event unless a handler opts out"
+        );
         assert_eq!(s.config.get("stock.Laptop").map(String::as_str), Some("10"));
         assert_eq!(
             s.config.get("low-stock-threshold").map(String::as_str),

@@ -2,9 +2,10 @@
 //! side of every WIT import (state, publish, logging, config).
 //!
 //! One [`GuestState`] lives exactly as long as one handler instance, which by
-//! default is one event. Everything it collects (state transaction,
-//! publishes, captured output) is handed back to the dispatcher when the
-//! call ends, so nothing leaks between events.
+//! default is one event (a handler may allow more: `events_per_instance`).
+//! Everything it collects (state transaction, publishes, captured output)
+//! is handed back to the dispatcher when each call ends, so no effect of
+//! one event is ever attributed to another.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -123,9 +124,17 @@ impl GuestState {
 
     /// Consume the state, returning what the call produced.
     pub fn into_effects(mut self) -> CallEffects {
-        self.effects.stdout = self.stdout.take();
-        self.effects.stderr = self.stderr.take();
-        self.effects.memory_exceeded = self.limiter.exceeded;
+        self.take_effects()
+    }
+
+    /// What the call that just ended produced, leaving the state ready for
+    /// another call in the same instance (see `events_per_instance`): its
+    /// transaction, publishes and captured output start empty again.
+    pub fn take_effects(&mut self) -> CallEffects {
+        let mut effects = std::mem::take(&mut self.effects);
+        effects.stdout = self.stdout.take();
+        effects.stderr = self.stderr.take();
+        effects.memory_exceeded = self.limiter.exceeded;
         if self.log_lines > self.limits.max_log_lines {
             tracing::warn!(
                 handler = %self.handler,
@@ -133,7 +142,8 @@ impl GuestState {
                 "guest log lines over the per-event limit were dropped"
             );
         }
-        self.effects
+        self.log_lines = 0;
+        effects
     }
 
     /// The host-side fault that trapped the call, if any.

@@ -1,5 +1,7 @@
 //! The Wasm side: engine policy, compiling and checking components, and
-//! running one handler call in a fresh, bounded instance.
+//! running one handler call in a bounded instance — fresh per event by
+//! default, or kept for a few events of a batch where the handler's
+//! settings allow it.
 //!
 //! Engine policy lives here and nowhere else: the pooling allocator (so an
 //! instance is a few page-table operations, not an `mmap`), copy-on-write
@@ -83,6 +85,10 @@ pub struct CallBudget {
     pub deadline: Duration,
     /// Memory, publish and output limits.
     pub limits: CallLimits,
+    /// Events one instance may serve, one after another, before it is
+    /// discarded (1: a fresh instance per event). See
+    /// [`Runtime::call_in`].
+    pub events_per_instance: u32,
 }
 
 /// How a call ended, from the host's point of view.
@@ -131,6 +137,8 @@ pub struct CallOutcome {
     pub effects: CallEffects,
     /// Time spent instantiating and running.
     pub elapsed: Duration,
+    /// Whether the call made a new instance (rather than reusing a warm one).
+    pub instantiated: bool,
 }
 
 /// The Wasm engine and the linker every handler is instantiated against.
@@ -325,12 +333,17 @@ impl Runtime {
     fn store(&self, data: GuestState, deadline: Duration) -> Store<GuestState> {
         let mut store = Store::new(&self.engine, data);
         store.limiter(|s| s.limiter());
+        self.set_deadline(&mut store, deadline);
+        store.epoch_deadline_trap();
+        store
+    }
+
+    /// Trap the store's next call once `deadline` has passed from now.
+    fn set_deadline(&self, store: &mut Store<GuestState>, deadline: Duration) {
         let tick = self.config.epoch_tick_ms.max(1);
         // +1: the deadline is never shorter than asked, whatever the phase
         // of the ticker when the call starts.
         store.set_epoch_deadline(deadline.as_millis() as u64 / tick + 1);
-        store.epoch_deadline_trap();
-        store
     }
 
     /// Run one event in a fresh instance. Never fails and never panics on
@@ -344,25 +357,89 @@ impl Runtime {
         budget: &CallBudget,
         event: &bindings::Event,
     ) -> CallOutcome {
+        self.call_in(&mut None, pre, budget, event, || {
+            GuestState::new(handler, Some(state), config, budget.limits.clone())
+        })
+    }
+
+    /// Run one event in `warm`'s instance when it holds one, else in a
+    /// fresh instance whose store data `data` builds. Afterwards `warm`
+    /// keeps the instance for the next event only if this call returned
+    /// `ok` and the instance has served fewer than
+    /// `budget.events_per_instance` events: anything else (a trap, a
+    /// timeout, a memory-cap hit, `retry` or `reject`) discards it, so a
+    /// guest left in a bad state never sees another event.
+    ///
+    /// `warm` must only ever hold instances of this `pre` (the caller keeps
+    /// one per handler version).
+    pub fn call_in(
+        &self,
+        warm: &mut Option<WarmInstance>,
+        pre: &HandlerPre<GuestState>,
+        budget: &CallBudget,
+        event: &bindings::Event,
+        data: impl FnOnce() -> GuestState,
+    ) -> CallOutcome {
         let started = Instant::now();
-        let data = GuestState::new(handler, Some(state), config, budget.limits.clone());
-        let mut store = self.store(data, budget.deadline);
-        let result = match pre.instantiate(&mut store) {
-            Err(e) => classify(&e, budget.deadline, &mut store, true),
-            Ok(instance) => match instance.call_handle(&mut store, event) {
-                Ok(Ok(())) => CallResult::Ok,
-                Ok(Err(bindings::HandleError::Retry(r))) => CallResult::Retry(r),
-                Ok(Err(bindings::HandleError::Reject(r))) => CallResult::Reject(r),
-                Err(e) => classify(&e, budget.deadline, &mut store, false),
-            },
+        let instantiated = warm.is_none();
+        let mut instance = match warm.take() {
+            Some(mut instance) => {
+                // Each event gets its whole deadline, counted from now.
+                self.set_deadline(&mut instance.store, budget.deadline);
+                instance
+            }
+            None => {
+                let mut store = self.store(data(), budget.deadline);
+                match pre.instantiate(&mut store) {
+                    Ok(handler) => WarmInstance {
+                        store,
+                        handler,
+                        served: 0,
+                    },
+                    Err(e) => {
+                        let result = classify(&e, budget.deadline, &mut store, true);
+                        return CallOutcome {
+                            result,
+                            effects: store.into_data().into_effects(),
+                            elapsed: started.elapsed(),
+                            instantiated,
+                        };
+                    }
+                }
+            }
         };
-        let effects = store.into_data().into_effects();
+        let result = match instance.handler.call_handle(&mut instance.store, event) {
+            Ok(Ok(())) => CallResult::Ok,
+            Ok(Err(bindings::HandleError::Retry(r))) => CallResult::Retry(r),
+            Ok(Err(bindings::HandleError::Reject(r))) => CallResult::Reject(r),
+            Err(e) => classify(&e, budget.deadline, &mut instance.store, false),
+        };
+        instance.served += 1;
+        let effects = instance.store.data_mut().take_effects();
+        let elapsed = started.elapsed();
+        if matches!(result, CallResult::Ok) && instance.served < budget.events_per_instance {
+            *warm = Some(instance);
+        }
+        // Otherwise the instance is dropped here: its pool slot is reset
+        // and freed.
         CallOutcome {
             result,
             effects,
-            elapsed: started.elapsed(),
+            elapsed,
+            instantiated,
         }
     }
+}
+
+/// A live handler instance kept between events of one batch, for handlers
+/// whose settings let one instance serve several events
+/// (`events_per_instance`): instantiating and tearing down a fresh
+/// instance is most of the per-event cost of a small handler.
+pub struct WarmInstance {
+    store: Store<GuestState>,
+    handler: Handler,
+    /// Events it has run.
+    served: u32,
 }
 
 /// Turn a wasmtime error from instantiating or calling into a result.

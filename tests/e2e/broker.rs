@@ -344,3 +344,58 @@ fn malformed_and_oversized_inputs_reach_the_dlq_while_the_rest_flows() {
     );
     host.stop().unwrap();
 }
+
+/// How many events the instance that ran `calls.{i}` had run, for each
+/// event `0..n` (the chaos guest's `calls` action), read from `/state`.
+fn calls_per_instance(host: &TestHost, n: usize) -> Vec<u64> {
+    (0..n)
+        .map(|i| {
+            let (status, body) = host.get(&format!("/state/chaos/calls.{i}"));
+            assert_eq!(status, 200, "calls.{i}: {body}");
+            serde_json::from_str::<Value>(&body).unwrap()["value"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn instances_serve_several_events_of_a_backlog_only_where_the_handler_allows_it() {
+    let c = Chaos::new();
+    // Declare the topology, then let a backlog build so that batches form.
+    c.start("").stop().unwrap();
+    let n = 300;
+    for i in 0..n {
+        c.send(&format!(r#"{{"action":"calls","key":"calls.{i}"}}"#));
+    }
+    let host = c.start("events_per_instance = 50");
+    host.wait_counter("chaos", "acked", n as u64);
+    let instances = host.counters("chaos")["instantiations"].as_u64().unwrap();
+    let calls = calls_per_instance(&host, n);
+    // How batches form depends on timing; that some instance served
+    // several events, and none more than 50, does not.
+    assert!(
+        (n as u64 / 50..n as u64).contains(&instances),
+        "{n} events took {instances} instances"
+    );
+    let most = calls.iter().max().copied().unwrap_or(0);
+    assert!((2..=50).contains(&most), "an instance ran {most} events");
+    assert_eq!(
+        host.handler("chaos")["events_per_instance"],
+        50,
+        "/handlers shows the setting"
+    );
+    host.stop().unwrap();
+
+    // The default: a fresh instance for every event, backlog or not.
+    let c = Chaos::new();
+    c.start("").stop().unwrap();
+    for i in 0..n {
+        c.send(&format!(r#"{{"action":"calls","key":"calls.{i}"}}"#));
+    }
+    let host = c.start("");
+    host.wait_counter("chaos", "acked", n as u64);
+    assert_eq!(host.counters("chaos")["instantiations"], n as u64);
+    assert!(calls_per_instance(&host, n).iter().all(|&c| c == 1));
+    host.stop().unwrap();
+}

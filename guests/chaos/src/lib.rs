@@ -13,6 +13,7 @@ wit_bindgen::generate!({ world: "handler", path: "../../wit", generate_all });
 mod json;
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use event_host::handler::publisher::{publish, Properties};
 use event_host::handler::types::{ExchangeKind, Subscription};
@@ -22,6 +23,10 @@ use wasi::keyvalue::{atomics, store as kv};
 use wasi::logging::logging::{log, Level};
 
 struct Chaos;
+
+/// Events this instance has handled (`calls`): shows whether the host
+/// gave the event a fresh instance or one that served events before.
+static CALLS: AtomicU64 = AtomicU64::new(0);
 
 fn text<'a>(v: &'a Value, field: &str) -> &'a str {
     v.get(field).and_then(Value::as_str).unwrap_or_default()
@@ -183,6 +188,14 @@ impl Guest for Chaos {
                 Err(HandleError::Retry("failed after publishing".into()))
             }
             "ledger" => ledger(&v, &event),
+            // How many events this instance has run, written to state
+            // `key`: 1 every time with a fresh instance per event.
+            "calls" => {
+                let calls = CALLS.fetch_add(1, Ordering::Relaxed) + 1;
+                bucket()?
+                    .set(text(&v, "key"), calls.to_string().as_bytes())
+                    .map_err(|e| HandleError::Retry(format!("state error: {e:?}")))
+            }
             "kv-set" => kv_set(&v),
             "kv-set-then-fail" => {
                 kv_set(&v)?;

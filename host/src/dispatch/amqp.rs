@@ -7,9 +7,10 @@
 //! 1. the consumer task receives deliveries (prefetch-bounded) and hands
 //!    them to
 //! 2. a worker thread, which takes whatever has arrived as one batch, runs
-//!    each event in a fresh instance (later events of the batch see earlier
-//!    ones' staged writes) and commits the whole batch in one transaction —
-//!    one fsync for many events;
+//!    each event in a fresh instance (or, where the handler allows it, in
+//!    one instance kept for several events of the batch; later events of
+//!    the batch see earlier ones' staged writes) and commits the whole
+//!    batch in one transaction — one fsync for many events;
 //! 3. the acker task publishes the batch's outbox messages and retry /
 //!    dead-letter copies, waits for the broker's confirms, and only then
 //!    acks — one `multiple` ack for the batch.
@@ -32,7 +33,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::Connection;
 use tokio::sync::{mpsc, watch};
 
-use super::{Committed, Dispatcher, Handled, Outcome};
+use super::{Committed, Dispatcher, Handled, Outcome, Warm};
 use crate::broker::{self, text};
 use crate::handler::HandlerVersion;
 use crate::health::Verdict;
@@ -108,8 +109,6 @@ pub async fn serve(
         unsettled.count.clone(),
         done_rx,
     ));
-    let label = Metrics::label(&name);
-
     let mut failure = None;
     loop {
         tokio::select! {
@@ -130,7 +129,7 @@ pub async fn serve(
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    metrics.in_flight.get_or_create(&label).inc();
+                    unsettled.gauge.inc();
                     unsettled.count.fetch_add(1, Ordering::Relaxed);
                     if work_tx.send(delivery).is_err() {
                         failure = Some(anyhow::anyhow!("dispatch thread of {name} stopped"));
@@ -244,12 +243,19 @@ fn run_batch(
     batch: Vec<lapin::message::Delivery>,
 ) -> Vec<Settled> {
     let ns = &*version.name;
+    // Resolved once per batch: a family lookup per event is a lock and a
+    // hash of the label.
     let label = Metrics::label(ns);
+    let instantiations = metrics.instantiations.get_or_create(&label).clone();
+    let latency = metrics.latency.get_or_create(&label).clone();
     let max_payload = version.settings.broker.max_payload_bytes;
     let mut executions = Vec::new();
     let mut pending = Vec::new();
     let mut settled: Vec<Option<Handled>> = Vec::with_capacity(batch.len());
     let mut inputs = Vec::with_capacity(batch.len());
+    // One instance may serve several events of the batch, when the
+    // handler allows it; it never outlives the batch.
+    let mut warm = Warm::default();
     for raw in &batch {
         let delivery = broker::to_delivery(raw);
         let mut result = None;
@@ -264,16 +270,15 @@ fn run_batch(
                 Default::default(),
             ));
         } else {
-            metrics.instantiations.get_or_create(&label).inc();
-            match dispatcher.execute(version, &delivery) {
+            match dispatcher.execute_in(version, &delivery, &mut warm) {
                 Ok(execution) => {
                     if let Some(commit) = &execution.commit {
                         dispatcher.state().stage(ns, &commit.writes);
                     }
-                    metrics
-                        .latency
-                        .get_or_create(&label)
-                        .observe(execution.elapsed.as_secs_f64());
+                    if execution.instantiated {
+                        instantiations.inc();
+                    }
+                    latency.observe(execution.elapsed.as_secs_f64());
                     pending.push(settled.len());
                     executions.push(execution);
                 }
@@ -283,6 +288,7 @@ fn run_batch(
         settled.push(result);
         inputs.push(delivery);
     }
+    drop(warm);
     let committed = dispatcher.commit(ns, executions);
     dispatcher.state().unstage(ns);
     match committed {
@@ -439,8 +445,13 @@ async fn acks(
         let mut outbox = Vec::new();
         let mut requeue = Vec::new();
         let mut ack_up_to = None;
+        // A batch is one handler's: its label is built once, and the
+        // common counters are added once per batch.
+        let Some(label) = batch.first().map(|s| Metrics::label(&s.version.name)) else {
+            continue;
+        };
+        let (mut acked, mut duplicates) = (0, 0);
         for s in &batch {
-            let label = Metrics::label(&s.version.name);
             let tag = s.delivery.delivery_tag;
             match s.handled.outcome {
                 Outcome::Ack => {
@@ -457,9 +468,9 @@ async fn acks(
                         ));
                     }
                     outbox.extend_from_slice(&s.handled.outbox_ids);
-                    metrics.acked.get_or_create(&label).inc();
+                    acked += 1;
                     if s.handled.duplicate {
-                        metrics.duplicates.get_or_create(&label).inc();
+                        duplicates += 1;
                     }
                 }
                 Outcome::Retry => {
@@ -562,13 +573,17 @@ async fn acks(
                 .basic_ack(tag, BasicAckOptions { multiple: true })
                 .await?;
         }
-        if let Some(first) = batch.first() {
-            metrics
-                .in_flight
-                .get_or_create(&Metrics::label(&first.version.name))
-                .dec_by(batch.len() as i64);
-            unsettled.fetch_sub(batch.len() as i64, Ordering::Relaxed);
+        // Counted once settled at the broker, like the in-flight gauge:
+        // `acked` means acked, not "about to be".
+        metrics.acked.get_or_create(&label).inc_by(acked);
+        if duplicates > 0 {
+            metrics.duplicates.get_or_create(&label).inc_by(duplicates);
         }
+        metrics
+            .in_flight
+            .get_or_create(&label)
+            .dec_by(batch.len() as i64);
+        unsettled.fetch_sub(batch.len() as i64, Ordering::Relaxed);
         // A rollback on the worker thread leaves the bad version's extra
         // bindings to remove; this is the first async place to do it.
         if entry.has_stale_bindings() {

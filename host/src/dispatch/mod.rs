@@ -9,13 +9,14 @@ use std::time::Duration;
 
 pub mod amqp;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::bindings;
 use crate::broker::{HANDLER_HEADER, VERSION_HEADER};
+use crate::guest::GuestState;
 use crate::handler::{sha256_hex, HandlerVersion};
-use crate::runtime::{CallResult, Runtime};
+use crate::runtime::{CallResult, Runtime, WarmInstance};
 use crate::state::{Commit, CommitOutcome, Outgoing, StateStore};
 
 /// One message as it arrived, in host terms (the broker adapter and replay
@@ -246,9 +247,22 @@ impl Dispatcher {
         }
     }
 
-    /// Run `delivery` through `handler` without committing: the outcome
-    /// and, for a successful call, the commit that makes it durable.
+    /// Run `delivery` through `handler` in a fresh instance without
+    /// committing: the outcome and, for a successful call, the commit that
+    /// makes it durable.
     pub fn execute(&self, handler: &HandlerVersion, delivery: &Delivery) -> Result<Execution> {
+        self.execute_in(handler, delivery, &mut Warm::default())
+    }
+
+    /// [`Dispatcher::execute`], in `warm`'s instance when the handler's
+    /// `events_per_instance` allows one instance to serve several events
+    /// (the broker path keeps one `Warm` per batch).
+    pub fn execute_in(
+        &self,
+        handler: &HandlerVersion,
+        delivery: &Delivery,
+        warm: &mut Warm,
+    ) -> Result<Execution> {
         let ns = &*handler.name;
         if let Some(id) = &delivery.message_id {
             if self.state.is_processed(ns, id)? {
@@ -260,26 +274,36 @@ impl Dispatcher {
             }
         }
         let event = delivery.to_event();
-        let call = self.runtime.call(
-            &handler.pre,
-            handler.name.clone(),
-            self.state.clone(),
-            handler.settings.config.clone(),
-            &handler.settings.budget,
-            &event,
-        );
+        let slot = warm.slot_for(handler);
+        let budget = &handler.settings.budget;
+        let call = self
+            .runtime
+            .call_in(slot, &handler.pre, budget, &event, || {
+                GuestState::new(
+                    handler.name.clone(),
+                    Some(self.state.clone()),
+                    handler.settings.config.clone(),
+                    budget.limits.clone(),
+                )
+            });
         log_output(handler, "stdout", &call.effects.stdout);
         log_output(handler, "stderr", &call.effects.stderr);
         let (outcome, reason) = decide(&call.result, event.attempt, handler.settings.max_attempts);
         if outcome != Outcome::Ack {
             tracing::debug!(handler = %handler.name, ?outcome, reason = reason.as_deref(), "event failed");
-            return Ok(Execution::settled(outcome, reason, call.elapsed));
+            return Ok(Execution {
+                instantiated: call.instantiated,
+                ..Execution::settled(outcome, reason, call.elapsed)
+            });
         }
         let publishes = stamp_publishes(handler, delivery, call.effects.publishes);
         if publishes.is_empty() && delivery.message_id.is_none() && !call.effects.txn.has_writes() {
             // Nothing to make durable (a read-only call's reads need no
             // validation: it changed nothing based on them).
-            return Ok(Execution::settled(Outcome::Ack, None, call.elapsed));
+            return Ok(Execution {
+                instantiated: call.instantiated,
+                ..Execution::settled(Outcome::Ack, None, call.elapsed)
+            });
         }
         let commit = call
             .effects
@@ -290,6 +314,7 @@ impl Dispatcher {
             reason,
             commit: Some(commit),
             elapsed: call.elapsed,
+            instantiated: call.instantiated,
         })
     }
 
@@ -297,48 +322,86 @@ impl Dispatcher {
     /// in order. A conflicted event is reported for re-running; everything
     /// else is settled.
     pub fn commit(&self, ns: &str, executions: Vec<Execution>) -> Result<Vec<Committed>> {
-        let commits: Vec<Commit> = executions.iter().filter_map(|e| e.commit.clone()).collect();
-        let mut outcomes = if commits.is_empty() {
-            Vec::new()
-        } else {
-            self.state
-                .commit(&commits)
-                .with_context(|| format!("committing state of handler {ns}"))?
-        }
-        .into_iter();
-        let mut commits = commits.into_iter();
-        let mut settled = Vec::with_capacity(executions.len());
+        // Commits move out of their executions: a batch's writes and
+        // publishes are not copied on the way to the store.
+        let mut commits = Vec::new();
+        let mut settled: Vec<Option<Committed>> = Vec::with_capacity(executions.len());
+        let mut elapsed = Vec::new();
         for e in executions {
-            if e.commit.is_none() {
-                settled.push(Committed::Done(Handled::without_effects(
+            match e.commit {
+                Some(commit) => {
+                    commits.push(commit);
+                    elapsed.push(e.elapsed);
+                    settled.push(None);
+                }
+                None => settled.push(Some(Committed::Done(Handled::without_effects(
                     e.outcome, e.reason, e.elapsed,
-                )));
-                continue;
+                )))),
             }
-            let commit = commits.next().context("commit list out of step")?;
-            settled.push(
-                match outcomes
-                    .next()
-                    .context("state store returned too few outcomes")?
-                {
-                    CommitOutcome::Committed { outbox_ids } => Committed::Done(Handled {
-                        outcome: Outcome::Ack,
-                        reason: None,
-                        published: commit.outbox,
-                        outbox_ids,
-                        duplicate: false,
-                        elapsed: e.elapsed,
-                    }),
-                    CommitOutcome::Duplicate => Committed::Done(Handled::without_effects(
-                        Outcome::Ack,
-                        Some(DUPLICATE.into()),
-                        e.elapsed,
-                    )),
-                    CommitOutcome::Conflict { key } => Committed::Conflict(key),
-                },
+        }
+        if commits.is_empty() {
+            return Ok(settled.into_iter().flatten().collect());
+        }
+        let outcomes = self
+            .state
+            .commit(&commits)
+            .with_context(|| format!("committing state of handler {ns}"))?;
+        if outcomes.len() != commits.len() {
+            bail!(
+                "state store returned {} outcomes for {} commits",
+                outcomes.len(),
+                commits.len()
             );
         }
-        Ok(settled)
+        let mut results = commits.into_iter().zip(outcomes).zip(elapsed);
+        let mut out = Vec::with_capacity(settled.len());
+        for slot in settled {
+            if let Some(done) = slot {
+                out.push(done);
+                continue;
+            }
+            let ((commit, outcome), elapsed) = results.next().context("commit list out of step")?;
+            out.push(match outcome {
+                CommitOutcome::Committed { outbox_ids } => Committed::Done(Handled {
+                    outcome: Outcome::Ack,
+                    reason: None,
+                    published: commit.outbox,
+                    outbox_ids,
+                    duplicate: false,
+                    elapsed,
+                }),
+                CommitOutcome::Duplicate => Committed::Done(Handled::without_effects(
+                    Outcome::Ack,
+                    Some(DUPLICATE.into()),
+                    elapsed,
+                )),
+                CommitOutcome::Conflict { key } => Committed::Conflict(key),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// At most one live instance, of one handler version, kept between the
+/// events of a batch (see [`Runtime::call_in`]). Dropping it frees the
+/// instance.
+#[derive(Default)]
+pub struct Warm {
+    /// sha256 of the version `instance` belongs to.
+    version: Option<String>,
+    instance: Option<WarmInstance>,
+}
+
+impl Warm {
+    /// The slot for `handler`'s instances. An instance of another version
+    /// (a batch never spans two, but nothing here relies on that) is
+    /// dropped rather than given this version's events.
+    fn slot_for(&mut self, handler: &HandlerVersion) -> &mut Option<WarmInstance> {
+        if self.version.as_deref() != Some(handler.sha256.as_str()) {
+            self.instance = None;
+            self.version = Some(handler.sha256.clone());
+        }
+        &mut self.instance
     }
 }
 
@@ -353,6 +416,8 @@ pub struct Execution {
     pub commit: Option<Commit>,
     /// Time spent in the guest.
     pub elapsed: Duration,
+    /// Whether running it made a new instance.
+    pub instantiated: bool,
 }
 
 impl Execution {
@@ -362,6 +427,7 @@ impl Execution {
             reason,
             commit: None,
             elapsed,
+            instantiated: false,
         }
     }
 }
