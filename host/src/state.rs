@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Context, Result};
+use growable_bloom_filter::GrowableBloom;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
@@ -208,9 +209,49 @@ struct ReadCache {
     entries: HashMap<String, HashMap<String, Option<Vec<u8>>>>,
     /// Approximate bytes held, to bound the cache.
     bytes: usize,
+    /// Every (namespace, key) the kv table may hold: a read of a key it
+    /// does not contain is answered "absent" without asking SQLite. Most
+    /// reads of absent keys are of keys never written — a handler's "have
+    /// I seen this order?" — and each would otherwise cost a B-tree
+    /// descent. Built from the table at open and fed every committed
+    /// write; deletes stay in it (a false "maybe" only costs the lookup).
+    /// `None` when the state holds more keys than it is kept for.
+    keys: Option<GrowableBloom>,
+    /// Reads that went to SQLite (for tests of the cache and the filter).
+    sqlite_reads: u64,
 }
 
 impl ReadCache {
+    /// Keys the filter is kept for (about 1.2 bytes each at its 1% false
+    /// positive rate: ~20 MiB at the bound). A state holding more is read
+    /// through SQLite for absent keys as well, as it would be without it.
+    const MAX_FILTERED_KEYS: usize = 16_000_000;
+
+    /// A cache over the kv table behind `conn`, with the key filter built
+    /// from every key it holds (when there are not too many).
+    fn over(conn: &Connection) -> Result<Self> {
+        let count: i64 = conn
+            .query_row("SELECT count(*) FROM kv", [], |r| r.get(0))
+            .context("counting state keys")?;
+        let count = usize::try_from(count).unwrap_or(usize::MAX);
+        let keys = if count > Self::MAX_FILTERED_KEYS {
+            None
+        } else {
+            let mut filter = GrowableBloom::new(0.01, (count * 2).max(100_000));
+            let mut stmt = conn.prepare("SELECT ns, key FROM kv")?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let (ns, key): (String, String) = (row.get(0)?, row.get(1)?);
+                filter.insert((ns.as_str(), key.as_str()));
+            }
+            Some(filter)
+        };
+        Ok(Self {
+            keys,
+            ..Self::default()
+        })
+    }
+
     /// Bound on what the cache holds. Past it the cache starts over: hot
     /// keys come back at once, and the memory stays bounded whatever the
     /// handlers store.
@@ -225,9 +266,28 @@ impl ReadCache {
         if let Some(value) = self.entries.get(ns).and_then(|keys| keys.get(key)) {
             return Ok(value.clone());
         }
+        if self.keys.as_ref().is_some_and(|f| !f.contains((ns, key))) {
+            // Never written: absent, and not worth a cache entry (the
+            // filter answers again as cheaply).
+            return Ok(None);
+        }
+        self.sqlite_reads += 1;
         let value = read_kv(conn, ns, key)?;
         self.insert(ns, key, value.clone());
         Ok(value)
+    }
+
+    /// A committed write (or delete, `None`) of `key`.
+    fn committed(&mut self, ns: &str, key: &str, value: Option<Vec<u8>>) {
+        if value.is_some() {
+            if let Some(filter) = &mut self.keys {
+                filter.insert((ns, key));
+                if filter.len() > Self::MAX_FILTERED_KEYS {
+                    self.keys = None;
+                }
+            }
+        }
+        self.insert(ns, key, value);
     }
 
     fn insert(&mut self, ns: &str, key: &str, value: Option<Vec<u8>>) {
@@ -373,7 +433,7 @@ impl StateStore {
         conn.execute_batch(SCHEMA)
             .context("creating state schema")?;
         migrate_legacy_outbox(&mut conn)?;
-        let cache = ReadCache::default();
+        let cache = ReadCache::over(&conn)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 staged: Mutex::new(HashMap::new()),
@@ -553,7 +613,7 @@ impl StateStore {
         }
         tx.commit().context("committing state transaction")?;
         for ((ns, key), value) in written {
-            cache.insert(ns, key, value.map(<[u8]>::to_vec));
+            cache.committed(ns, key, value.map(<[u8]>::to_vec));
         }
         Ok(outcomes)
     }
@@ -826,6 +886,62 @@ mod tests {
         store.forget_outbox_later(vec![row, row, row]);
         store.commit(&[])?;
         assert!(store.pending_outbox()?.is_empty());
+        Ok(())
+    }
+
+    fn sqlite_reads(store: &StateStore) -> u64 {
+        store.db().cache.sqlite_reads
+    }
+
+    #[test]
+    fn absent_keys_cost_no_sqlite_read_and_present_ones_are_never_missed() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = StateStore::open(dir.path(), Durability::Normal)?;
+        let mut txn = Txn::default();
+        for i in 0..1000 {
+            txn.set(&format!("order.{i}"), b"reserved".to_vec());
+        }
+        txn.set("gone", b"x".to_vec());
+        store.commit(&[commit_of(txn, None)])?;
+        let mut txn = Txn::default();
+        txn.delete("gone");
+        store.commit(&[commit_of(txn, None)])?;
+        drop(store);
+
+        // Reopened: the filter is rebuilt from the table, and the read
+        // cache starts empty, so every answer below is the filter's or
+        // SQLite's.
+        let store = StateStore::open(dir.path(), Durability::Normal)?;
+        let before = sqlite_reads(&store);
+        for i in 1000..11_000 {
+            assert_eq!(store.get("h", &format!("order.{i}"))?, None);
+        }
+        let misses = sqlite_reads(&store) - before;
+        assert!(
+            misses < 500,
+            "10000 never-written keys took {misses} SQLite reads (1% false positives expected)"
+        );
+        for i in 0..1000 {
+            assert_eq!(
+                store.get("h", &format!("order.{i}"))?.as_deref(),
+                Some(&b"reserved"[..]),
+                "order.{i} was committed"
+            );
+            assert_eq!(store.get("other", &format!("order.{i}"))?, None);
+        }
+        assert_eq!(store.get("h", "gone")?, None, "a deleted key stays deleted");
+
+        // Written after the open: found too, in this process and the next.
+        let mut txn = Txn::default();
+        txn.set("late", b"1".to_vec());
+        store.commit(&[commit_of(txn, None)])?;
+        // As after the cache starts over at its bound: the filter alone
+        // must still say "maybe".
+        store.db().cache.entries.clear();
+        assert_eq!(store.get("h", "late")?.as_deref(), Some(&b"1"[..]));
+        drop(store);
+        let store = StateStore::open(dir.path(), Durability::Normal)?;
+        assert_eq!(store.get("h", "late")?.as_deref(), Some(&b"1"[..]));
         Ok(())
     }
 
