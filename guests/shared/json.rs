@@ -19,7 +19,9 @@ pub fn parse(payload: &[u8]) -> Result<Value, String> {
     serde_json::from_slice(payload).map_err(|e| format!("payload is not JSON: {e}"))
 }
 
-fn check_depth(payload: &[u8]) -> Result<(), String> {
+/// Refuses `payload` when it nests deeper than [`MAX_DEPTH`], without
+/// parsing it.
+pub fn check_depth(payload: &[u8]) -> Result<(), String> {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for &b in payload {
         if in_string {

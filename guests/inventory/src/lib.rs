@@ -12,10 +12,14 @@
 wit_bindgen::generate!({ world: "handler", path: "../../wit", generate_all });
 
 #[path = "../../shared/json.rs"]
+#[allow(dead_code)] // `parse` builds a whole `Value`; inventory reads a typed shape
 mod json;
 
 use event_host::handler::publisher::{publish, Properties};
 use event_host::handler::types::{ExchangeKind, Subscription};
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use wasi::config::store as config;
 use wasi::keyvalue::atomics::{self, Cas, CasError};
@@ -34,21 +38,39 @@ struct Order {
     quantity: i64,
 }
 
+/// The fields inventory reads, as given: parsed straight into this shape
+/// (other fields are skipped without being built), then validated with
+/// reasons of our own.
+#[derive(Deserialize)]
+struct RawOrder {
+    id: Option<Value>,
+    item: Option<Value>,
+    quantity: Option<Value>,
+}
+
 fn parse_order(payload: &[u8]) -> Result<Order, String> {
-    let v = json::parse(payload)?;
-    let obj = v.as_object().ok_or("payload is not a JSON object")?;
-    let id = obj.get("id").ok_or("missing field `id`")?.clone();
+    json::check_depth(payload)?;
+    // A struct would also accept a JSON array, positionally.
+    if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(match serde_json::from_slice::<Value>(payload) {
+            Ok(_) => "payload is not a JSON object".into(),
+            Err(e) => format!("payload is not JSON: {e}"),
+        });
+    }
+    let raw: RawOrder =
+        serde_json::from_slice(payload).map_err(|e| format!("payload is not JSON: {e}"))?;
+    let id = raw.id.ok_or("missing field `id`")?;
     let key = match &id {
         Value::Number(n) => n.to_string(),
         Value::String(s) if !s.is_empty() => s.clone(),
         _ => return Err("`id` must be a number or a non-empty string".into()),
     };
-    let item = match obj.get("item") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+    let item = match raw.item {
+        Some(Value::String(s)) if !s.is_empty() => s,
         Some(_) => return Err("`item` must be a non-empty string".into()),
         None => return Err("missing field `item`".into()),
     };
-    let quantity = match obj.get("quantity") {
+    let quantity = match raw.quantity {
         None => return Err("missing field `quantity`".into()),
         Some(q) => q.as_i64().ok_or("`quantity` must be an integer")?,
     };
@@ -63,6 +85,16 @@ fn parse_order(payload: &[u8]) -> Result<Order, String> {
     })
 }
 
+/// `inventory.reserved`: one per order, so encoded straight from this
+/// shape rather than through a JSON map.
+#[derive(Serialize)]
+struct Reservation<'a> {
+    order_id: &'a Value,
+    item: &'a str,
+    quantity: i64,
+    remaining: i64,
+}
+
 fn store_err(e: kv::Error) -> HandleError {
     // A state failure is the host's problem, and transient: try again.
     HandleError::Retry(format!("state error: {e:?}"))
@@ -72,22 +104,58 @@ fn parse_int(bytes: &[u8]) -> Option<i64> {
     std::str::from_utf8(bytes).ok()?.trim().parse().ok()
 }
 
-fn send(routing_key: &str, body: Value) -> Result<(), HandleError> {
+fn send(routing_key: &str, body: &impl Serialize) -> Result<(), HandleError> {
     let props = Properties {
         content_type: Some("application/json".into()),
         message_id: None,
         correlation_id: None,
         headers: vec![],
     };
-    // Operators may rename the exchange; tests give each run its own.
-    let exchange = config::get("inventory-exchange").ok().flatten();
-    publish(
-        exchange.as_deref().unwrap_or("inventory"),
-        routing_key,
-        body.to_string().as_bytes(),
-        &props,
-    )
-    .map_err(|e| HandleError::Retry(format!("publish refused: {e:?}")))
+    let body = serde_json::to_vec(body)
+        .map_err(|e| HandleError::Reject(format!("encoding {routing_key}: {e}")))?;
+    publish(&settings().exchange, routing_key, &body, &props)
+        .map_err(|e| HandleError::Retry(format!("publish refused: {e:?}")))
+}
+
+/// The handler config every event reads, read once per instance: it is
+/// fixed for an instance's life (a new version or config means new
+/// instances), and each `wasi:config` call is a trip into the host.
+struct Settings {
+    /// Where announcements go (`inventory-exchange`, default `inventory`;
+    /// operators may rename it, tests give each run its own).
+    exchange: String,
+    /// Whether every reservation is announced (`inventory.reserved`).
+    /// `announce-reservations = "false"` keeps only the exceptions —
+    /// rejected orders and low-stock alerts — for streams where nobody
+    /// consumes a message per order and the broker's cost of routing one
+    /// is not wanted.
+    announce_reservations: bool,
+    /// `low-stock-threshold`: below it, `inventory.low` is published.
+    low_stock_threshold: Option<i64>,
+}
+
+fn settings() -> &'static Settings {
+    static SETTINGS: OnceLock<Settings> = OnceLock::new();
+    SETTINGS.get_or_init(|| {
+        let get = |key: &str| config::get(key).ok().flatten();
+        Settings {
+            exchange: get("inventory-exchange").unwrap_or_else(|| "inventory".into()),
+            announce_reservations: get("announce-reservations").is_none_or(|v| v.trim() != "false"),
+            low_stock_threshold: get("low-stock-threshold").and_then(|raw| {
+                // A malformed threshold is logged and ignored: it must not
+                // hold up orders.
+                let parsed = raw.trim().parse().ok();
+                if parsed.is_none() {
+                    log(
+                        Level::Warn,
+                        "inventory",
+                        &format!("config `low-stock-threshold` is not an integer: {raw:?}"),
+                    );
+                }
+                parsed
+            }),
+        }
+    })
 }
 
 /// How many tries a reservation gets when its compare-and-swap finds the
@@ -163,21 +231,6 @@ fn reserve(bucket: &Bucket, item: &str, quantity: i64) -> Result<Outcome, Handle
     }
 }
 
-/// The configured low-stock threshold, if any. A malformed one is logged
-/// and ignored: it must not hold up orders.
-fn low_stock_threshold() -> Option<i64> {
-    let raw = config::get("low-stock-threshold").ok().flatten()?;
-    let parsed = raw.trim().parse().ok();
-    if parsed.is_none() {
-        log(
-            Level::Warn,
-            "inventory",
-            &format!("config `low-stock-threshold` is not an integer: {raw:?}"),
-        );
-    }
-    parsed
-}
-
 impl Guest for Inventory {
     fn manifest() -> Manifest {
         Manifest {
@@ -208,23 +261,29 @@ impl Guest for Inventory {
         match reserve(&bucket, &order.item, order.quantity)? {
             Outcome::Reserved { remaining } => {
                 bucket.set(&seen_key, b"reserved").map_err(store_err)?;
-                send(
-                    "inventory.reserved",
-                    json!({"order_id": order.id, "item": order.item,
-                           "quantity": order.quantity, "remaining": remaining}),
-                )?;
+                if settings().announce_reservations {
+                    send(
+                        "inventory.reserved",
+                        &Reservation {
+                            order_id: &order.id,
+                            item: &order.item,
+                            quantity: order.quantity,
+                            remaining,
+                        },
+                    )?;
+                }
                 log(
-                    Level::Info,
+                    Level::Debug,
                     "inventory",
                     &format!(
                         "reserved {} x {} for order {}, {} left",
                         order.quantity, order.item, order.key, remaining
                     ),
                 );
-                if let Some(threshold) = low_stock_threshold().filter(|t| remaining < *t) {
+                if let Some(threshold) = settings().low_stock_threshold.filter(|t| remaining < *t) {
                     send(
                         "inventory.low",
-                        json!({"item": order.item, "remaining": remaining, "threshold": threshold}),
+                        &json!({"item": order.item, "remaining": remaining, "threshold": threshold}),
                     )?;
                 }
             }
@@ -232,7 +291,7 @@ impl Guest for Inventory {
                 bucket.set(&seen_key, b"rejected").map_err(store_err)?;
                 send(
                     "inventory.rejected",
-                    json!({"order_id": order.id, "item": order.item, "quantity": order.quantity,
+                    &json!({"order_id": order.id, "item": order.item, "quantity": order.quantity,
                            "reason": reason, "available": available}),
                 )?;
             }
