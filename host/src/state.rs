@@ -14,12 +14,16 @@
 //! commit, outbox — so that a shared backend (PostgreSQL) can implement the
 //! same contract later without the dispatcher or guests changing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Context, Result};
 use growable_bloom_filter::GrowableBloom;
+// The maps here are hashed on every state read and write of every event:
+// foldhash (randomly seeded per process) is several times cheaper than
+// SipHash on short keys.
+use foldhash::{HashMap, HashMapExt};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
@@ -277,8 +281,11 @@ impl ReadCache {
         Ok(value)
     }
 
-    /// A committed write (or delete, `None`) of `key`.
-    fn committed(&mut self, ns: &str, key: &str, value: Option<Vec<u8>>) {
+    /// A committed write (or delete, `None`) of `key`. A cached key gets
+    /// its new value; an uncached one stays uncached: the hot keys are the
+    /// ones read before they are written (a stock level), while a key only
+    /// written (a dedupe record) would fill the cache for nothing.
+    fn committed(&mut self, ns: &str, key: &str, value: Option<&[u8]>) {
         if value.is_some() {
             if let Some(filter) = &mut self.keys {
                 filter.insert((ns, key));
@@ -287,7 +294,16 @@ impl ReadCache {
                 }
             }
         }
-        self.insert(ns, key, value);
+        let cached = self
+            .entries
+            .get_mut(ns)
+            .and_then(|keys| keys.get_mut(key));
+        if let Some(cached) = cached {
+            let old = cached.as_ref().map_or(0, Vec::len);
+            let new = value.map_or(0, <[u8]>::len);
+            *cached = value.map(<[u8]>::to_vec);
+            self.bytes = (self.bytes + new).saturating_sub(old);
+        }
     }
 
     fn insert(&mut self, ns: &str, key: &str, value: Option<Vec<u8>>) {
@@ -613,7 +629,7 @@ impl StateStore {
         }
         tx.commit().context("committing state transaction")?;
         for ((ns, key), value) in written {
-            cache.committed(ns, key, value.map(<[u8]>::to_vec));
+            cache.committed(ns, key, value);
         }
         Ok(outcomes)
     }
