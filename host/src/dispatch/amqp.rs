@@ -4,13 +4,13 @@
 //! Three stages per handler, so the broker round trips, the Wasm calls and
 //! the fsyncs overlap instead of adding up:
 //!
-//! 1. the consumer task receives deliveries (prefetch-bounded) and hands
-//!    them to
-//! 2. a worker thread, which takes whatever has arrived as one batch, runs
-//!    each event in a fresh instance (or, where the handler allows it, in
-//!    one instance kept for several events of the batch; later events of
-//!    the batch see earlier ones' staged writes) and commits the whole
-//!    batch in one transaction — one fsync for many events;
+//! 1. lapin's consumer receives deliveries (prefetch-bounded);
+//! 2. a worker thread waits on it, takes whatever has arrived as one
+//!    batch, runs each event in a fresh instance (or, where the handler
+//!    allows it, in one instance kept for several events of the batch;
+//!    later events of the batch see earlier ones' staged writes) and
+//!    commits the whole batch in one transaction — one fsync for many
+//!    events;
 //! 3. the acker task publishes the batch's outbox messages and retry /
 //!    dead-letter copies, waits for the broker's confirms, and only then
 //!    acks — one `multiple` ack for the batch.
@@ -21,11 +21,10 @@
 //! own idempotency keeps their effects single.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
 };
@@ -68,7 +67,7 @@ pub async fn serve(
     let consume_ch = broker::consumer_channel(&conn, settings.prefetch).await?;
     let publish_ch = broker::confirm_channel(&conn).await?;
     let tag = format!("event-host.{name}");
-    let mut consumer = consume_ch
+    let consumer = consume_ch
         .basic_consume(
             version.topology.queue.as_str().into(),
             tag.as_str().into(),
@@ -81,15 +80,6 @@ pub async fn serve(
     tracing::info!(handler = %name, queue = %version.topology.queue, version = %version.short_version(), "consuming");
     let mut lifecycle = entry.watch_lifecycle();
 
-    let (work_tx, work_rx) = std_mpsc::channel::<lapin::message::Delivery>();
-    let (done_tx, done_rx) = mpsc::channel::<Vec<Settled>>(16);
-    let worker = {
-        let (dispatcher, entry, metrics) = (dispatcher.clone(), entry.clone(), metrics.clone());
-        std::thread::Builder::new()
-            .name(format!("dispatch-{name}"))
-            .spawn(move || work(dispatcher, entry, metrics, work_rx, done_tx))
-            .context("starting the dispatch thread")?
-    };
     // Deliveries received and not yet settled; those left when this
     // consumer ends go back to the broker, and out of the in-flight gauge.
     let unsettled = Unsettled {
@@ -98,6 +88,21 @@ pub async fn serve(
             .get_or_create(&Metrics::label(&name))
             .clone(),
         count: Arc::new(AtomicI64::new(0)),
+    };
+    let (done_tx, done_rx) = mpsc::channel::<Vec<Settled>>(16);
+    let worker = {
+        let worker = Worker {
+            dispatcher: dispatcher.clone(),
+            entry: entry.clone(),
+            metrics: metrics.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            in_flight: unsettled.gauge.clone(),
+            unsettled: unsettled.count.clone(),
+        };
+        std::thread::Builder::new()
+            .name(format!("dispatch-{name}"))
+            .spawn(move || worker.run(consumer, done_tx))
+            .context("starting the dispatch thread")?
     };
     let mut acker = tokio::spawn(acks(
         conn.clone(),
@@ -109,56 +114,41 @@ pub async fn serve(
         unsettled.count.clone(),
         done_rx,
     ));
+    // Why serving stopped, when it was not asked to.
     let mut failure = None;
-    loop {
-        tokio::select! {
-            // Paused by the breaker or its file deleted: stop taking
-            // deliveries like a shutdown does; the queue keeps the rest.
-            _ = left_active(&mut lifecycle) => {
-                if let Err(e) = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
-                    failure = Some(anyhow::Error::from(e).context("cancelling the consumer"));
-                }
-                break;
+    tokio::select! {
+        // Paused by the breaker or its file deleted: stop taking
+        // deliveries like a shutdown does; the queue keeps the rest.
+        _ = left_active(&mut lifecycle) => {
+            if let Err(e) = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
+                failure = Some(anyhow::Error::from(e).context("cancelling the consumer"));
             }
-            _ = stop.changed() => {
-                // Stop taking deliveries; what is in flight still settles.
-                if let Err(e) = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
-                    failure = Some(anyhow::Error::from(e).context("cancelling the consumer"));
-                }
-                break;
+        }
+        _ = stop.changed() => {
+            // Stop taking deliveries; what is in flight still settles.
+            if let Err(e) = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
+                failure = Some(anyhow::Error::from(e).context("cancelling the consumer"));
             }
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    unsettled.gauge.inc();
-                    unsettled.count.fetch_add(1, Ordering::Relaxed);
-                    if work_tx.send(delivery).is_err() {
-                        failure = Some(anyhow::anyhow!("dispatch thread of {name} stopped"));
-                        break;
-                    }
-                }
-                Some(Err(e)) => {
-                    failure = Some(anyhow::Error::from(e).context("consumer stream failed"));
-                    break;
-                }
-                None => {
-                    failure = Some(anyhow::anyhow!("the broker cancelled the consumer of {name}"));
-                    break;
-                }
-            },
-            finished = &mut acker => {
-                failure = Some(match finished {
-                    Ok(Ok(())) => anyhow::anyhow!("acker of {name} stopped"),
-                    Ok(Err(e)) => e,
-                    Err(e) => anyhow::anyhow!("acker of {name} panicked: {e}"),
-                });
-                break;
-            }
+        }
+        // The acker stops early only when the worker did (its consumer
+        // ended: see below) or on a broker error.
+        finished = &mut acker => {
+            failure = match finished {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(e) => Some(anyhow::anyhow!("acker of {name} panicked: {e}")),
+            };
         }
     }
     entry.set_status(Status::Disconnected);
-    // Closing the work channel lets the worker finish its last batch and
-    // close the acker's channel; the acker then settles everything left.
-    drop(work_tx);
+    if failure.is_some() {
+        // The worker may be waiting for deliveries that will never be
+        // acked now: closing the channel ends its consumer.
+        let _ = consume_ch.close(200, "consumer failed".into()).await;
+    }
+    // Once cancelled, the consumer yields what the broker had already sent
+    // and then ends: the worker runs those, closes the acker's channel, and
+    // the acker settles everything left.
     if !acker.is_finished() {
         match acker.await {
             Ok(Ok(())) => {}
@@ -166,10 +156,19 @@ pub async fn serve(
             Err(e) => failure = failure.or(Some(anyhow::anyhow!("acker panicked: {e}"))),
         }
     }
-    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    let ended = tokio::task::spawn_blocking(move || worker.join()).await;
     let graceful = *stop.borrow() || !entry.is_active();
+    if failure.is_none() && !graceful {
+        failure = Some(match ended {
+            Ok(Ok(ConsumerEnd::Failed(e))) => e.context("consumer stream failed"),
+            Ok(Ok(ConsumerEnd::Cancelled)) => {
+                anyhow::anyhow!("the broker cancelled the consumer of {name}")
+            }
+            Ok(Ok(ConsumerEnd::AckerGone)) => anyhow::anyhow!("acker of {name} stopped"),
+            Ok(Err(_)) | Err(_) => anyhow::anyhow!("dispatch thread of {name} panicked"),
+        });
+    }
     if graceful {
-        // Deliveries never handed to the worker go back to the queue.
         let _ = consume_ch.close(200, "consumer stopped".into()).await;
     }
     match failure {
@@ -180,6 +179,16 @@ pub async fn serve(
         }
         None => Ok(()),
     }
+}
+
+/// Why a worker stopped taking deliveries.
+enum ConsumerEnd {
+    /// The consumer was cancelled (by this host, or by the broker).
+    Cancelled,
+    /// The consumer failed (the channel or connection broke).
+    Failed(anyhow::Error),
+    /// The acker is gone: nothing could settle another batch.
+    AckerGone,
 }
 
 /// A consumer's received-but-unsettled deliveries. Dropped when the
@@ -202,36 +211,67 @@ async fn left_active(lifecycle: &mut watch::Receiver<Lifecycle>) {
     let _ = lifecycle.wait_for(|l| *l != Lifecycle::Active).await;
 }
 
-/// The worker thread: batches in, settled batches out.
-fn work(
+/// The worker thread's context: it takes deliveries straight from the
+/// lapin consumer — no task in between, so an event crosses one thread
+/// (lapin's I/O thread to this one) on its way in — runs them in batches,
+/// and hands settled batches to the acker.
+struct Worker {
     dispatcher: Dispatcher,
     entry: Arc<Entry>,
     metrics: Arc<Metrics>,
-    rx: std_mpsc::Receiver<lapin::message::Delivery>,
-    tx: mpsc::Sender<Vec<Settled>>,
-) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(d) => batch.push(d),
-                Err(_) => break,
+    /// To wait on the consumer from this plain thread.
+    runtime: tokio::runtime::Handle,
+    /// The handler's in-flight gauge, and the consumer's share of it.
+    in_flight: prometheus_client::metrics::gauge::Gauge,
+    unsettled: Arc<AtomicI64>,
+}
+
+impl Worker {
+    /// Batches in, settled batches out, until the consumer ends.
+    fn run(self, mut consumer: lapin::Consumer, tx: mpsc::Sender<Vec<Settled>>) -> ConsumerEnd {
+        loop {
+            // Wait for one delivery, then take whatever else has arrived.
+            let mut end = None;
+            let mut batch = match self.runtime.block_on(consumer.next()) {
+                Some(Ok(first)) => vec![first],
+                Some(Err(e)) => return ConsumerEnd::Failed(e.into()),
+                None => return ConsumerEnd::Cancelled,
+            };
+            while batch.len() < MAX_BATCH {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(d))) => batch.push(d),
+                    Some(Some(Err(e))) => {
+                        end = Some(ConsumerEnd::Failed(e.into()));
+                        break;
+                    }
+                    Some(None) => {
+                        end = Some(ConsumerEnd::Cancelled);
+                        break;
+                    }
+                    None => break, // nothing more has arrived yet
+                }
             }
-        }
-        // A batch runs on the version current when it starts; events
-        // already in flight keep theirs.
-        let version = entry.version();
-        let settled = if entry.is_active() {
-            let settled = run_batch(&dispatcher, &version, &metrics, batch);
-            judge(&entry, &metrics, &settled);
-            settled
-        } else {
-            // Paused or removed since these arrived: they go back to the
-            // queue unrun, without spending an attempt.
-            requeue_unrun(&version, batch)
-        };
-        if tx.blocking_send(settled).is_err() {
-            return;
+            self.in_flight.inc_by(batch.len() as i64);
+            self.unsettled
+                .fetch_add(batch.len() as i64, Ordering::Relaxed);
+            // A batch runs on the version current when it starts; events
+            // already in flight keep theirs.
+            let version = self.entry.version();
+            let settled = if self.entry.is_active() {
+                let settled = run_batch(&self.dispatcher, &version, &self.metrics, batch);
+                judge(&self.entry, &self.metrics, &settled);
+                settled
+            } else {
+                // Paused or removed since these arrived: they go back to
+                // the queue unrun, without spending an attempt.
+                requeue_unrun(&version, batch)
+            };
+            if tx.blocking_send(settled).is_err() {
+                return ConsumerEnd::AckerGone;
+            }
+            if let Some(end) = end {
+                return end;
+            }
         }
     }
 }
