@@ -294,10 +294,7 @@ impl ReadCache {
                 }
             }
         }
-        let cached = self
-            .entries
-            .get_mut(ns)
-            .and_then(|keys| keys.get_mut(key));
+        let cached = self.entries.get_mut(ns).and_then(|keys| keys.get_mut(key));
         if let Some(cached) = cached {
             let old = cached.as_ref().map_or(0, Vec::len);
             let new = value.map_or(0, <[u8]>::len);
