@@ -2,17 +2,24 @@
 //!
 //! Run: `cargo bench -p event-host --bench broker` (RabbitMQ on
 //! `EVENT_HOST_AMQP_URL`, default local; `pip install pika`).
-//! `BENCH_EVENTS` overrides the event count (default 200000).
+//! `BENCH_EVENTS` overrides the event count (default 200000);
+//! `BENCH_HOST_ONLY=1` runs only the event-host drains (for profiling: the
+//! line "draining through event-host" on stderr marks each drain's start).
 //!
-//! In one run, the same prefilled queue of order events is drained by:
-//! - event-host with the `inventory` handler (fresh instance per event,
-//!   state committed durably, reservations published with confirms);
+//! In one run, the same number of prefilled order events is drained by:
+//! - event-host with the `inventory` handler (state committed durably in
+//!   batches, publishes confirmed before the ack), three ways: as
+//!   `examples/config.toml` runs it (one instance per batch, a reservation
+//!   published per order); with stock updates only (no per-order publish:
+//!   the same work as the two baselines, consume-parse-update-ack); and
+//!   that again with a fresh instance per event (the engine's default);
 //! - a plain lapin consumer doing the same JSON parse, same prefetch, acking
 //!   with `multiple` every 30 messages;
 //! - a Python pika consumer doing the same (scripts/bench_pika.py).
 //!
-//! Then publish-to-handled latency through event-host at a steady 50% of
-//! the drain rate it just measured, and at a low steady 500 events/s.
+//! Then publish-to-handled latency through the example deployment at a
+//! steady 50% of the drain rate it just measured, and at a low steady 500
+//! events/s.
 //!
 //! Beside each rate it prints the CPU each drain cost per event, read from
 //! `/proc`: the consumer's own (this process for event-host and lapin, the
@@ -261,6 +268,34 @@ fn receive_reservations(
     })
 }
 
+/// One way of running the host in the drain.
+struct HostVariant {
+    what: &'static str,
+    events_per_instance: u32,
+    /// inventory's `announce-reservations`.
+    announce: bool,
+}
+
+/// The drains the host runs, in order; the first is also the one whose
+/// latency is measured.
+const HOST_VARIANTS: [HostVariant; 3] = [
+    HostVariant {
+        what: "event-host + inventory, as examples/config.toml",
+        events_per_instance: 128,
+        announce: true,
+    },
+    HostVariant {
+        what: "event-host + inventory, stock only (no per-order publish)",
+        events_per_instance: 128,
+        announce: false,
+    },
+    HostVariant {
+        what: "event-host + inventory, stock only, fresh instance per event",
+        events_per_instance: 1,
+        announce: false,
+    },
+];
+
 fn main() {
     // Inventory logs every reservation at info; a log line per event on
     // stderr would measure the terminal, not the host. Operators who want
@@ -297,30 +332,51 @@ fn main() {
                 .unwrap();
         }
     });
-    let config = format!(
-        r#"
+    let config = |variant: &HostVariant| {
+        format!(
+            r#"
 [handlers.inventory]
 queue = "{host_queue}"
 prefetch = {PREFETCH}
+events_per_instance = {}
 subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
 [handlers.inventory.config]
 "stock.Laptop" = "1000000000000"
 "inventory-exchange" = "{out}"
-"#
-    );
+"announce-reservations" = "{}"
+"#,
+            variant.events_per_instance, variant.announce
+        )
+    };
 
     let broker = broker_pid();
 
-    // event-host: start once to declare its topology, stop, prefill, restart, time the drain.
-    TestHost::start(&["inventory"], &config).stop().unwrap();
-    prefill(&client, &orders, "", n);
-    let cpu = Cpu::now(broker);
-    let host = TestHost::start(&["inventory"], &config);
-    let started = Instant::now();
-    host.wait_counter("inventory", "acked", n as u64);
-    let host_rate = n as f64 / started.elapsed().as_secs_f64();
-    let host_cpu = Cpu::per_event(cpu, Cpu::now(broker), n, false);
-    host.stop().unwrap();
+    // event-host: start once to declare its topology; then, per variant,
+    // prefill, start, time the drain.
+    TestHost::start(&["inventory"], &config(&HOST_VARIANTS[0]))
+        .stop()
+        .unwrap();
+    let mut hosts = Vec::new();
+    for variant in &HOST_VARIANTS {
+        prefill(&client, &orders, "", n);
+        let cpu = Cpu::now(broker);
+        let host = TestHost::start(&["inventory"], &config(variant));
+        // The consumer starts before the host reports ready: time what is
+        // left of the queue from here. (Profilers wait for this line.)
+        let (before, started) = (host.counter("inventory", "acked"), Instant::now());
+        eprintln!("draining through event-host: {}", variant.what);
+        host.wait_counter("inventory", "acked", n as u64);
+        let rate = (n as u64 - before) as f64 / started.elapsed().as_secs_f64();
+        let cpu = Cpu::per_event(cpu, Cpu::now(broker), n, false);
+        host.stop().unwrap();
+        hosts.push((variant.what, rate, cpu));
+    }
+    if std::env::var_os("BENCH_HOST_ONLY").is_some() {
+        for (what, rate, (own, broker)) in &hosts {
+            println!("{what:<62} {rate:>8.0} events/s, own CPU {own:.1} µs/ev, broker {broker:.1?} µs/ev");
+        }
+        return;
+    }
 
     declare_queue(&client, &lapin_q);
     prefill(&client, "", &lapin_q, n);
@@ -334,9 +390,10 @@ subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
     let pika_rate = pika_drain(&pika_q, n);
     let pika_cpu = Cpu::per_event(cpu, Cpu::now(broker), n, true);
 
-    // Latency at 50% of the host's drain rate: publish at a steady pace,
-    // read the reservations inventory publishes, match by order id.
-    let host = TestHost::start(&["inventory"], &config);
+    // Latency at 50% of the example deployment's drain rate: publish at a
+    // steady pace, read the reservations inventory publishes, match by
+    // order id.
+    let host = TestHost::start(&["inventory"], &config(&HOST_VARIANTS[0]));
     declare_queue(&client, &probe);
     client.rt.block_on(async {
         client
@@ -351,7 +408,7 @@ subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
             .await
             .unwrap();
     });
-    let half = latency(&client, &orders, &probe, host_rate / 2.0, 10.0, 10_000_000);
+    let half = latency(&client, &orders, &probe, hosts[0].1 / 2.0, 10.0, 10_000_000);
     let low = latency(&client, &orders, &probe, 500.0, 5.0, 20_000_000);
     host.stop().unwrap();
 
@@ -359,16 +416,19 @@ subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
         "broker benchmark: {n} order events drained from a prefilled queue, prefetch {PREFETCH}"
     );
     println!(
-        "{:<52} {:>10} {:>7} {:>14} {:>12}",
-        "consumer", "events/s", "ratio", "own CPU µs/ev", "broker µs/ev"
+        "{:<62} {:>9} {:>8} {:>7} {:>14} {:>12}",
+        "consumer", "events/s", "x lapin", "x pika", "own CPU µs/ev", "broker µs/ev"
     );
     let broker_col = |b: Option<f64>| b.map_or("-".to_owned(), |b| format!("{b:.1}"));
+    for (what, rate, (own, broker)) in &hosts {
+        println!(
+            "{what:<62} {rate:>9.0} {:>7.2}x {:>6.2}x {own:>14.1} {:>12}",
+            rate / lapin_rate,
+            rate / pika_rate,
+            broker_col(*broker)
+        );
+    }
     for (what, rate, (own, broker)) in [
-        (
-            "event-host + inventory (Wasm, durable state, confirms)",
-            host_rate,
-            host_cpu,
-        ),
         (
             "plain lapin (JSON parse, multiple ack every 30)",
             lapin_rate,
@@ -376,22 +436,19 @@ subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
         ),
         ("python pika (same)", pika_rate, pika_cpu),
     ] {
-        let ratio = if what.starts_with("event-host") {
-            String::new()
-        } else {
-            format!("{:.2}x", host_rate / rate)
-        };
         println!(
-            "{what:<52} {rate:>10.0} {ratio:>7} {own:>14.1} {:>12}",
+            "{what:<62} {rate:>9.0} {:>8} {:>7} {own:>14.1} {:>12}",
+            "",
+            "",
             broker_col(broker)
         );
     }
-    println!("(ratio = event-host rate / that consumer's rate, same run; CPU per event drained, from /proc)");
+    println!("(x lapin, x pika = that event-host rate / the baseline's rate, same run; CPU per event drained, from /proc)");
     for ((rate, latencies), what) in [(half, "50% of drain rate"), (low, "a low, steady rate")] {
         let pct =
             |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
         println!(
-            "latency publish -> reservation received at {rate:.0} events/s ({what}), {} events: p50 {:.1} ms, p99 {:.1} ms",
+            "latency publish -> reservation received at {rate:.0} events/s ({what}, example deployment), {} events: p50 {:.1} ms, p99 {:.1} ms",
             latencies.len(),
             pct(0.50),
             pct(0.99)

@@ -6,7 +6,10 @@
 //!
 //! Prints p50/p99 in µs for the no-op handler and for `inventory`, beside a
 //! native Rust function doing the same JSON work, and the ratio of each to
-//! its native baseline measured in the same process.
+//! its native baseline measured in the same process. Two more rows run
+//! inventory the way the broker path does — batches executed, staged and
+//! committed together — with a fresh instance per event and with one
+//! instance for the whole batch (`events_per_instance`).
 
 #[path = "../../tests/e2e/support.rs"]
 mod support;
@@ -14,7 +17,7 @@ mod support;
 use std::collections::HashMap;
 use std::time::Instant;
 
-use event_host::dispatch::{Delivery, Outcome};
+use event_host::dispatch::{Committed, Delivery, Outcome, Warm};
 use serde_json::{json, Value};
 
 const WARMUP: usize = 2_000;
@@ -117,6 +120,53 @@ fn bench_inventory(h: &support::Harness) -> Stats {
     })
 }
 
+/// Events per batch in the batched cases: the broker path's largest batch.
+const BATCH: usize = 128;
+
+/// The broker path's shape: batches of [`BATCH`] orders, each event
+/// executed (in one instance for several events when the handler's config
+/// allows it), its writes staged for the next, then the batch committed in
+/// one transaction. Samples are µs per event of each batch.
+fn bench_inventory_batches(h: &support::Harness) -> Stats {
+    let handler = &h.handlers["inventory"];
+    let state = h.dispatcher.state();
+    let run = |b: usize| {
+        let mut warm = Warm::default();
+        let mut executions = Vec::with_capacity(BATCH);
+        for i in b * BATCH..(b + 1) * BATCH {
+            let execution = h
+                .dispatcher
+                .execute_in(handler, &delivery(order(i)), &mut warm)
+                .expect("no host fault");
+            if let Some(commit) = &execution.commit {
+                state.stage("inventory", &commit.writes);
+            }
+            executions.push(execution);
+        }
+        drop(warm);
+        let committed = h.dispatcher.commit("inventory", executions);
+        state.unstage("inventory");
+        for c in committed.expect("commit") {
+            assert!(matches!(c, Committed::Done(ref d) if d.outcome == Outcome::Ack));
+        }
+    };
+    let batches = (iterations() / BATCH).max(10);
+    for b in 0..WARMUP / BATCH {
+        run(b);
+    }
+    let mut samples = Vec::with_capacity(batches);
+    for b in 0..batches {
+        let start = Instant::now();
+        run(WARMUP / BATCH + b);
+        samples.push(start.elapsed().as_nanos() as f64 / 1000.0 / BATCH as f64);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    Stats {
+        p50: samples[samples.len() / 2],
+        p99: samples[samples.len() * 99 / 100],
+    }
+}
+
 fn main() {
     let default = support::Harness::new(&["noop", "inventory"], HANDLERS);
     let tuned = support::Harness::new(
@@ -130,10 +180,31 @@ fn main() {
         return;
     }
 
+    if std::env::args().any(|a| a == "--batched-only") {
+        // For profiling the broker path's dispatch share on its own.
+        let reuse = std::env::var("BENCH_REUSE").unwrap_or_else(|_| BATCH.to_string());
+        let h = support::Harness::new(
+            &["inventory"],
+            &format!("[handlers.inventory]\nevents_per_instance = {reuse}\n{HANDLERS}"),
+        );
+        let s = bench_inventory_batches(&h);
+        println!(
+            "inventory batched, events_per_instance {reuse}: p50 {:.2} µs p99 {:.2} µs",
+            s.p50, s.p99
+        );
+        return;
+    }
+
     let noop = bench_noop(&default);
     let noop_tuned = bench_noop(&tuned);
     let inventory = bench_inventory(&default);
     let inventory_tuned = bench_inventory(&tuned);
+    let batched = bench_inventory_batches(&default);
+    let reused = support::Harness::new(
+        &["inventory"],
+        &format!("[handlers.inventory]\nevents_per_instance = {BATCH}\n{HANDLERS}"),
+    );
+    let batched_reused = bench_inventory_batches(&reused);
     let mut stock = HashMap::new();
     let mut seen = HashMap::new();
     let native = measure(|i| {
@@ -162,5 +233,8 @@ fn main() {
     row("noop, small-guest tuning", &noop_tuned);
     row("inventory, default engine config", &inventory);
     row("inventory, small-guest tuning", &inventory_tuned);
-    println!("(ratio = p50 / native baseline p50, same process)");
+    row("inventory, batches of 128, fresh instances", &batched);
+    row("inventory, batches of 128, one instance", &batched_reused);
+    println!("(ratio = p50 / native baseline p50, same process; batched rows: µs per event of a");
+    println!(" batch run and committed as the broker path does, events_per_instance 1 / {BATCH})");
 }

@@ -231,6 +231,11 @@ impl TestHost {
         self.handler(handler)["counters"].clone()
     }
 
+    /// One counter of `handler` (0 when absent).
+    pub fn counter(&self, handler: &str, counter: &str) -> u64 {
+        self.counters(handler)[counter].as_u64().unwrap_or(0)
+    }
+
     /// Wait until a counter of `handler` reaches `n`.
     pub fn wait_counter(&self, handler: &str, counter: &str, n: u64) {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -243,7 +248,8 @@ impl TestHost {
                 Instant::now() < deadline,
                 "timed out waiting for {handler}.{counter} >= {n}: {c}"
             );
-            std::thread::sleep(Duration::from_millis(50));
+            // Short: benchmarks time drains by this.
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

@@ -92,3 +92,30 @@ fn dockerfile_builds_the_host_and_the_example_handlers() {
         "builder image matches rust-toolchain.toml ({channel})"
     );
 }
+
+#[test]
+fn the_example_config_loads_the_example_handlers() {
+    // The quickstart and the Docker image both run with this file: a knob
+    // renamed in the code must not leave it behind.
+    let config = event_host::config::Config::load(&repo_root().join("examples/config.toml"))
+        .expect("examples/config.toml parses");
+    let runtime = std::sync::Arc::new(
+        event_host::runtime::Runtime::new(config.runtime.clone()).expect("runtime"),
+    );
+    for name in ["inventory", "order-publisher"] {
+        let version =
+            event_host::handler::load_file(&runtime, &config, &crate::support::guest(name))
+                .unwrap_or_else(|e| panic!("{name} loads with the example config: {e:#}"));
+        if name == "inventory" {
+            assert_eq!(version.settings.budget.events_per_instance, 128);
+            assert_eq!(
+                version
+                    .settings
+                    .config
+                    .get("stock.Laptop")
+                    .map(String::as_str),
+                Some("10")
+            );
+        }
+    }
+}
