@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use event_host::dispatch::{Delivery, Outcome, Warm};
+use event_host::dispatch::{Delivery, Execution, Outcome, Warm};
 use event_host::runtime::CallResult;
 
 use crate::support::{guest, Harness};
@@ -196,24 +196,28 @@ fn a_component_of_another_world_is_refused_by_loading() {
     );
 }
 
-/// Run `calls` events through `warm` (as the broker path runs a batch) and
-/// return how many events each one's instance had run, from its own
-/// commit; every event writes one key and must carry only that write.
+/// Run one event with `payload` through chaos in `warm`'s instance, as
+/// the broker path runs each event of a batch.
+fn execute_in(h: &Harness, warm: &mut Warm, payload: &str) -> Execution {
+    let delivery = Delivery {
+        payload: payload.as_bytes().to_vec(),
+        exchange: "test".into(),
+        attempt: 1,
+        ..Delivery::default()
+    };
+    h.dispatcher
+        .execute_in(&h.handlers["chaos"], &delivery, warm)
+        .expect("no host fault")
+}
+
+/// Run `n` `calls` events through `warm` and return how many events each
+/// one's instance had run, from its own commit; every event writes one
+/// key and must carry only that write.
 fn calls_per_instance(h: &Harness, warm: &mut Warm, first: usize, n: usize) -> Vec<u64> {
-    let handler = &h.handlers["chaos"];
     (first..first + n)
         .map(|i| {
             let key = format!("calls.{i}");
-            let delivery = Delivery {
-                payload: format!(r#"{{"action":"calls","key":"{key}"}}"#).into_bytes(),
-                exchange: "test".into(),
-                attempt: 1,
-                ..Delivery::default()
-            };
-            let execution = h
-                .dispatcher
-                .execute_in(handler, &delivery, warm)
-                .expect("no host fault");
+            let execution = execute_in(h, warm, &format!(r#"{{"action":"calls","key":"{key}"}}"#));
             assert_eq!(execution.outcome, Outcome::Ack, "{:?}", execution.reason);
             let writes = execution.commit.expect("a commit").writes;
             assert_eq!(writes.len(), 1, "only this event's write: {writes:?}");
@@ -241,7 +245,6 @@ fn every_event_gets_a_fresh_instance_unless_the_handler_allows_reuse() {
 #[test]
 fn a_failed_call_never_leaves_its_instance_to_the_next_event() {
     let h = chaos("[handlers.chaos]\nevents_per_instance = 100");
-    let handler = &h.handlers["chaos"];
     let mut warm = Warm::default();
     assert_eq!(calls_per_instance(&h, &mut warm, 0, 2), [1, 2]);
     let mut next = 2;
@@ -251,16 +254,7 @@ fn a_failed_call_never_leaves_its_instance_to_the_next_event() {
         r#"{"action":"reject","reason":"bad"}"#,
         r#"{"action":"kv-set-then-fail","key":"k","value":"v"}"#,
     ] {
-        let delivery = Delivery {
-            payload: failing.as_bytes().to_vec(),
-            exchange: "test".into(),
-            attempt: 1,
-            ..Delivery::default()
-        };
-        let failed = h
-            .dispatcher
-            .execute_in(handler, &delivery, &mut warm)
-            .unwrap();
+        let failed = execute_in(&h, &mut warm, failing);
         assert_ne!(failed.outcome, Outcome::Ack, "{failing}");
         assert!(failed.commit.is_none(), "{failing}: no effects");
         // The events after it start over in a fresh instance.
@@ -278,32 +272,13 @@ fn a_reused_instance_gives_every_event_its_whole_deadline() {
     // Three 300 ms events in one instance under a 500 ms deadline: each is
     // timed from its own start, not the instance's.
     let h = chaos("[handlers.chaos]\nevents_per_instance = 10\ndeadline_ms = 500");
-    let handler = &h.handlers["chaos"];
     let mut warm = Warm::default();
     for _ in 0..3 {
-        let delivery = Delivery {
-            payload: br#"{"action":"burn","micros":300000}"#.to_vec(),
-            exchange: "test".into(),
-            attempt: 1,
-            ..Delivery::default()
-        };
-        let execution = h
-            .dispatcher
-            .execute_in(handler, &delivery, &mut warm)
-            .unwrap();
+        let execution = execute_in(&h, &mut warm, r#"{"action":"burn","micros":300000}"#);
         assert_eq!(execution.outcome, Outcome::Ack, "{:?}", execution.reason);
     }
     // Violated: a loop in the reused instance is still cut at 500 ms.
-    let delivery = Delivery {
-        payload: br#"{"action":"loop"}"#.to_vec(),
-        exchange: "test".into(),
-        attempt: 1,
-        ..Delivery::default()
-    };
-    let execution = h
-        .dispatcher
-        .execute_in(handler, &delivery, &mut warm)
-        .unwrap();
+    let execution = execute_in(&h, &mut warm, r#"{"action":"loop"}"#);
     assert_eq!(execution.outcome, Outcome::Retry);
     let reason = execution.reason.unwrap_or_default();
     assert!(reason.contains("deadline of 500 ms exceeded"), "{reason}");
