@@ -17,7 +17,10 @@
 //!   that again with a fresh instance per event (the engine's default);
 //! - a plain lapin consumer doing the same JSON parse, same prefetch, acking
 //!   with `multiple` every 30 messages;
-//! - a Python pika consumer doing the same (scripts/bench_pika.py).
+//! - a Python pika consumer doing the same (scripts/bench_pika.py);
+//! - the plain lapin consumer again, also publishing a persistent
+//!   reservation per order and acking a window only after its publishes
+//!   are confirmed: the example deployment's work, hand-written.
 //!
 //! Then, through the example deployment with this process publishing: the
 //! most a live stream sustains end to end (publishing as fast as one
@@ -45,7 +48,7 @@ use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 
 const PREFETCH: u16 = 256;
@@ -103,13 +106,19 @@ fn declare_queue(client: &Client, queue: &str) {
     });
 }
 
-/// The plain lapin consumer: parse, ack multiple every ACK_EVERY.
-fn lapin_drain(client: &Client, queue: &str, n: usize) -> f64 {
+/// The plain lapin consumer: parse, ack multiple every ACK_EVERY. With
+/// `announce` (an exchange), it also does what the example deployment
+/// does per order: publish a persistent JSON reservation with a message id,
+/// and ack a window only once the broker has confirmed its publishes —
+/// windows pipelined two deep, so it does not stall a round trip per window.
+fn lapin_drain(client: &Client, queue: &str, n: usize, announce: Option<&str>) -> f64 {
     client.rt.block_on(async {
         let ch = client.conn.create_channel().await.unwrap();
         ch.basic_qos(PREFETCH, BasicQosOptions::default())
             .await
             .unwrap();
+        let publish_ch = client.conn.create_channel().await.unwrap();
+        publish_ch.confirm_select(Default::default()).await.unwrap();
         let mut consumer = ch
             .basic_consume(
                 queue.into(),
@@ -121,15 +130,54 @@ fn lapin_drain(client: &Client, queue: &str, n: usize) -> f64 {
             .unwrap();
         let mut start = None;
         let mut seen = 0usize;
+        let mut remaining = 1_000_000_000_000i64;
+        // Windows whose publishes are out: (last delivery tag, confirms).
+        let mut windows = std::collections::VecDeque::new();
+        let mut confirms = Vec::new();
         while let Some(Ok(d)) = consumer.next().await {
             start.get_or_insert_with(Instant::now);
             let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
-            assert!(v["quantity"].as_i64().unwrap() > 0);
+            let quantity = v["quantity"].as_i64().unwrap();
+            assert!(quantity > 0);
+            if let Some(exchange) = announce {
+                remaining -= quantity;
+                let body = serde_json::to_vec(&serde_json::json!({
+                    "order_id": v["id"], "item": v["item"],
+                    "quantity": quantity, "remaining": remaining,
+                }))
+                .unwrap();
+                let mut headers = FieldTable::default();
+                headers.insert("x-handler".into(), AMQPValue::LongString("bench".into()));
+                let props = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into())
+                    .with_message_id(format!("bench:{}:0", v["id"]).into())
+                    .with_headers(headers);
+                confirms.push(
+                    publish_ch
+                        .basic_publish(
+                            exchange.into(),
+                            "inventory.reserved".into(),
+                            BasicPublishOptions::default(),
+                            &body,
+                            props,
+                        )
+                        .await
+                        .unwrap(),
+                );
+            }
             seen += 1;
             if (seen as u64).is_multiple_of(ACK_EVERY) || seen == n {
-                ch.basic_ack(d.delivery_tag, BasicAckOptions { multiple: true })
-                    .await
-                    .unwrap();
+                windows.push_back((d.delivery_tag, std::mem::take(&mut confirms)));
+                while windows.len() > 2 || (seen == n && !windows.is_empty()) {
+                    let (tag, confirms) = windows.pop_front().unwrap();
+                    for c in confirms {
+                        assert!(c.await.unwrap().is_ack());
+                    }
+                    ch.basic_ack(tag, BasicAckOptions { multiple: true })
+                        .await
+                        .unwrap();
+                }
             }
             if seen == n {
                 break;
@@ -347,11 +395,12 @@ fn main() {
     let out = unique("bench-inventory-events");
     let host_queue = unique("bench-inventory");
     let (lapin_q, pika_q) = (unique("bench-lapin"), unique("bench-pika"));
+    let lapin_pub_q = unique("bench-lapin-publishing");
     // Named (not exclusive) so the latency receiver can consume it from a
     // connection of its own; the cleanup deletes it.
     let probe = unique("bench-probe");
     client.cleanup_handler(&host_queue, 1000, &[&orders, &out]);
-    client.cleanup(&[&lapin_q, &pika_q, &probe], &[]);
+    client.cleanup(&[&lapin_q, &pika_q, &lapin_pub_q, &probe], &[]);
     client.rt.block_on(async {
         for (name, kind) in [
             (&orders, lapin::ExchangeKind::Fanout),
@@ -395,8 +444,9 @@ subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
         .unwrap();
     let rounds = rounds();
     let only_host = std::env::var_os("BENCH_HOST_ONLY").is_some();
-    // Per consumer (host variants, then lapin, then pika): one drain a round.
-    let mut drains: Vec<Vec<Drain>> = (0..HOST_VARIANTS.len() + 2).map(|_| Vec::new()).collect();
+    // Per consumer (host variants, then lapin, pika, and lapin publishing
+    // like the example deployment): one drain a round.
+    let mut drains: Vec<Vec<Drain>> = (0..HOST_VARIANTS.len() + 3).map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         for (i, variant) in HOST_VARIANTS.iter().enumerate() {
             prefill(&client, &orders, "", n);
@@ -417,7 +467,7 @@ subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
         declare_queue(&client, &lapin_q);
         prefill(&client, "", &lapin_q, n);
         let cpu = Cpu::now(broker);
-        let rate = lapin_drain(&client, &lapin_q, n);
+        let rate = lapin_drain(&client, &lapin_q, n, None);
         drains[HOST_VARIANTS.len()].push(Drain::new(rate, cpu, Cpu::now(broker), n, false));
 
         declare_queue(&client, &pika_q);
@@ -425,6 +475,12 @@ subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
         let cpu = Cpu::now(broker);
         let rate = pika_drain(&pika_q, n);
         drains[HOST_VARIANTS.len() + 1].push(Drain::new(rate, cpu, Cpu::now(broker), n, true));
+
+        declare_queue(&client, &lapin_pub_q);
+        prefill(&client, "", &lapin_pub_q, n);
+        let cpu = Cpu::now(broker);
+        let rate = lapin_drain(&client, &lapin_pub_q, n, Some(&out));
+        drains[HOST_VARIANTS.len() + 2].push(Drain::new(rate, cpu, Cpu::now(broker), n, false));
         let rates: Vec<String> = drains
             .iter()
             .map(|d| format!("{:.0}", d[round - 1].rate))
@@ -496,17 +552,19 @@ subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
         "broker benchmark: {n} order events drained from a prefilled queue, prefetch {PREFETCH}, {rounds} rounds"
     );
     println!(
-        "{:<62} {:>9} {:>8} {:>7} {:>14} {:>12}",
+        "{:<62} {:>9} {:>8} {:>7} {:>11} {:>14} {:>12}",
         "consumer (medians over the rounds)",
         "events/s",
         "x lapin",
         "x pika",
+        "x same work",
         "own CPU µs/ev",
         "broker µs/ev"
     );
-    let (lapin, pika) = (
+    let (lapin, pika, lapin_publishing) = (
         &drains[HOST_VARIANTS.len()],
         &drains[HOST_VARIANTS.len() + 1],
+        &drains[HOST_VARIANTS.len() + 2],
     );
     // Each round's ratio is taken within the round (drains minutes apart
     // on a shared machine differ more than drains seconds apart), then the
@@ -517,15 +575,24 @@ subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
     let names = HOST_VARIANTS.iter().map(|v| v.what).chain([
         "plain lapin (JSON parse, multiple ack every 30)",
         "python pika (same)",
+        "plain lapin, + a confirmed reservation published per order",
     ]);
     for (i, (what, runs)) in names.zip(&drains).enumerate() {
-        let (x_lapin, x_pika) = if i < HOST_VARIANTS.len() {
-            (
-                format!("{:.2}x", ratio(runs, lapin)),
-                format!("{:.2}x", ratio(runs, pika)),
-            )
-        } else {
-            (String::new(), String::new())
+        let (x_lapin, x_pika, x_same) = match HOST_VARIANTS.get(i) {
+            Some(variant) => {
+                // The lapin consumer that does this variant's work.
+                let same = if variant.announce {
+                    lapin_publishing
+                } else {
+                    lapin
+                };
+                (
+                    format!("{:.2}x", ratio(runs, lapin)),
+                    format!("{:.2}x", ratio(runs, pika)),
+                    format!("{:.2}x", ratio(runs, same)),
+                )
+            }
+            None => Default::default(),
         };
         let broker_cpu = if runs.iter().all(|d| d.broker.is_some()) {
             format!("{:.1}", median(runs.iter().filter_map(|d| d.broker)))
@@ -533,12 +600,12 @@ subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
             "-".into()
         };
         println!(
-            "{what:<62} {:>9.0} {x_lapin:>8} {x_pika:>7} {:>14.1} {broker_cpu:>12}",
+            "{what:<62} {:>9.0} {x_lapin:>8} {x_pika:>7} {x_same:>11} {:>14.1} {broker_cpu:>12}",
             median(runs.iter().map(|d| d.rate)),
             median(runs.iter().map(|d| d.own)),
         );
     }
-    println!("(x lapin, x pika = event-host rate / that baseline's rate in the same round; CPU per event drained, from /proc)");
+    println!("(x lapin, x pika = event-host rate / that baseline's rate in the same round; x same work = against the lapin consumer doing that row's work, publishes included; CPU per event drained, from /proc)");
     println!(
         "live stream, one publisher as fast as it can, the example deployment consuming: {live_rate:.0} events/s end to end ({:.2}x its prefilled drain)",
         live_rate / example_rate
