@@ -172,7 +172,10 @@ pub async fn declare(
     settings: &BrokerSettings,
 ) -> Result<()> {
     for sub in subs {
-        ensure_exchange(conn, sub, settings.passive).await?;
+        ensure_exchange(conn, &sub.exchange, sub.kind, settings.passive).await?;
+    }
+    for out in &settings.publishes_to {
+        ensure_exchange(conn, &out.exchange, out.kind, settings.passive).await?;
     }
     let ch = conn.create_channel().await.context("opening a channel")?;
     let passive = QueueDeclareOptions {
@@ -329,20 +332,22 @@ pub async fn exchange_exists(conn: &Connection, exchange: &str) -> Result<bool> 
 
 /// Use an existing exchange as it is; declare it durable only when absent.
 /// A passive declare that fails closes its channel, hence a throwaway one.
-async fn ensure_exchange(conn: &Connection, sub: &Subscription, passive_only: bool) -> Result<()> {
-    if exchange_exists(conn, &sub.exchange).await? {
+async fn ensure_exchange(
+    conn: &Connection,
+    exchange: &str,
+    kind: ExchangeKind,
+    passive_only: bool,
+) -> Result<()> {
+    if exchange_exists(conn, exchange).await? {
         return Ok(());
     }
     if passive_only {
-        bail!(
-            "exchange {:?} does not exist (passive topology)",
-            sub.exchange
-        );
+        bail!("exchange {exchange:?} does not exist (passive topology)");
     }
     let ch = conn.create_channel().await.context("opening a channel")?;
     ch.exchange_declare(
-        sub.exchange.as_str().into(),
-        lapin_kind(sub.kind),
+        exchange.into(),
+        lapin_kind(kind),
         ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
@@ -350,13 +355,7 @@ async fn ensure_exchange(conn: &Connection, sub: &Subscription, passive_only: bo
         FieldTable::default(),
     )
     .await
-    .with_context(|| {
-        format!(
-            "declaring exchange {:?} ({})",
-            sub.exchange,
-            sub.kind.as_str()
-        )
-    })?;
+    .with_context(|| format!("declaring exchange {exchange:?} ({})", kind.as_str()))?;
     let _ = ch.close(200, "exchange declared".into()).await;
     Ok(())
 }

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::guest::CallLimits;
 use crate::health::HealthSettings;
-use crate::manifest::{Manifest, Subscription};
+use crate::manifest::{ExchangeKind, Manifest, Subscription};
 use crate::runtime::{CallBudget, RuntimeConfig};
 use crate::state::Durability;
 
@@ -126,6 +126,13 @@ pub struct HandlerConfig {
     pub events_per_instance: Option<u32>,
     /// Replace the manifest's subscriptions (pin the topology).
     pub subscriptions: Option<Vec<Subscription>>,
+    /// Exchanges the handler publishes to, declared with its topology
+    /// (durable, when absent; one that exists is used as it is). Without
+    /// it, what the handler publishes to an exchange nobody created is
+    /// dropped as unroutable (with a warning) until someone creates it.
+    /// With `passive`, they must exist. Only the handler's own section
+    /// counts (exchanges are per handler, not a default).
+    pub publishes_to: Option<Vec<OutputExchange>>,
     /// Work queue name (default: the handler name). Renaming it strands
     /// the events waiting in the old queue.
     pub queue: Option<String>,
@@ -299,7 +306,17 @@ impl Config {
                 .collect(),
             max_payload_bytes: (pick(|c| c.max_payload_kb.map(u64::from)).unwrap_or(1024) as usize)
                 << 10,
+            publishes_to: own.and_then(|c| c.publishes_to.clone()).unwrap_or_default(),
         };
+        for out in &broker.publishes_to {
+            // The default exchange ("") always exists and cannot be declared.
+            if out.exchange.is_empty() || out.exchange.len() > 255 {
+                bail!(
+                    "handler {:?}: publishes_to names an exchange of 1-255 bytes",
+                    manifest.name
+                );
+            }
+        }
 
         let defaults = HealthSettings::default();
         let rate = own
@@ -378,6 +395,16 @@ pub enum QueueType {
     Quorum,
 }
 
+/// An exchange a handler publishes to (`publishes_to`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputExchange {
+    /// Exchange name.
+    pub exchange: String,
+    /// Its kind, when the host declares it.
+    pub kind: ExchangeKind,
+}
+
 /// How a handler meets the broker.
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
@@ -393,6 +420,8 @@ pub struct BrokerSettings {
     pub retry_delays_ms: Vec<u64>,
     /// Payload cap in bytes.
     pub max_payload_bytes: usize,
+    /// Exchanges declared for what the handler publishes.
+    pub publishes_to: Vec<OutputExchange>,
 }
 
 /// A handler's effective settings: manifest with overrides applied, limits,
@@ -416,7 +445,6 @@ pub struct HandlerSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::ExchangeKind;
 
     fn manifest() -> Manifest {
         Manifest {
@@ -473,6 +501,35 @@ mod tests {
             c.resolve(&manifest())?.broker.retry_delays_ms,
             vec![100, 200, 400, 500, 500]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn output_exchanges_are_the_handlers_own_and_named() -> Result<()> {
+        let c = Config::parse(
+            r#"[handlers.inventory]
+            publishes_to = [{ exchange = "inventory", kind = "topic" }]"#,
+        )?;
+        assert_eq!(
+            c.resolve(&manifest())?.broker.publishes_to,
+            vec![OutputExchange {
+                exchange: "inventory".into(),
+                kind: ExchangeKind::Topic
+            }]
+        );
+        let other = Manifest {
+            name: "other".into(),
+            ..manifest()
+        };
+        assert!(c.resolve(&other)?.broker.publishes_to.is_empty());
+        let unnamed = Config::parse(
+            "[handlers.inventory]\npublishes_to = [{ exchange = '', kind = 'topic' }]",
+        )?;
+        assert!(unnamed.resolve(&manifest()).is_err());
+        assert!(Config::parse(
+            "[handlers.inventory]\npublishes_to = [{ exchange = 'x', kind = 'round' }]"
+        )
+        .is_err());
         Ok(())
     }
 

@@ -270,11 +270,12 @@ impl Reloader {
                 return Ok(());
             }
         }
-        // A version with the same subscriptions and queues as the one it
-        // replaces needs nothing new at the broker.
+        // A version with the same subscriptions, output exchanges and
+        // queues as the one it replaces needs nothing new at the broker.
         let unchanged = entry.as_ref().is_some_and(|e| {
             let current = e.version();
             current.settings.manifest.subscriptions == version.settings.manifest.subscriptions
+                && current.settings.broker.publishes_to == version.settings.broker.publishes_to
                 && current.topology == version.topology
                 && e.lifecycle() == Lifecycle::Active
         });

@@ -52,6 +52,38 @@ fn a_plain_client_publishing_with_no_properties_changes_stock() {
 }
 
 #[test]
+fn the_exchanges_a_handler_publishes_to_are_declared_with_its_topology() {
+    let inv = Inventory::new();
+    let mut client = Client::connect();
+    inv.cleanup(&mut client);
+    // Nobody declares inventory's output exchange: the host does, from
+    // `publishes_to`, before the first event can publish to it.
+    let extra = format!(
+        "publishes_to = [{{ exchange = {:?}, kind = \"topic\" }}]",
+        inv.events
+    );
+    let host = TestHost::start(&["inventory"], &inv.config(&extra));
+    // Binding fails (and the test with it) if the exchange is missing; the
+    // pattern matches only on a topic exchange, and the other binding
+    // would match too on a fanout one.
+    let reserved = client.bind_probe(&inv.events, "inventory.*");
+    let elsewhere = client.bind_probe(&inv.events, "audit.#");
+    client.publish(
+        &inv.orders,
+        "",
+        br#"{"id": 7, "item": "Laptop", "quantity": 2}"#,
+        BasicProperties::default(),
+    );
+    let got = client.take(&reserved, 1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1, "the reservation was routed");
+    assert_eq!(got[0].delivery.routing_key.as_str(), "inventory.reserved");
+    assert!(client
+        .take(&elsewhere, 1, Duration::from_millis(300))
+        .is_empty());
+    host.stop().unwrap();
+}
+
+#[test]
 fn a_plain_queue_receives_what_order_publisher_publishes() {
     let checkout = unique("checkout");
     let orders = unique("orders");

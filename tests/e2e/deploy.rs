@@ -117,5 +117,20 @@ fn the_example_config_loads_the_example_handlers() {
                 Some("10")
             );
         }
+        // Each declares the exchange it publishes to, so the quickstart's
+        // first order is routed rather than dropped as unroutable.
+        let outputs: Vec<&str> = version
+            .settings
+            .broker
+            .publishes_to
+            .iter()
+            .map(|o| o.exchange.as_str())
+            .collect();
+        let expected = if name == "inventory" {
+            "inventory"
+        } else {
+            "orders"
+        };
+        assert_eq!(outputs, [expected], "{name}'s output exchange");
     }
 }
