@@ -464,23 +464,22 @@ subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
         if only_host {
             continue;
         }
-        declare_queue(&client, &lapin_q);
-        prefill(&client, "", &lapin_q, n);
-        let cpu = Cpu::now(broker);
-        let rate = lapin_drain(&client, &lapin_q, n, None);
-        drains[HOST_VARIANTS.len()].push(Drain::new(rate, cpu, Cpu::now(broker), n, false));
-
-        declare_queue(&client, &pika_q);
-        prefill(&client, "", &pika_q, n);
-        let cpu = Cpu::now(broker);
-        let rate = pika_drain(&pika_q, n);
-        drains[HOST_VARIANTS.len() + 1].push(Drain::new(rate, cpu, Cpu::now(broker), n, true));
-
-        declare_queue(&client, &lapin_pub_q);
-        prefill(&client, "", &lapin_pub_q, n);
-        let cpu = Cpu::now(broker);
-        let rate = lapin_drain(&client, &lapin_pub_q, n, Some(&out));
-        drains[HOST_VARIANTS.len() + 2].push(Drain::new(rate, cpu, Cpu::now(broker), n, false));
+        // Each baseline drains a queue of its own, prefilled the same way.
+        let mut baseline = |index: usize, queue: &str, child: bool, drain: &dyn Fn() -> f64| {
+            declare_queue(&client, queue);
+            prefill(&client, "", queue, n);
+            let cpu = Cpu::now(broker);
+            let rate = drain();
+            drains[index].push(Drain::new(rate, cpu, Cpu::now(broker), n, child));
+        };
+        let first = HOST_VARIANTS.len();
+        baseline(first, &lapin_q, false, &|| {
+            lapin_drain(&client, &lapin_q, n, None)
+        });
+        baseline(first + 1, &pika_q, true, &|| pika_drain(&pika_q, n));
+        baseline(first + 2, &lapin_pub_q, false, &|| {
+            lapin_drain(&client, &lapin_pub_q, n, Some(&out))
+        });
         let rates: Vec<String> = drains
             .iter()
             .map(|d| format!("{:.0}", d[round - 1].rate))

@@ -47,6 +47,10 @@ fn measure(mut f: impl FnMut(usize)) -> Stats {
         f(WARMUP + i);
         samples.push(start.elapsed().as_nanos() as f64 / 1000.0);
     }
+    percentiles(samples)
+}
+
+fn percentiles(mut samples: Vec<f64>) -> Stats {
     samples.sort_by(|a, b| a.total_cmp(b));
     Stats {
         p50: samples[samples.len() / 2],
@@ -161,11 +165,15 @@ fn bench_inventory_batches(h: &support::Harness) -> Stats {
         run(WARMUP / BATCH + b);
         samples.push(start.elapsed().as_nanos() as f64 / 1000.0 / BATCH as f64);
     }
-    samples.sort_by(|a, b| a.total_cmp(b));
-    Stats {
-        p50: samples[samples.len() / 2],
-        p99: samples[samples.len() * 99 / 100],
-    }
+    percentiles(samples)
+}
+
+/// A harness running inventory with `events_per_instance` set.
+fn reusing_harness(events_per_instance: &str) -> support::Harness {
+    support::Harness::new(
+        &["inventory"],
+        &format!("[handlers.inventory]\nevents_per_instance = {events_per_instance}\n{HANDLERS}"),
+    )
 }
 
 fn main() {
@@ -184,11 +192,7 @@ fn main() {
     if std::env::args().any(|a| a == "--batched-only") {
         // For profiling the broker path's dispatch share on its own.
         let reuse = std::env::var("BENCH_REUSE").unwrap_or_else(|_| BATCH.to_string());
-        let h = support::Harness::new(
-            &["inventory"],
-            &format!("[handlers.inventory]\nevents_per_instance = {reuse}\n{HANDLERS}"),
-        );
-        let s = bench_inventory_batches(&h);
+        let s = bench_inventory_batches(&reusing_harness(&reuse));
         println!(
             "inventory batched, events_per_instance {reuse}: p50 {:.2} µs p99 {:.2} µs",
             s.p50, s.p99
@@ -201,11 +205,7 @@ fn main() {
     let inventory = bench_inventory(&default);
     let inventory_tuned = bench_inventory(&tuned);
     let batched = bench_inventory_batches(&default);
-    let reused = support::Harness::new(
-        &["inventory"],
-        &format!("[handlers.inventory]\nevents_per_instance = {BATCH}\n{HANDLERS}"),
-    );
-    let batched_reused = bench_inventory_batches(&reused);
+    let batched_reused = bench_inventory_batches(&reusing_harness(&BATCH.to_string()));
     let mut stock = HashMap::new();
     let mut seen = HashMap::new();
     let native = measure(|i| {
