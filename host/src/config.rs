@@ -309,13 +309,11 @@ impl Config {
             publishes_to: own.and_then(|c| c.publishes_to.clone()).unwrap_or_default(),
         };
         for out in &broker.publishes_to {
-            // The default exchange ("") always exists and cannot be declared.
-            if out.exchange.is_empty() || out.exchange.len() > 255 {
-                bail!(
-                    "handler {:?}: publishes_to names an exchange of 1-255 bytes",
-                    manifest.name
-                );
-            }
+            crate::manifest::validate_exchange(
+                &manifest.name,
+                &out.exchange,
+                "declared (publishes_to)",
+            )?;
         }
 
         let defaults = HealthSettings::default();
@@ -526,6 +524,16 @@ mod tests {
             "[handlers.inventory]\npublishes_to = [{ exchange = '', kind = 'topic' }]",
         )?;
         assert!(unnamed.resolve(&manifest()).is_err());
+        let long = Config::parse(&format!(
+            "[handlers.inventory]\npublishes_to = [{{ exchange = '{}', kind = 'topic' }}]",
+            "x".repeat(256)
+        ))?;
+        assert!(long.resolve(&manifest()).is_err());
+        // The same rule as for the exchanges a handler subscribes to.
+        let subscribed = Config::parse(
+            "[handlers.inventory]\nsubscriptions = [{ exchange = '', kind = 'fanout' }]",
+        )?;
+        assert!(subscribed.resolve(&manifest()).is_err());
         assert!(Config::parse(
             "[handlers.inventory]\npublishes_to = [{ exchange = 'x', kind = 'round' }]"
         )

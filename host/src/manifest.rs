@@ -105,15 +105,10 @@ impl Manifest {
     pub fn validate(&self) -> Result<()> {
         validate_name(&self.name)?;
         for sub in &self.subscriptions {
-            if sub.exchange.is_empty() {
+            validate_exchange(&self.name, &sub.exchange, "subscribed to")?;
+            if sub.binding_keys.iter().any(|k| k.len() > 255) {
                 bail!(
-                    "handler {:?}: the default exchange cannot be subscribed to",
-                    self.name
-                );
-            }
-            if sub.exchange.len() > 255 || sub.binding_keys.iter().any(|k| k.len() > 255) {
-                bail!(
-                    "handler {:?}: exchange names and binding keys are at most 255 bytes",
+                    "handler {:?}: binding keys are at most 255 bytes",
                     self.name
                 );
             }
@@ -123,6 +118,19 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// An exchange a handler names (to subscribe to, or to have declared) must
+/// be one the broker can bind and declare: not the default exchange (""),
+/// and at most 255 bytes (an AMQP short string). `role` says what for.
+pub fn validate_exchange(handler: &str, exchange: &str, role: &str) -> Result<()> {
+    if exchange.is_empty() {
+        bail!("handler {handler:?}: the default exchange cannot be {role}");
+    }
+    if exchange.len() > 255 {
+        bail!("handler {handler:?}: exchange names are at most 255 bytes ({role})");
+    }
+    Ok(())
 }
 
 /// Handler names become queue names and state namespaces: keep them to
