@@ -15,12 +15,16 @@ use serde::Deserialize;
 
 use crate::guest::CallLimits;
 use crate::health::HealthSettings;
+use crate::idempotency::IdempotencyKey;
 use crate::manifest::{ExchangeKind, Manifest, Subscription};
 use crate::runtime::{CallBudget, RuntimeConfig};
 use crate::state::Durability;
 
 /// The broker a fresh install talks to: RabbitMQ's defaults on this machine.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// How long dedupe records are kept by default: 7 days.
+pub const DEFAULT_DEDUPE_WINDOW_SECS: u64 = 7 * 24 * 3600;
 
 /// The host configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +66,18 @@ pub struct Config {
     /// Default `<state_path>/compiled`. Only the host should write there:
     /// its files are loaded as native code.
     pub cache_dir: Option<PathBuf>,
+    /// How long a dedupe record (an event's idempotency key, kept so a
+    /// redelivery is not applied twice) is kept, in seconds. Default
+    /// 604800 (7 days); records are pruned in the background. Set it
+    /// shorter than the longest time an event can spend in the broker
+    /// (retries, a dead-letter re-drive, a long outage) and a redelivery
+    /// that old is applied again; much longer only grows the state file.
+    pub dedupe_window_secs: u64,
+    /// Bearer token required by the admin endpoint for everything but
+    /// `/healthz`, `/readyz` and `/metrics` (also `EVENT_HOST_ADMIN_TOKEN`).
+    /// Default none: the endpoint is open to whoever can reach
+    /// `admin_addr`, and shows every handler's state. Never logged.
+    pub admin_token: Option<Secret>,
     /// Engine-wide limits.
     pub runtime: RuntimeConfig,
     /// Settings applied to every handler unless its own section overrides.
@@ -84,6 +100,8 @@ impl Default for Config {
             reload_debounce_ms: 10,
             load_timeout_secs: 60,
             cache_dir: None,
+            dedupe_window_secs: DEFAULT_DEDUPE_WINDOW_SECS,
+            admin_token: None,
             runtime: RuntimeConfig::default(),
             defaults: HandlerConfig::default(),
             handlers: BTreeMap::new(),
@@ -124,6 +142,17 @@ pub struct HandlerConfig {
     /// outcome stay its own either way, and any failed call discards the
     /// instance. Capped by the batch size (128).
     pub events_per_instance: Option<u32>,
+    /// Where an event carries the key it is deduplicated on (so a
+    /// redelivery after a crash between commit and ack is not applied
+    /// twice): `"message-id"` (default), a JSON pointer into the body
+    /// (RFC 6901, e.g. `"/id"`; the value must be a string or a number),
+    /// or `"header:NAME"`. An event without its key falls back to its
+    /// message id, then to at-least-once (counted in
+    /// `event_host_events_without_idempotency_key_total`); it is never
+    /// rejected for that. A key that is not unique per event (a field two
+    /// different events share) makes the second one a "duplicate": it is
+    /// acked without running.
+    pub idempotency_key: Option<IdempotencyKey>,
     /// Replace the manifest's subscriptions (pin the topology).
     pub subscriptions: Option<Vec<Subscription>>,
     /// Exchanges the handler publishes to, declared with its topology
@@ -177,7 +206,8 @@ pub struct HandlerConfig {
 impl Config {
     /// Apply `EVENT_HOST_*` environment overrides: `HANDLERS_DIR`,
     /// `STATE_PATH`, `AMQP_URL`, `ADMIN_ADDR`, `DURABILITY`,
-    /// `HEARTBEAT_SECS`, `DRAIN_TIMEOUT_SECS`, `WATCH`, `CACHE_DIR`.
+    /// `HEARTBEAT_SECS`, `DRAIN_TIMEOUT_SECS`, `WATCH`, `CACHE_DIR`,
+    /// `ADMIN_TOKEN`.
     pub fn apply_env(&mut self) -> Result<()> {
         let var = |name: &str| {
             std::env::var(format!("EVENT_HOST_{name}"))
@@ -212,6 +242,9 @@ impl Config {
         }
         if let Some(v) = var("CACHE_DIR") {
             self.cache_dir = Some(v.into());
+        }
+        if let Some(v) = var("ADMIN_TOKEN") {
+            self.admin_token = Some(Secret(v));
         }
         Ok(())
     }
@@ -365,6 +398,10 @@ impl Config {
                     .clamp(1, u64::from(u32::MAX)) as u32,
             },
             config: Arc::new(config),
+            idempotency_key: own
+                .and_then(|c| c.idempotency_key.clone())
+                .or_else(|| self.defaults.idempotency_key.clone())
+                .unwrap_or_default(),
         })
     }
 }
@@ -380,6 +417,18 @@ fn scalar_text(v: &toml::Value) -> Result<String> {
             other.type_str()
         ),
     })
+}
+
+/// A value that must not reach a log: its `Debug` shows only that it is
+/// set.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 /// Queue types a handler's work queue can have.
@@ -438,6 +487,8 @@ pub struct HandlerSettings {
     pub config: Arc<BTreeMap<String, String>>,
     /// Crash-loop breaker and rollback.
     pub health: HealthSettings,
+    /// Where its events carry the key they are deduplicated on.
+    pub idempotency_key: IdempotencyKey,
 }
 
 #[cfg(test)]
@@ -538,6 +589,23 @@ mod tests {
             "[handlers.inventory]\npublishes_to = [{ exchange = 'x', kind = 'round' }]"
         )
         .is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn idempotency_key_defaults_to_the_message_id() -> Result<()> {
+        let c = Config::parse("[handlers.inventory]\nidempotency_key = '/id'")?;
+        assert_eq!(
+            c.resolve(&manifest())?.idempotency_key,
+            IdempotencyKey::Pointer("/id".into())
+        );
+        let other = Manifest {
+            name: "other".into(),
+            ..manifest()
+        };
+        assert_eq!(c.resolve(&other)?.idempotency_key, IdempotencyKey::MessageId);
+        assert_eq!(c.dedupe_window_secs, DEFAULT_DEDUPE_WINDOW_SECS);
+        assert!(Config::parse("[handlers.inventory]\nidempotency_key = 'id'").is_err());
         Ok(())
     }
 

@@ -42,6 +42,7 @@ pub mod dispatch;
 pub mod guest;
 pub mod handler;
 pub mod health;
+pub mod idempotency;
 pub mod manifest;
 pub mod metrics;
 pub mod registry;

@@ -56,6 +56,12 @@ pub struct Metrics {
     pub load_failures: Counter,
     /// Files in the handlers folder currently refused.
     pub broken_files: Gauge<i64, AtomicI64>,
+    /// Events that committed with no idempotency key (neither the
+    /// configured one nor a message id): processed at least once, a
+    /// redelivery would run them again.
+    pub without_idempotency_key: Family<HandlerLabel, Counter>,
+    /// Dedupe records dropped for being older than `dedupe_window_secs`.
+    pub dedupe_pruned: Counter,
 }
 
 impl Default for Metrics {
@@ -92,6 +98,8 @@ impl Metrics {
             paused: Family::default(),
             load_failures: Counter::default(),
             broken_files: Gauge::default(),
+            without_idempotency_key: Family::default(),
+            dedupe_pruned: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -178,6 +186,16 @@ impl Metrics {
             "handler_broken_files",
             "Files in the handlers folder currently refused",
             m.broken_files.clone(),
+        );
+        registry.register(
+            "events_without_idempotency_key",
+            "Events run with no idempotency key (at-least-once)",
+            m.without_idempotency_key.clone(),
+        );
+        registry.register(
+            "dedupe_records_pruned",
+            "Dedupe records dropped past the dedupe window",
+            m.dedupe_pruned.clone(),
         );
         Self { registry, ..m }
     }

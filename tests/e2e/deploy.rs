@@ -54,6 +54,16 @@ fn compose_runs_rabbitmq_with_a_healthcheck_and_the_host_beside_it() {
     assert!(volumes.contains(&"./handlers:/handlers"), "{volumes:?}");
     assert_eq!(env(host, "EVENT_HOST_HANDLERS_DIR"), "/handlers");
     assert_eq!(env(host, "EVENT_HOST_ADMIN_ADDR"), "0.0.0.0:9090");
+    // The admin endpoint (handler state, no auth unless a token is set)
+    // is published on the loopback interface only.
+    let ports: Vec<&str> = host["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    assert_eq!(ports, ["127.0.0.1:9090:9090"]);
+    assert_eq!(env(host, "EVENT_HOST_ADMIN_TOKEN"), "${EVENT_HOST_ADMIN_TOKEN:-}");
 
     // The host must reach the broker by service name, as the user the
     // broker creates (guest is refused from other containers).
@@ -132,5 +142,13 @@ fn the_example_config_loads_the_example_handlers() {
             "orders"
         };
         assert_eq!(outputs, [expected], "{name}'s output exchange");
+        // The seed's messages carry no message-id: each handler dedupes on
+        // an id in the body (an order's, a checkout's).
+        let key = if name == "inventory" {
+            "/id"
+        } else {
+            "/checkout_id"
+        };
+        assert_eq!(version.settings.idempotency_key.to_string(), key);
     }
 }

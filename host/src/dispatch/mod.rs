@@ -15,7 +15,8 @@ use serde::Serialize;
 use crate::bindings;
 use crate::broker::{HANDLER_HEADER, VERSION_HEADER};
 use crate::guest::GuestState;
-use crate::handler::{sha256_hex, HandlerVersion};
+use crate::handler::HandlerVersion;
+use crate::idempotency;
 use crate::runtime::{CallResult, Runtime, WarmInstance};
 use crate::state::{Commit, CommitOutcome, Outgoing, StateStore};
 
@@ -189,8 +190,8 @@ impl Handled {
 /// How the reason of a dead-lettered, repeatedly failing event starts.
 const ATTEMPTS_EXHAUSTED: &str = "attempts exhausted";
 
-/// Reason given for an event whose message id already committed.
-const DUPLICATE: &str = "duplicate: message id already committed";
+/// Reason given for an event whose idempotency key already committed.
+const DUPLICATE: &str = "duplicate: idempotency key already committed";
 
 /// How many times an event is re-run when another event of the same
 /// handler changed what it read before it could commit.
@@ -264,8 +265,9 @@ impl Dispatcher {
         warm: &mut Warm,
     ) -> Result<Execution> {
         let ns = &*handler.name;
-        if let Some(id) = &delivery.message_id {
-            if self.state.is_processed(ns, id)? {
+        let key = idempotency::key_for(&handler.settings.idempotency_key, delivery);
+        if let Some(key) = &key {
+            if self.state.is_processed(ns, key)? {
                 return Ok(Execution::settled(
                     Outcome::Ack,
                     Some(DUPLICATE.into()),
@@ -296,25 +298,25 @@ impl Dispatcher {
                 ..Execution::settled(outcome, reason, call.elapsed)
             });
         }
-        let publishes = stamp_publishes(handler, delivery, call.effects.publishes);
-        if publishes.is_empty() && delivery.message_id.is_none() && !call.effects.txn.has_writes() {
+        let publishes = stamp_publishes(handler, delivery, key.as_deref(), call.effects.publishes);
+        if publishes.is_empty() && key.is_none() && !call.effects.txn.has_writes() {
             // Nothing to make durable (a read-only call's reads need no
             // validation: it changed nothing based on them).
             return Ok(Execution {
                 instantiated: call.instantiated,
+                keyless: true,
                 ..Execution::settled(Outcome::Ack, None, call.elapsed)
             });
         }
-        let commit = call
-            .effects
-            .txn
-            .into_commit(ns, delivery.message_id.clone(), publishes);
+        let keyless = key.is_none();
+        let commit = call.effects.txn.into_commit(ns, key, publishes);
         Ok(Execution {
             outcome,
             reason,
             commit: Some(commit),
             elapsed: call.elapsed,
             instantiated: call.instantiated,
+            keyless,
         })
     }
 
@@ -418,6 +420,9 @@ pub struct Execution {
     pub elapsed: Duration,
     /// Whether running it made a new instance.
     pub instantiated: bool,
+    /// The event had no idempotency key (nor message id): it ran at least
+    /// once, a redelivery would run it again.
+    pub keyless: bool,
 }
 
 impl Execution {
@@ -428,6 +433,7 @@ impl Execution {
             commit: None,
             elapsed,
             instantiated: false,
+            keyless: false,
         }
     }
 }
@@ -441,38 +447,29 @@ pub enum Committed {
     Conflict(String),
 }
 
-/// Give every publish a stable message id (so a re-run after a crash
-/// publishes the same ids and downstream dedupe works), carry the input's
-/// correlation id when the guest set none, and say which handler version
-/// produced it (`x-event-host-handler`, `x-event-host-version`): after a
-/// hot reload, consumers and operators can tell the versions' output apart.
+/// Give every publish a message id derived from the event's idempotency
+/// key (so a re-run after a crash publishes the same ids and downstream
+/// dedupe works; with no key, ids unique to this call, so identical bodies
+/// never share one), carry the input's correlation id when the guest set
+/// none, and say which handler version produced it
+/// (`x-event-host-handler`, `x-event-host-version`): after a hot reload,
+/// consumers and operators can tell the versions' output apart.
 fn stamp_publishes(
     handler: &HandlerVersion,
     delivery: &Delivery,
+    key: Option<&str>,
     mut publishes: Vec<Outgoing>,
 ) -> Vec<Outgoing> {
     if publishes.is_empty() {
         return publishes;
     }
-    let base = match &delivery.message_id {
-        Some(id) => format!("{}:{id}", handler.name),
-        None => {
-            let mut seed = Vec::with_capacity(delivery.payload.len() + 64);
-            for part in [
-                handler.name.as_bytes(),
-                delivery.exchange.as_bytes(),
-                delivery.routing_key.as_bytes(),
-            ] {
-                seed.extend_from_slice(part);
-                seed.push(0);
-            }
-            seed.extend_from_slice(&delivery.payload);
-            format!("{}:{}", handler.name, &sha256_hex(&seed)[..16])
-        }
+    let base = match key {
+        Some(key) => format!("{}:{key}", handler.name),
+        None => format!("{}:{}", handler.name, idempotency::unique_id()),
     };
     for (i, p) in publishes.iter_mut().enumerate() {
         if p.message_id.is_none() {
-            p.message_id = Some(format!("{base}:{i}"));
+            p.message_id = Some(idempotency::bounded(format!("{base}:{i}")));
         }
         if p.correlation_id.is_none() {
             p.correlation_id = delivery.correlation_id.clone();
