@@ -1,5 +1,10 @@
 //! The admin HTTP endpoint: health, readiness, Prometheus metrics, the
 //! handler list and state inspection.
+//!
+//! With an `admin_token` configured, everything but the probes and the
+//! metrics (`/healthz`, `/readyz`, `/metrics`: what orchestrators and
+//! scrapers call without credentials, and which show no handler state)
+//! needs `Authorization: Bearer <token>`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,17 +30,63 @@ pub struct AdminState {
     pub state: StateStore,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The bearer token the protected routes require, if any.
+    pub token: Option<String>,
 }
 
 /// The routes.
 pub fn router(state: Arc<AdminState>) -> Router {
+    let protected = Router::new()
+        .route("/handlers", get(handlers))
+        .route("/state/{handler}/{*key}", get(state_value))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/handlers", get(handlers))
-        .route("/state/{handler}/{*key}", get(state_value))
+        .merge(protected)
         .with_state(state)
+}
+
+/// Let the request through when no token is configured or it carries the
+/// right one; otherwise 401. The token is neither logged nor echoed.
+async fn require_token(
+    State(s): State<Arc<AdminState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = s.token.as_deref() else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(given) if token_matches(given, token) => next.run(request).await,
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "unauthorized: this admin endpoint needs `Authorization: Bearer <admin_token>`\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Compare in constant time: both sides are hashed first (so neither
+/// length nor a common prefix shows in the timing), then every byte of the
+/// digests is compared.
+fn token_matches(given: &str, expected: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (
+        Sha256::digest(given.as_bytes()),
+        Sha256::digest(expected.as_bytes()),
+    );
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Bind `addr` and serve until `stop` resolves. Returns the bound address
@@ -61,20 +112,13 @@ pub async fn serve(
 }
 
 async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
-    if s.registry.ready() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        let waiting: Vec<String> = s
-            .registry
-            .entries()
-            .iter()
-            .map(|e| format!("{}: {:?}", e.version().name, e.status()))
-            .collect();
-        (
+    match s.registry.not_ready(std::time::Instant::now()) {
+        None => (StatusCode::OK, "ready\n").into_response(),
+        Some(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", waiting.join(", ")),
+            format!("not ready: {why}\n"),
         )
-            .into_response()
+            .into_response(),
     }
 }
 
@@ -186,5 +230,18 @@ fn display_value(bytes: &[u8]) -> Value {
     match std::str::from_utf8(bytes) {
         Ok(s) => json!(s),
         Err(_) => json!(bytes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_match_only_exactly() {
+        assert!(token_matches("s3cret", "s3cret"));
+        assert!(!token_matches("s3cre", "s3cret"));
+        assert!(!token_matches("s3cret ", "s3cret"));
+        assert!(!token_matches("", "s3cret"));
     }
 }

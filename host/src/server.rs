@@ -63,10 +63,21 @@ pub async fn run(
         tracing::info!("shutdown requested: finishing in-flight events");
         let _ = stop_tx.send(true);
     });
+    let pruner = tokio::spawn(prune_dedupe(
+        state.clone(),
+        config.dedupe_window_secs,
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
     let admin_state = Arc::new(AdminState {
         registry: registry.clone(),
         state: state.clone(),
         metrics: metrics.clone(),
+        token: config
+            .admin_token
+            .as_ref()
+            .map(|t| t.0.clone())
+            .filter(|t| !t.is_empty()),
     });
     let mut admin_stop = stop_rx.clone();
     let (admin_addr, admin_task) = admin::serve(&config.admin_addr, admin_state, async move {
@@ -122,11 +133,45 @@ pub async fn run(
         }
     }
     let _ = admin_task.await;
+    let _ = pruner.await;
     if let Some(watcher) = watcher {
         let _ = watcher.await;
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Longest time between two prunes of the dedupe records.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Drop dedupe records older than `window_secs`: once at start, then every
+/// [`PRUNE_EVERY`] (or every window, when shorter), on a blocking thread —
+/// never on the path of an event. A failed prune is logged and tried again
+/// next time; the records only take space meanwhile.
+async fn prune_dedupe(
+    state: StateStore,
+    window_secs: u64,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let window = i64::try_from(window_secs).unwrap_or(i64::MAX);
+    let every = PRUNE_EVERY.min(Duration::from_secs(window_secs.max(1)));
+    loop {
+        let store = state.clone();
+        match tokio::task::spawn_blocking(move || store.prune_processed(window)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                metrics.dedupe_pruned.inc_by(n as u64);
+                tracing::info!(records = n, window_secs, "pruned expired dedupe records");
+            }
+            Ok(Err(e)) => tracing::warn!("pruning dedupe records: {e:#}"),
+            Err(e) => tracing::warn!("pruning dedupe records: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stopped(&mut stop) => return,
+        }
+    }
 }
 
 /// Resolves once the stop flag is set (the guard `wait_for` returns is not

@@ -710,15 +710,36 @@ impl StateStore {
     }
 
     /// Drop dedupe records older than `max_age_secs`; they only need to
-    /// outlive any redelivery of their message.
+    /// outlive any redelivery of their message. Deletes in chunks of
+    /// [`PRUNE_CHUNK`] rows, each its own transaction, so events committing
+    /// meanwhile wait for one chunk at most, never for the whole table.
+    /// Returns how many records were dropped.
     pub fn prune_processed(&self, max_age_secs: i64) -> Result<usize> {
-        let cutoff = unix_now() - max_age_secs;
-        Ok(self
-            .db()
-            .conn
-            .execute("DELETE FROM processed WHERE at < ?1", params![cutoff])?)
+        self.prune_processed_before(unix_now().saturating_sub(max_age_secs))
+    }
+
+    fn prune_processed_before(&self, cutoff: i64) -> Result<usize> {
+        let mut total = 0;
+        loop {
+            let n = self
+                .db()
+                .conn
+                .prepare_cached(
+                    "DELETE FROM processed WHERE (ns, message_id) IN \
+                     (SELECT ns, message_id FROM processed WHERE at < ?1 LIMIT ?2)",
+                )?
+                .execute(params![cutoff, PRUNE_CHUNK as i64])
+                .context("pruning dedupe records")?;
+            total += n;
+            if n < PRUNE_CHUNK {
+                return Ok(total);
+            }
+        }
     }
 }
+
+/// Dedupe records deleted per transaction when pruning.
+const PRUNE_CHUNK: usize = 10_000;
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -750,6 +771,33 @@ mod tests {
         assert!(matches!(out[0], CommitOutcome::Committed { .. }));
         assert_eq!(store.get("h", "a")?, Some(b"2".to_vec()));
         assert_eq!(store.get("other", "a")?, None, "namespaces are separate");
+        Ok(())
+    }
+
+    #[test]
+    fn old_dedupe_records_are_pruned_and_fresh_ones_kept() -> Result<()> {
+        let store = StateStore::in_memory()?;
+        store.commit(&[commit_of(Txn::default(), Some("fresh"))])?;
+        // A record from eight days ago.
+        store.db().conn.execute(
+            "INSERT INTO processed (ns, message_id, at) VALUES ('h', 'old', ?1)",
+            params![unix_now() - 8 * 24 * 3600],
+        )?;
+        assert_eq!(store.prune_processed(7 * 24 * 3600)?, 1);
+        assert!(!store.is_processed("h", "old")?);
+        assert!(store.is_processed("h", "fresh")?);
+        // More than one chunk.
+        {
+            let db = store.db();
+            let mut insert = db
+                .conn
+                .prepare("INSERT INTO processed (ns, message_id, at) VALUES ('h', ?1, 0)")?;
+            for i in 0..PRUNE_CHUNK + 5 {
+                insert.execute(params![format!("old-{i}")])?;
+            }
+        }
+        assert_eq!(store.prune_processed(60)?, PRUNE_CHUNK + 5);
+        assert!(store.is_processed("h", "fresh")?);
         Ok(())
     }
 
