@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -86,6 +86,23 @@ pub struct Entry {
     /// still to remove at the broker (the session does it when it next
     /// declares this handler's topology).
     stale_bindings: Mutex<Vec<Subscription>>,
+    /// When the call running now started, and its deadline: a call far
+    /// past its deadline means the handler is stuck (see [`stuck_for`]).
+    call: Mutex<Option<(Instant, Duration)>>,
+}
+
+/// How far past its deadline a call may run before its handler counts as
+/// stuck: the deadline's interruption itself takes a little while (the
+/// epoch tick, unwinding, a blocking host call returning).
+pub const STUCK_GRACE: Duration = Duration::from_millis(500);
+
+/// How long past its deadline (and [`STUCK_GRACE`]) the call that started
+/// at `started` has run by `now`, when it has: the handler is stuck and
+/// not ready. Pure, with the clock passed in.
+pub fn stuck_for(started: Instant, deadline: Duration, now: Instant) -> Option<Duration> {
+    let ran = now.checked_duration_since(started)?;
+    let limit = deadline.saturating_add(STUCK_GRACE);
+    (ran > limit).then(|| ran - limit)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -107,7 +124,26 @@ impl Entry {
             refused: Mutex::new(HashSet::new()),
             note: Mutex::new(None),
             stale_bindings: Mutex::new(Vec::new()),
+            call: Mutex::new(None),
         }
+    }
+
+    /// A call of `version` starts now (the worker brackets every event
+    /// with this and [`Entry::call_ended`]).
+    pub fn call_started(&self, version: &HandlerVersion) {
+        *lock(&self.call) = Some((Instant::now(), version.settings.budget.deadline));
+    }
+
+    /// The running call ended.
+    pub fn call_ended(&self) {
+        *lock(&self.call) = None;
+    }
+
+    /// How long the running call has been past its deadline and grace at
+    /// `now`, if it is (see [`stuck_for`]).
+    pub fn stuck(&self, now: Instant) -> Option<Duration> {
+        let (started, deadline) = (*lock(&self.call))?;
+        stuck_for(started, deadline, now)
     }
 
     /// Handler name.
@@ -385,18 +421,41 @@ impl Registry {
     }
 
     /// Ready when at least one handler is present and every present,
-    /// unpaused one is consuming. Removed handlers do not count; a paused
-    /// one is a deliberate state, not a broken host.
+    /// unpaused one is consuming and not stuck in a call past its
+    /// deadline. Removed handlers do not count; a paused one is a
+    /// deliberate state, not a broken host.
     pub fn ready(&self) -> bool {
+        self.not_ready(Instant::now()).is_none()
+    }
+
+    /// Why the host is not ready at `now`, naming each handler that keeps
+    /// it from being; `None` when ready.
+    pub fn not_ready(&self, now: Instant) -> Option<String> {
         let present: Vec<_> = self
             .entries()
             .into_iter()
             .filter(|e| e.status() != Status::Removed)
             .collect();
-        !present.is_empty()
-            && present
-                .iter()
-                .all(|e| matches!(e.status(), Status::Consuming | Status::Paused))
+        if present.is_empty() {
+            return Some("no handlers loaded".into());
+        }
+        let waiting: Vec<String> = present
+            .iter()
+            .filter_map(|e| {
+                let status = e.status();
+                if !matches!(status, Status::Consuming | Status::Paused) {
+                    return Some(format!("{}: {status:?}", e.name()));
+                }
+                e.stuck(now).map(|past| {
+                    format!(
+                        "{}: stuck in a call {} ms past its deadline",
+                        e.name(),
+                        past.saturating_add(STUCK_GRACE).as_millis()
+                    )
+                })
+            })
+            .collect();
+        (!waiting.is_empty()).then(|| waiting.join(", "))
     }
 
     /// Record a refused file. Returns false when the same content was
@@ -435,6 +494,23 @@ mod tests {
             kind,
             binding_keys: keys.iter().map(|k| k.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn a_call_is_stuck_only_past_its_deadline_and_grace() {
+        let t0 = Instant::now();
+        let deadline = Duration::from_millis(500);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(stuck_for(t0, deadline, t0), None);
+        assert_eq!(stuck_for(t0, deadline, at(500)), None);
+        let limit = 500 + STUCK_GRACE.as_millis() as u64;
+        assert_eq!(stuck_for(t0, deadline, at(limit)), None);
+        assert_eq!(
+            stuck_for(t0, deadline, at(limit + 250)),
+            Some(Duration::from_millis(250))
+        );
+        // A clock read before the call started (another thread's `now`).
+        assert_eq!(stuck_for(at(10), deadline, t0), None);
     }
 
     #[test]

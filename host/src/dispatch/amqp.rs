@@ -258,7 +258,8 @@ impl Worker {
             // already in flight keep theirs.
             let version = self.entry.version();
             let settled = if self.entry.is_active() {
-                let settled = run_batch(&self.dispatcher, &version, &self.metrics, batch);
+                let settled =
+                    run_batch(&self.dispatcher, &self.entry, &version, &self.metrics, batch);
                 judge(&self.entry, &self.metrics, &settled);
                 settled
             } else {
@@ -278,6 +279,7 @@ impl Worker {
 
 fn run_batch(
     dispatcher: &Dispatcher,
+    entry: &Entry,
     version: &Arc<HandlerVersion>,
     metrics: &Metrics,
     batch: Vec<lapin::message::Delivery>,
@@ -310,13 +312,20 @@ fn run_batch(
                 Default::default(),
             ));
         } else {
-            match dispatcher.execute_in(version, &delivery, &mut warm) {
+            // Bracketed so `/readyz` can tell a call stuck past its deadline.
+            entry.call_started(version);
+            let executed = dispatcher.execute_in(version, &delivery, &mut warm);
+            entry.call_ended();
+            match executed {
                 Ok(execution) => {
                     if let Some(commit) = &execution.commit {
                         dispatcher.state().stage(ns, &commit.writes);
                     }
                     if execution.instantiated {
                         instantiations.inc();
+                    }
+                    if execution.keyless {
+                        metrics.without_idempotency_key.get_or_create(&label).inc();
                     }
                     latency.observe(execution.elapsed.as_secs_f64());
                     pending.push(settled.len());
@@ -337,9 +346,12 @@ fn run_batch(
                 settled[index] = Some(match result {
                     Committed::Done(handled) => handled,
                     // Another writer changed what it read: run it alone.
-                    Committed::Conflict(_) => dispatcher
-                        .dispatch(version, &inputs[index])
-                        .unwrap_or_else(|e| host_fault(&e)),
+                    Committed::Conflict(_) => {
+                        entry.call_started(version);
+                        let rerun = dispatcher.dispatch(version, &inputs[index]);
+                        entry.call_ended();
+                        rerun.unwrap_or_else(|e| host_fault(&e))
+                    }
                 });
             }
         }
