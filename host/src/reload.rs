@@ -14,9 +14,14 @@
 //!   finish on theirs);
 //! - a file that fails any step is refused: reported once per content in
 //!   the log, `/handlers` and `/metrics`, and the old version keeps
-//!   serving;
+//!   serving. A refusal by the broker (declaring its topology failed) is
+//!   not final: the unchanged file is tried again on the next pass or
+//!   connection;
 //! - a deleted file's handler stops consuming; its queue stays, and its
-//!   events wait there until a file for it returns.
+//!   events wait there until a file for it returns. A file refused because
+//!   another file provides its handler takes over when that one goes; a
+//!   file replaced by a component of another handler stops the old one
+//!   the same way.
 //!
 //! Dot-files are ignored: the safe install is to write `.name.wasm` (or
 //! anywhere else on the same filesystem) and rename it into place, which
@@ -53,6 +58,12 @@ struct Seen {
     sha256: String,
     /// The handler it provides, when it loaded.
     handler: Option<String>,
+    /// The handler it was refused for because another file provides it:
+    /// reconsidered when that file goes away.
+    conflict: Option<String>,
+    /// Refused for a reason that may pass (the broker failing to declare
+    /// its topology): tried again on the next pass even though unchanged.
+    retry: bool,
 }
 
 /// Loads, swaps and removes handlers as the folder changes.
@@ -105,9 +116,14 @@ impl Reloader {
         };
         let debounce = Duration::from_millis(self.config.reload_debounce_ms);
         loop {
+            let mut conn = self.conn.clone();
+            conn.mark_unchanged();
             tokio::select! {
                 changed = rx.recv() => if changed.is_none() { return Ok(()) },
                 _ = tokio::time::sleep(RESCAN) => {}
+                // Back at the broker: a file whose topology it failed to
+                // declare is tried again now rather than at the next rescan.
+                _ = conn.changed(), if self.files.values().any(|s| s.retry) => {}
                 _ = stop.wait_for(|s| *s) => return Ok(()),
             }
             // Quiet period: a writer's burst of events becomes one pass.
@@ -126,36 +142,72 @@ impl Reloader {
                 return;
             }
         };
-        for path in &present {
-            self.look_at(path, &present).await;
-        }
         let gone: Vec<PathBuf> = self
             .files
             .keys()
             .filter(|p| !present.contains(p))
             .cloned()
             .collect();
+        let mut orphaned = Vec::new();
         for path in gone {
             self.registry.clear_broken(&path);
-            let Some(seen) = self.files.remove(&path) else {
-                continue;
-            };
-            let Some(entry) = seen.handler.and_then(|h| self.registry.get(&h)) else {
-                continue;
-            };
-            // Not if another file provides it now (a rename, a move).
-            let still_provided = self
-                .files
-                .iter()
-                .any(|(p, s)| s.handler.as_deref() == Some(entry.name()) && present.contains(p));
-            if !still_provided && entry.lifecycle() != Lifecycle::Removed {
-                entry.remove();
-                tracing::warn!(handler = entry.name(), file = %path.display(), "handler file deleted: consumer stopped, its queue keeps the events");
+            if let Some(handler) = self.files.remove(&path).and_then(|s| s.handler) {
+                orphaned.push((handler, path));
             }
+        }
+        for path in &present {
+            self.look_at(path, &present).await;
+        }
+        // A file refused because another provided its handler takes over
+        // once none does (that file deleted, or replaced by another
+        // handler's), before the handler would be stopped.
+        let unprovided: Vec<PathBuf> = self
+            .files
+            .iter()
+            .filter(|(_, s)| {
+                s.conflict.as_ref().is_some_and(|h| {
+                    !self
+                        .files
+                        .values()
+                        .any(|o| o.handler.as_ref() == Some(h))
+                })
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in unprovided {
+            self.files.remove(&path);
+            self.look_at(&path, &present).await;
+        }
+        for (handler, path) in orphaned {
+            self.stop_unless_provided(&handler, &path);
         }
         self.metrics
             .broken_files
             .set(self.registry.broken().len() as i64);
+    }
+
+    fn connected(&self) -> bool {
+        self.conn
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
+    }
+
+    /// `path` no longer provides `handler`: stop it (its queue stays)
+    /// unless another file provides it now (a rename, a move, a file that
+    /// lost a name conflict).
+    fn stop_unless_provided(&self, handler: &str, path: &Path) {
+        let Some(entry) = self.registry.get(handler) else {
+            return;
+        };
+        let still_provided = self
+            .files
+            .values()
+            .any(|s| s.handler.as_deref() == Some(handler));
+        if !still_provided && entry.lifecycle() != Lifecycle::Removed {
+            entry.remove();
+            tracing::warn!(handler, file = %path.display(), "handler file deleted or replaced: consumer stopped, its queue keeps the events");
+        }
     }
 
     async fn look_at(&mut self, path: &Path, present: &[PathBuf]) {
@@ -164,27 +216,28 @@ impl Reloader {
         };
         let (len, modified) = (meta.len(), meta.modified().ok());
         let known = self.files.get(path);
-        if known.is_some_and(|s| s.len == len && s.modified == modified) {
+        let unchanged = known.is_some_and(|s| s.len == len && s.modified == modified);
+        // A retry waits for a connection: without one the topology would
+        // only be declared by the next session, which a topology the
+        // broker refuses for good would then end, again and again.
+        if unchanged && (known.is_some_and(|s| !s.retry) || !self.connected()) {
             return;
         }
-        let max = self.runtime.config().max_component_mb << 20;
-        let bytes = if len > max {
-            Err(anyhow!(
-                "component is {len} bytes, over the {} MiB limit",
-                self.runtime.config().max_component_mb
-            ))
-        } else {
-            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        // Reading and hashing up to `max_component_mb` is blocking work:
+        // off the async threads.
+        let max_mb = self.runtime.config().max_component_mb;
+        let file = path.to_owned();
+        let read = tokio::task::spawn_blocking(move || read_component(&file, len, max_mb)).await;
+        let (bytes, sha256) = match read {
+            Ok(read) => read,
+            Err(e) => (Err(anyhow!("reading panicked: {e}")), format!("size {len}")),
         };
         // Still being written: wait for the writer's next event.
         if std::fs::metadata(path).is_ok_and(|m| m.len() != len || m.modified().ok() != modified) {
             return;
         }
-        let sha256 = match &bytes {
-            Ok(b) => handler::sha256_hex(b),
-            Err(_) => format!("size {len}"),
-        };
-        if known.is_some_and(|s| s.sha256 == sha256) {
+        let known = self.files.get(path);
+        if known.is_some_and(|s| !s.retry && s.sha256 == sha256) {
             if let Some(s) = self.files.get_mut(path) {
                 s.len = len;
                 s.modified = modified;
@@ -198,7 +251,9 @@ impl Reloader {
                 len,
                 modified,
                 sha256: sha256.clone(),
-                handler: previous_handler,
+                handler: previous_handler.clone(),
+                conflict: None,
+                retry: false,
             },
         );
         let started = Instant::now();
@@ -219,15 +274,28 @@ impl Reloader {
                 "{} also declares handler {name:?}; remove one of them",
                 other.display()
             );
+            if let Some(s) = self.files.get_mut(path) {
+                s.conflict = Some(name);
+            }
             return self.refuse(path, &sha256, &e);
         }
         if let Err(e) = self.activate(Arc::new(version), started).await {
+            // Only the broker can refuse a loaded version here, and it may
+            // accept it next time (a blip, a conflicting declaration since
+            // removed): try again on the next pass or connection.
+            if let Some(s) = self.files.get_mut(path) {
+                s.retry = true;
+            }
             return self.refuse(path, &sha256, &e);
         }
         if let Some(s) = self.files.get_mut(path) {
-            s.handler = Some(name);
+            s.handler = Some(name.clone());
         }
         self.registry.clear_broken(path);
+        // The file used to provide another handler: that one stops.
+        if let Some(old) = previous_handler.filter(|old| *old != name) {
+            self.stop_unless_provided(&old, path);
+        }
     }
 
     /// Compile and check off the async threads, within the load timeout.
@@ -328,6 +396,24 @@ impl Reloader {
             tracing::error!(file = %path.display(), "handler file refused, the previous version (if any) keeps serving: {e:#}");
         }
     }
+}
+
+/// A component file's bytes (or why not: too big, unreadable) and its
+/// sha256 (or, unread, a stand-in naming its size, so a refusal is still
+/// reported once per content).
+fn read_component(path: &Path, len: u64, max_mb: u64) -> (Result<Vec<u8>>, String) {
+    let bytes = if len > max_mb << 20 {
+        Err(anyhow!(
+            "component is {len} bytes, over the {max_mb} MiB limit"
+        ))
+    } else {
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let sha256 = match &bytes {
+        Ok(b) => handler::sha256_hex(b),
+        Err(_) => format!("size {len}"),
+    };
+    (bytes, sha256)
 }
 
 /// Send a message on `tx` for every event in `dir` (errors included: the

@@ -465,3 +465,160 @@ fn renaming_a_handler_file_keeps_it_serving() {
     host.wait_counter("inventory", "acked", 1);
     host.stop().unwrap();
 }
+
+/// Wait until `/handlers` reports `file` refused.
+fn wait_refused(host: &TestHost, file: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let refused = host
+            .handlers()
+            .into_iter()
+            .find(|h| h["status"] == "refused" && h["file"].as_str().is_some_and(|f| f.ends_with(file)));
+        if let Some(r) = refused {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {file} to be refused: {:?}",
+            host.handlers()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_second_file_of_a_handler_takes_over_when_the_first_is_deleted() {
+    let inv = Inventory::new();
+    let mut client = Client::connect();
+    inv.cleanup(&mut client);
+    let host = TestHost::start(&["inventory"], &inv.config(""));
+    let dir = host.handlers_dir();
+    let second = variant("inventory", "second file");
+    install(&dir, "inventory-b.wasm", &second);
+    let refused = wait_refused(&host, "inventory-b.wasm");
+    assert!(
+        refused["error"].as_str().unwrap().contains("also declares"),
+        "{refused}"
+    );
+
+    std::fs::remove_file(dir.join("inventory.wasm")).unwrap();
+    host.wait_handler(
+        "inventory",
+        version_is(&sha256_hex(&second)),
+        "the second file taking over",
+    );
+    assert!(
+        host.handlers().iter().all(|h| h["status"] != "refused"),
+        "{:?}",
+        host.handlers()
+    );
+    client.publish(&inv.orders, "", &order(1), BasicProperties::default());
+    host.wait_counter("inventory", "acked", 1);
+    assert_eq!(stock(&host), 9);
+    host.stop().unwrap();
+}
+
+#[test]
+fn a_file_replaced_by_another_handler_stops_the_old_one_and_keeps_its_queue() {
+    let inv = Inventory::new();
+    let (noop_in, noop_queue) = (
+        crate::amqp_support::unique("noop-in"),
+        crate::amqp_support::unique("noop"),
+    );
+    let mut client = Client::connect();
+    inv.cleanup(&mut client);
+    client.cleanup_handler(&noop_queue, 50, &[&noop_in]);
+    let config = inv.config(&format!(
+        r#"
+[handlers.noop]
+queue = "{noop_queue}"
+subscriptions = [{{ exchange = "{noop_in}", kind = "fanout" }}]
+retry_base_ms = 50
+"#
+    ));
+    let host = TestHost::start(&["inventory"], &config);
+    let noop = std::fs::read(guest("noop")).unwrap();
+    install(&host.handlers_dir(), "inventory.wasm", &noop);
+    host.wait_handler("noop", |h| h["status"] == "consuming", "the new handler");
+    host.wait_handler(
+        "inventory",
+        |h| h["status"] == "removed",
+        "the replaced handler stopping",
+    );
+
+    // Its events wait in its queue, for a file that provides it again.
+    client.publish(&inv.orders, "", &order(1), BasicProperties::default());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while client.depth(&inv.queue) < 1 {
+        assert!(std::time::Instant::now() < deadline, "the order never waited in the queue");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(counter(&host, "acked"), 0);
+    install(
+        &host.handlers_dir(),
+        "inventory-again.wasm",
+        &std::fs::read(guest("inventory")).unwrap(),
+    );
+    host.wait_counter("inventory", "acked", 1);
+    host.stop().unwrap();
+}
+
+#[test]
+fn a_file_the_broker_refused_to_declare_is_tried_again() {
+    let inv = Inventory::new();
+    let (noop_in, noop_queue) = (
+        crate::amqp_support::unique("noop-in"),
+        crate::amqp_support::unique("noop"),
+    );
+    let mut client = Client::connect();
+    inv.cleanup(&mut client);
+    client.cleanup_handler(&noop_queue, 50, &[&noop_in]);
+    // Its queue exists, not durable: declaring its topology fails, as it
+    // would in a broker blip.
+    client.rt.block_on(async {
+        client
+            .ch
+            .queue_declare(
+                noop_queue.as_str().into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+    });
+    let config = inv.config(&format!(
+        r#"
+[handlers.noop]
+queue = "{noop_queue}"
+subscriptions = [{{ exchange = "{noop_in}", kind = "fanout" }}]
+retry_base_ms = 50
+"#
+    ));
+    let host = TestHost::start(&["inventory"], &config);
+    install(
+        &host.handlers_dir(),
+        "noop.wasm",
+        &std::fs::read(guest("noop")).unwrap(),
+    );
+    let refused = wait_refused(&host, "noop.wasm");
+    assert!(
+        refused["error"].as_str().unwrap().contains("topology"),
+        "{refused}"
+    );
+
+    // The conflict goes away; the unchanged file is not refused for good.
+    client.rt.block_on(async {
+        client
+            .ch
+            .queue_delete(noop_queue.as_str().into(), Default::default())
+            .await
+            .unwrap();
+    });
+    host.wait_handler("noop", |h| h["status"] == "consuming", "the retried file");
+    assert!(
+        host.handlers().iter().all(|h| h["status"] != "refused"),
+        "{:?}",
+        host.handlers()
+    );
+    host.stop().unwrap();
+}
