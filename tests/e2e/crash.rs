@@ -18,8 +18,14 @@ const EVENTS: u64 = 10_000;
 const RATE: f64 = 4_000.0;
 
 /// A handlers folder with the chaos guest and a config file for `ledger`
-/// (default durability: every commit fsynced).
+/// (default durability: every commit fsynced). A ledger without message
+/// ids has chaos deduplicate on the body's `id`.
 fn deploy(dir: &Path, ledger: &Ledger, drain_timeout_secs: u64) -> PathBuf {
+    let extra = if ledger.message_ids {
+        ""
+    } else {
+        "idempotency_key = \"/id\""
+    };
     let handlers = dir.join("handlers");
     std::fs::create_dir_all(&handlers).unwrap();
     std::fs::copy(guest("chaos"), handlers.join("chaos.wasm")).unwrap();
@@ -31,7 +37,7 @@ fn deploy(dir: &Path, ledger: &Ledger, drain_timeout_secs: u64) -> PathBuf {
             handlers.to_str().unwrap(),
             dir.join("state").to_str().unwrap(),
             ledger.url,
-            ledger.config(""),
+            ledger.config(extra),
         ),
     )
     .unwrap();
@@ -86,8 +92,18 @@ fn assert_exactly_once(report: &Report) {
 
 #[test]
 fn a_host_killed_mid_stream_loses_nothing_and_applies_nothing_twice_after_restart() {
+    killed_mid_stream(Ledger::new(&amqp_url(), 5, 100));
+}
+
+/// The same with a producer that sets no message id (as the seed's Order
+/// Service): the idempotency key in the body keeps it exactly once.
+#[test]
+fn a_host_killed_mid_stream_applies_nothing_twice_without_message_ids() {
+    killed_mid_stream(Ledger::new(&amqp_url(), 5, 100).without_message_ids());
+}
+
+fn killed_mid_stream(ledger: Ledger) {
     let dir = tempfile::tempdir().unwrap();
-    let ledger = Ledger::new(&amqp_url(), 5, 100);
     ledger.declare_outputs();
     let config = deploy(dir.path(), &ledger, 30);
     let mut first = start("sigkill-1", dir.path(), &config);

@@ -10,7 +10,10 @@
 //! key `applied.<id>` by one and publishes one output carrying the id, so
 //! "applied exactly once" is `applied.<id> == 1` and an event applied twice
 //! shows as 2. Events carry `message_id = "<run>-<seq>"`, so the host's
-//! message-id dedupe is what is under test when the broker redelivers.
+//! message-id dedupe is what is under test when the broker redelivers; a
+//! ledger made [`Ledger::without_message_ids`] sends none, as the seed's
+//! Order Service does, and the handler's `idempotency_key` (the body's
+//! `id`) is under test instead.
 //! Mixed into the stream, hostile events (`loop`, `alloc`, `panic`, …)
 //! must end in the dead-letter queue instead.
 
@@ -94,6 +97,8 @@ pub struct Ledger {
     pub max_attempts: u32,
     /// First retry delay; doubles per attempt.
     pub retry_base_ms: u64,
+    /// Whether events carry a `message-id` (default true).
+    pub message_ids: bool,
 }
 
 impl Ledger {
@@ -109,6 +114,16 @@ impl Ledger {
             run,
             max_attempts,
             retry_base_ms,
+            message_ids: true,
+        }
+    }
+
+    /// The same ledger with a producer that sets no `message-id`: only the
+    /// body's `id` tells a redelivery from a new event.
+    pub fn without_message_ids(self) -> Self {
+        Self {
+            message_ids: false,
+            ..self
         }
     }
 
@@ -247,6 +262,7 @@ retry_max_ms = {max}
             bodies: (0..count).map(|seq| self.body(seq, mix(seq))).collect(),
             rate,
             batch: 250,
+            message_ids: self.message_ids,
         };
         let p = progress.clone();
         let thread = std::thread::Builder::new()
@@ -399,7 +415,13 @@ retry_max_ms = {max}
         let mut dead = BTreeSet::new();
         for m in dlq {
             r.dead_lettered_raw += 1;
-            let id = m.message_id.clone().unwrap_or_default();
+            // Without message ids, the body says which event it was.
+            let id = m.message_id.clone().unwrap_or_else(|| {
+                serde_json::from_slice::<Value>(&m.body)
+                    .ok()
+                    .and_then(|v| v["id"].as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            });
             match self.seq_of(&id) {
                 None => r
                     .unexpected
@@ -468,6 +490,7 @@ struct Spec {
     bodies: Vec<Vec<u8>>,
     rate: f64,
     batch: usize,
+    message_ids: bool,
 }
 
 /// A producer's progress, readable while it runs.
@@ -651,10 +674,12 @@ async fn produce(spec: Spec, progress: &Progress) -> Result<Produced, String> {
         let mut broken = false;
         let mut waiting = Vec::with_capacity(batch.len());
         for (i, &seq) in batch.iter().enumerate() {
-            let props = BasicProperties::default()
-                .with_message_id(format!("{}-{seq}", spec.run).into())
+            let mut props = BasicProperties::default()
                 .with_content_type("application/json".into())
                 .with_delivery_mode(2);
+            if spec.message_ids {
+                props = props.with_message_id(format!("{}-{seq}", spec.run).into());
+            }
             let published = ch
                 .basic_publish(
                     spec.exchange.as_str().into(),
