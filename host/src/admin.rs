@@ -86,7 +86,10 @@ fn token_matches(given: &str, expected: &str) -> bool {
         Sha256::digest(given.as_bytes()),
         Sha256::digest(expected.as_bytes()),
     );
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// Bind `addr` and serve until `stop` resolves. Returns the bound address

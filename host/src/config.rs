@@ -603,7 +603,10 @@ mod tests {
             name: "other".into(),
             ..manifest()
         };
-        assert_eq!(c.resolve(&other)?.idempotency_key, IdempotencyKey::MessageId);
+        assert_eq!(
+            c.resolve(&other)?.idempotency_key,
+            IdempotencyKey::MessageId
+        );
         assert_eq!(c.dedupe_window_secs, DEFAULT_DEDUPE_WINDOW_SECS);
         assert!(Config::parse("[handlers.inventory]\nidempotency_key = 'id'").is_err());
         Ok(())

@@ -172,7 +172,10 @@ mod tests {
     fn parses_the_three_forms_and_refuses_others() {
         assert_eq!(spec("message-id"), IdempotencyKey::MessageId);
         assert_eq!(spec("/id"), IdempotencyKey::Pointer("/id".into()));
-        assert_eq!(spec("header:x-order"), IdempotencyKey::Header("x-order".into()));
+        assert_eq!(
+            spec("header:x-order"),
+            IdempotencyKey::Header("x-order".into())
+        );
         for bad in ["", "id", "header:", "messageid"] {
             assert!(IdempotencyKey::try_from(bad.to_owned()).is_err(), "{bad:?}");
         }
@@ -183,15 +186,27 @@ mod tests {
     fn message_id_is_the_default_and_used_as_it_is() {
         let d = delivery("{}", Some("m-1"));
         assert_eq!(key_for(&IdempotencyKey::default(), &d), Some("m-1".into()));
-        assert_eq!(key_for(&IdempotencyKey::default(), &delivery("{}", None)), None);
-        assert_eq!(key_for(&IdempotencyKey::default(), &delivery("{}", Some(""))), None);
+        assert_eq!(
+            key_for(&IdempotencyKey::default(), &delivery("{}", None)),
+            None
+        );
+        assert_eq!(
+            key_for(&IdempotencyKey::default(), &delivery("{}", Some(""))),
+            None
+        );
     }
 
     #[test]
     fn a_pointer_takes_strings_and_numbers_from_the_body() {
         let id = spec("/id");
-        assert_eq!(key_for(&id, &delivery(r#"{"id":42}"#, None)), Some("/id=42".into()));
-        assert_eq!(key_for(&id, &delivery(r#"{"id":"p-1"}"#, Some("m"))), Some("/id=p-1".into()));
+        assert_eq!(
+            key_for(&id, &delivery(r#"{"id":42}"#, None)),
+            Some("/id=42".into())
+        );
+        assert_eq!(
+            key_for(&id, &delivery(r#"{"id":"p-1"}"#, Some("m"))),
+            Some("/id=p-1".into())
+        );
         let nested = spec("/order/id");
         assert_eq!(
             key_for(&nested, &delivery(r#"{"order":{"id":7}}"#, None)),
@@ -207,8 +222,19 @@ mod tests {
     #[test]
     fn a_missing_key_falls_back_to_the_message_id_then_to_none() {
         let id = spec("/id");
-        for body in [r#"{"item":"x"}"#, "not json", r#"{"id":null}"#, r#"{"id":{"a":1}}"#, r#"{"id":""}"#, r#"{"id":true}"#] {
-            assert_eq!(key_for(&id, &delivery(body, Some("m-9"))), Some("m-9".into()), "{body}");
+        for body in [
+            r#"{"item":"x"}"#,
+            "not json",
+            r#"{"id":null}"#,
+            r#"{"id":{"a":1}}"#,
+            r#"{"id":""}"#,
+            r#"{"id":true}"#,
+        ] {
+            assert_eq!(
+                key_for(&id, &delivery(body, Some("m-9"))),
+                Some("m-9".into()),
+                "{body}"
+            );
             assert_eq!(key_for(&id, &delivery(body, None)), None, "{body}");
         }
     }

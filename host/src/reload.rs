@@ -165,12 +165,9 @@ impl Reloader {
             .files
             .iter()
             .filter(|(_, s)| {
-                s.conflict.as_ref().is_some_and(|h| {
-                    !self
-                        .files
-                        .values()
-                        .any(|o| o.handler.as_ref() == Some(h))
-                })
+                s.conflict
+                    .as_ref()
+                    .is_some_and(|h| !self.files.values().any(|o| o.handler.as_ref() == Some(h)))
             })
             .map(|(p, _)| p.clone())
             .collect();

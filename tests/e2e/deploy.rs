@@ -63,7 +63,10 @@ fn compose_runs_rabbitmq_with_a_healthcheck_and_the_host_beside_it() {
         .filter_map(Yaml::as_str)
         .collect();
     assert_eq!(ports, ["127.0.0.1:9090:9090"]);
-    assert_eq!(env(host, "EVENT_HOST_ADMIN_TOKEN"), "${EVENT_HOST_ADMIN_TOKEN:-}");
+    assert_eq!(
+        env(host, "EVENT_HOST_ADMIN_TOKEN"),
+        "${EVENT_HOST_ADMIN_TOKEN:-}"
+    );
 
     // The host must reach the broker by service name, as the user the
     // broker creates (guest is refused from other containers).

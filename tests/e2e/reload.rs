@@ -470,10 +470,9 @@ fn renaming_a_handler_file_keeps_it_serving() {
 fn wait_refused(host: &TestHost, file: &str) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let refused = host
-            .handlers()
-            .into_iter()
-            .find(|h| h["status"] == "refused" && h["file"].as_str().is_some_and(|f| f.ends_with(file)));
+        let refused = host.handlers().into_iter().find(|h| {
+            h["status"] == "refused" && h["file"].as_str().is_some_and(|f| f.ends_with(file))
+        });
         if let Some(r) = refused {
             return r;
         }
@@ -550,7 +549,10 @@ retry_base_ms = 50
     client.publish(&inv.orders, "", &order(1), BasicProperties::default());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while client.depth(&inv.queue) < 1 {
-        assert!(std::time::Instant::now() < deadline, "the order never waited in the queue");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the order never waited in the queue"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(counter(&host, "acked"), 0);

@@ -140,7 +140,10 @@ fn an_idempotency_key_in_the_body_dedupes_events_without_a_message_id() {
         Some("chaos:/id=o-1:0")
     );
     let elsewhere = Harness::new(&["chaos"], KEYED).send_delivery("chaos", ledger_event("o-1"));
-    assert_eq!(elsewhere.published[0].message_id, first.published[0].message_id);
+    assert_eq!(
+        elsewhere.published[0].message_id,
+        first.published[0].message_id
+    );
 
     // Another id is another event.
     assert!(!h.send_delivery("chaos", ledger_event("o-2")).duplicate);
@@ -158,7 +161,10 @@ fn an_event_without_its_key_falls_back_to_its_message_id_and_is_never_rejected()
         attempt: 1,
         ..Delivery::default()
     };
-    assert_eq!(h.send_delivery("chaos", keyless(Some("m-1"))).outcome, Outcome::Ack);
+    assert_eq!(
+        h.send_delivery("chaos", keyless(Some("m-1"))).outcome,
+        Outcome::Ack
+    );
     assert!(h.send_delivery("chaos", keyless(Some("m-1"))).duplicate);
     assert_eq!(h.state("chaos", "applied.m-1").as_deref(), Some("1"));
 }

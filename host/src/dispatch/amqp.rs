@@ -258,8 +258,13 @@ impl Worker {
             // already in flight keep theirs.
             let version = self.entry.version();
             let settled = if self.entry.is_active() {
-                let settled =
-                    run_batch(&self.dispatcher, &self.entry, &version, &self.metrics, batch);
+                let settled = run_batch(
+                    &self.dispatcher,
+                    &self.entry,
+                    &version,
+                    &self.metrics,
+                    batch,
+                );
                 judge(&self.entry, &self.metrics, &settled);
                 settled
             } else {
