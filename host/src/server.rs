@@ -207,7 +207,7 @@ async fn session(
     };
     metrics.connected.set(1);
     tracing::info!(broker = %broker::redact(&config.amqp_url), "connected");
-    amqp::relay_outbox(&conn, dispatcher).await?;
+    amqp::relay_outbox(&conn, dispatcher, registry).await?;
     conn_slot.send_replace(Some(conn.clone()));
     let mut tasks = JoinSet::new();
     let mut serving = std::collections::HashSet::new();

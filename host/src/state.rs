@@ -736,6 +736,41 @@ impl StateStore {
             }
         }
     }
+
+    /// The host's 32-byte secret (it keys the retry copies' signatures):
+    /// random, made on first use and kept in the `meta` table, so a
+    /// restarted host still trusts its predecessor's retry copies.
+    pub fn host_secret(&self) -> Result<[u8; 32]> {
+        let db = self.db();
+        db.conn
+            .execute_batch(
+                "CREATE TABLE IF NOT EXISTS meta (
+                    key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
+            )
+            .context("creating the meta table")?;
+        let stored: Option<Vec<u8>> = db
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'host-secret'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .context("reading the host secret")?;
+        if let Some(secret) = stored.and_then(|s| <[u8; 32]>::try_from(s).ok()) {
+            return Ok(secret);
+        }
+        let mut secret = [0u8; 32];
+        getrandom::getrandom(&mut secret)
+            .map_err(|e| anyhow::anyhow!("generating the host secret: {e}"))?;
+        db.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('host-secret', ?1)",
+                params![secret.to_vec()],
+            )
+            .context("storing the host secret")?;
+        Ok(secret)
+    }
 }
 
 /// Dedupe records deleted per transaction when pruning.

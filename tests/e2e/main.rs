@@ -13,6 +13,7 @@ mod crash;
 mod credentials;
 mod deploy;
 mod faults;
+mod hostile;
 mod ledger;
 mod network;
 mod node;

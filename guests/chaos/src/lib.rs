@@ -46,12 +46,32 @@ fn kv_set(v: &Value) -> Result<(), HandleError> {
         .map_err(|e| HandleError::Retry(format!("state error: {e:?}")))
 }
 
+/// A reason: `"reason"`, or `"reason_bytes": N` bytes of `x`.
+fn reason(v: &Value) -> String {
+    match v.get("reason_bytes").and_then(Value::as_u64) {
+        Some(n) => "x".repeat(n as usize),
+        None => text(v, "reason").to_owned(),
+    }
+}
+
+fn optional(v: &Value, field: &str) -> Option<String> {
+    v.get(field).and_then(Value::as_str).map(str::to_owned)
+}
+
 fn publish_n(v: &Value) -> Result<(), HandleError> {
     let props = Properties {
-        content_type: Some("application/json".into()),
-        message_id: None,
-        correlation_id: None,
-        headers: vec![],
+        content_type: Some(optional(v, "content_type").unwrap_or_else(|| "application/json".into())),
+        message_id: optional(v, "message_id"),
+        correlation_id: optional(v, "correlation_id"),
+        headers: v
+            .get("headers")
+            .and_then(Value::as_object)
+            .map(|h| {
+                h.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default(),
     };
     for i in 0..number(v, "n", 1) {
         publish(
@@ -180,8 +200,8 @@ impl Guest for Chaos {
             "socket" => probe(std::net::TcpStream::connect(text(&v, "addr")), |_| {
                 "connected".into()
             }),
-            "retry" => Err(HandleError::Retry(text(&v, "reason").into())),
-            "reject" => Err(HandleError::Reject(text(&v, "reason").into())),
+            "retry" => Err(HandleError::Retry(reason(&v))),
+            "reject" => Err(HandleError::Reject(reason(&v))),
             "publish" => publish_n(&v),
             "publish-then-fail" => {
                 publish_n(&v)?;

@@ -23,21 +23,22 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::Connection;
+use lapin::{BasicProperties, Connection};
 use tokio::sync::{mpsc, watch};
 
-use super::{Committed, Dispatcher, Handled, Outcome, Warm};
-use crate::broker::{self, text};
+use super::{decide, Cause, Committed, Dispatcher, Handled, Happened, Outcome, Warm};
+use crate::broker::{self, text, KeepHeaders, RetryFacts, RetrySigner};
 use crate::handler::HandlerVersion;
 use crate::health::Verdict;
 use crate::metrics::Metrics;
-use crate::registry::{Entry, Lifecycle, Status};
+use crate::registry::{Entry, Lifecycle, Registry, Status};
+use crate::state::Outgoing;
 
 /// Most deliveries one worker batch takes (and so one transaction holds).
 const MAX_BATCH: usize = 128;
@@ -64,13 +65,18 @@ pub async fn serve(
     let version = entry.version();
     let name = version.name.to_string();
     let settings = &version.settings.broker;
+    let state = dispatcher.state().clone();
+    let secret = tokio::task::spawn_blocking(move || state.host_secret())
+        .await
+        .context("reading the host secret")??;
+    let signer = RetrySigner::new(secret);
     let consume_ch = broker::consumer_channel(&conn, settings.prefetch).await?;
     let publish_ch = broker::confirm_channel(&conn).await?;
     let tag = format!("event-host.{name}");
     let consumer = consume_ch
         .basic_consume(
-            version.topology.queue.as_str().into(),
-            tag.as_str().into(),
+            broker::name(&version.topology.queue)?,
+            broker::name(&tag)?,
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
@@ -98,6 +104,7 @@ pub async fn serve(
             runtime: tokio::runtime::Handle::current(),
             in_flight: unsettled.gauge.clone(),
             unsettled: unsettled.count.clone(),
+            signer: signer.clone(),
         };
         std::thread::Builder::new()
             .name(format!("dispatch-{name}"))
@@ -105,13 +112,18 @@ pub async fn serve(
             .context("starting the dispatch thread")?
     };
     let mut acker = tokio::spawn(acks(
-        conn.clone(),
-        consume_ch.clone(),
-        publish_ch,
-        dispatcher.clone(),
-        entry.clone(),
-        metrics.clone(),
-        unsettled.count.clone(),
+        Acker {
+            conn: conn.clone(),
+            consume_ch: consume_ch.clone(),
+            publish_ch,
+            dispatcher: dispatcher.clone(),
+            entry: entry.clone(),
+            metrics: metrics.clone(),
+            unsettled: unsettled.count.clone(),
+            signer,
+            exchanges: ExchangeCheck::default(),
+            suspect: false,
+        },
         done_rx,
     ));
     // Why serving stopped, when it was not asked to.
@@ -120,13 +132,13 @@ pub async fn serve(
         // Paused by the breaker or its file deleted: stop taking
         // deliveries like a shutdown does; the queue keeps the rest.
         _ = left_active(&mut lifecycle) => {
-            if let Err(e) = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
+            if let Err(e) = consume_ch.basic_cancel(broker::short(&tag), BasicCancelOptions::default()).await {
                 failure = Some(anyhow::Error::from(e).context("cancelling the consumer"));
             }
         }
         _ = stop.changed() => {
             // Stop taking deliveries; what is in flight still settles.
-            if let Err(e) = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
+            if let Err(e) = consume_ch.basic_cancel(broker::short(&tag), BasicCancelOptions::default()).await {
                 failure = Some(anyhow::Error::from(e).context("cancelling the consumer"));
             }
         }
@@ -144,7 +156,9 @@ pub async fn serve(
     if failure.is_some() {
         // The worker may be waiting for deliveries that will never be
         // acked now: closing the channel ends its consumer.
-        let _ = consume_ch.close(200, "consumer failed".into()).await;
+        let _ = consume_ch
+            .close(200, broker::short("consumer failed"))
+            .await;
     }
     // Once cancelled, the consumer yields what the broker had already sent
     // and then ends: the worker runs those, closes the acker's channel, and
@@ -169,7 +183,9 @@ pub async fn serve(
         });
     }
     if graceful {
-        let _ = consume_ch.close(200, "consumer stopped".into()).await;
+        let _ = consume_ch
+            .close(200, broker::short("consumer stopped"))
+            .await;
     }
     match failure {
         Some(e) if !graceful => Err(e),
@@ -224,6 +240,8 @@ struct Worker {
     /// The handler's in-flight gauge, and the consumer's share of it.
     in_flight: prometheus_client::metrics::gauge::Gauge,
     unsettled: Arc<AtomicI64>,
+    /// Verifies the host's retry copies.
+    signer: RetrySigner,
 }
 
 impl Worker {
@@ -234,14 +252,14 @@ impl Worker {
             let mut end = None;
             let mut batch = match self.runtime.block_on(consumer.next()) {
                 Some(Ok(first)) => vec![first],
-                Some(Err(e)) => return ConsumerEnd::Failed(e.into()),
+                Some(Err(e)) => return ConsumerEnd::Failed(anyhow::Error::from(e)),
                 None => return ConsumerEnd::Cancelled,
             };
             while batch.len() < MAX_BATCH {
                 match consumer.next().now_or_never() {
                     Some(Some(Ok(d))) => batch.push(d),
                     Some(Some(Err(e))) => {
-                        end = Some(ConsumerEnd::Failed(e.into()));
+                        end = Some(ConsumerEnd::Failed(anyhow::Error::from(e)));
                         break;
                     }
                     Some(None) => {
@@ -263,6 +281,7 @@ impl Worker {
                     &self.entry,
                     &version,
                     &self.metrics,
+                    &self.signer,
                     batch,
                 );
                 judge(&self.entry, &self.metrics, &settled);
@@ -270,7 +289,7 @@ impl Worker {
             } else {
                 // Paused or removed since these arrived: they go back to
                 // the queue unrun, without spending an attempt.
-                requeue_unrun(&version, batch)
+                requeue_unrun(&version, &self.signer, batch)
             };
             if tx.blocking_send(settled).is_err() {
                 return ConsumerEnd::AckerGone;
@@ -287,6 +306,7 @@ fn run_batch(
     entry: &Entry,
     version: &Arc<HandlerVersion>,
     metrics: &Metrics,
+    signer: &RetrySigner,
     batch: Vec<lapin::message::Delivery>,
 ) -> Vec<Settled> {
     let ns = &*version.name;
@@ -304,16 +324,25 @@ fn run_batch(
     // handler allows it; it never outlives the batch.
     let mut warm = Warm::default();
     for raw in &batch {
-        let delivery = broker::to_delivery(raw);
+        let delivery = broker::to_delivery_signed(raw, signer, &version.topology.queue);
         let mut result = None;
-        if raw.data.len() > max_payload {
-            let reason = format!(
-                "payload of {} bytes is over the {max_payload}-byte cap",
-                raw.data.len()
-            );
+        let header_bytes = broker::headers_size(&raw.properties);
+        let too_large = if header_bytes > broker::MAX_HEADER_BYTES {
+            Some(Happened::HeadersTooLarge {
+                bytes: header_bytes,
+                cap: broker::MAX_HEADER_BYTES,
+            })
+        } else if raw.data.len() > max_payload {
+            Some(Happened::PayloadTooLarge {
+                bytes: raw.data.len(),
+                cap: max_payload,
+            })
+        } else {
+            None
+        };
+        if let Some(happened) = too_large {
             result = Some(Handled::without_effects(
-                Outcome::Reject,
-                Some(reason),
+                decide(happened, delivery.attempt, 1),
                 Default::default(),
             ));
         } else {
@@ -414,17 +443,17 @@ fn judge(entry: &Entry, metrics: &Metrics, settled: &[Settled]) {
 
 fn requeue_unrun(
     version: &Arc<HandlerVersion>,
+    signer: &RetrySigner,
     batch: Vec<lapin::message::Delivery>,
 ) -> Vec<Settled> {
     batch
         .into_iter()
         .map(|delivery| {
-            let input = broker::to_delivery(&delivery);
+            let input = broker::to_delivery_signed(&delivery, signer, &version.topology.queue);
             Settled {
                 delivery,
                 handled: Handled::without_effects(
-                    Outcome::Requeue,
-                    Some("handler not active".into()),
+                    decide(Happened::Inactive, input.attempt, 1),
                     Default::default(),
                 ),
                 version: version.clone(),
@@ -436,11 +465,13 @@ fn requeue_unrun(
         .collect()
 }
 
+/// A host fault: the event goes back unsettled, and counts as a failure
+/// for the breaker ([`Handled::is_failure`]).
 fn host_fault(e: &anyhow::Error) -> Handled {
     tracing::error!("host fault while dispatching: {e:#}");
+    let fault = format!("{e:#}");
     Handled::without_effects(
-        Outcome::Requeue,
-        Some(format!("host error: {e:#}")),
+        decide(Happened::HostFault(&fault), 1, 1),
         Default::default(),
     )
 }
@@ -480,25 +511,303 @@ impl ExchangeCheck {
     }
 }
 
-/// The acker: for each settled batch, publish, wait for confirms, ack.
-/// (Its arguments are the consumer's context, moved into the task; a
-/// struct would only rename them.)
-#[allow(clippy::too_many_arguments)]
-async fn acks(
+/// What the acker works with: the consumer's context, moved into its task.
+struct Acker {
     conn: Arc<Connection>,
     consume_ch: lapin::Channel,
+    /// The confirm channel; reopened when the broker closes it over a
+    /// refused publish.
     publish_ch: lapin::Channel,
     dispatcher: Dispatcher,
     entry: Arc<Entry>,
     metrics: Arc<Metrics>,
     unsettled: Arc<AtomicI64>,
-    mut rx: mpsc::Receiver<Vec<Settled>>,
-) -> Result<()> {
-    let mut exchanges = ExchangeCheck::default();
+    signer: RetrySigner,
+    exchanges: ExchangeCheck,
+    /// Set after a publish failed: the broker may be closing the channel,
+    /// so the next publish takes a fresh one.
+    suspect: bool,
+}
+
+/// What a message the acker publishes is, for when the broker refuses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SendKind {
+    /// A message a handler published: refused, it goes to the handler's
+    /// DLX and the event is acked as usual.
+    Output,
+    /// A retry copy: refused, the event is dead-lettered instead.
+    Retry,
+    /// A dead-letter copy: refused, the batch stays unsettled.
+    DeadLetter,
+}
+
+/// One message to publish for a settled batch.
+struct Send {
+    /// Index of the settled event it comes from.
+    from: usize,
+    kind: SendKind,
+    exchange: String,
+    routing_key: String,
+    payload: Arc<[u8]>,
+    props: BasicProperties,
+    /// Set when it cannot be sent at all (headers over the cap): treated
+    /// as refused without asking the broker.
+    refused: Option<String>,
+}
+
+impl Send {
+    /// A handler's output message.
+    fn output(from: usize, p: &Outgoing) -> Self {
+        let props = broker::outgoing_properties(p);
+        let header_bytes = broker::headers_size(&props);
+        let refused = (header_bytes > broker::MAX_HEADER_BYTES).then(|| {
+            format!(
+                "headers of {header_bytes} bytes over the {}-byte cap",
+                broker::MAX_HEADER_BYTES
+            )
+        });
+        Self {
+            from,
+            kind: SendKind::Output,
+            exchange: p.exchange.clone(),
+            routing_key: p.routing_key.clone(),
+            payload: Arc::from(p.payload.as_slice()),
+            props,
+            refused,
+        }
+    }
+}
+
+/// A new confirm channel in place of `old`, which is closed if still open
+/// (so a run of refusals does not use up the connection's channels).
+async fn fresh_channel(conn: &Connection, old: lapin::Channel) -> Result<lapin::Channel> {
+    if old.status().connected() {
+        let _ = old.close(200, broker::short("replaced")).await;
+    }
+    broker::confirm_channel(conn).await
+}
+
+/// Publish `send` on `ch` and wait for its confirm: `Ok` once the broker
+/// acked it, `Err` with why not.
+async fn publish_one(ch: &lapin::Channel, send: &Send) -> std::result::Result<(), String> {
+    let confirm = ch
+        .basic_publish(
+            broker::short(&send.exchange),
+            broker::short(&send.routing_key),
+            BasicPublishOptions::default(),
+            &send.payload,
+            send.props.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    match confirm.await {
+        Ok(c) if c.is_ack() => Ok(()),
+        Ok(c) if c.is_nack() => Err("nack (a queue refused it: full, with reject-publish?)".into()),
+        Ok(_) => Err("no confirm".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Publish every send, pipelined on `ch` (one round trip for the batch):
+/// for each, `Ok` once confirmed, else why not.
+async fn publish_all(ch: &lapin::Channel, sends: &[Send]) -> Vec<std::result::Result<(), String>> {
+    let publishes = sends.iter().map(|send| async move {
+        if let Some(why) = &send.refused {
+            return Err(why.clone());
+        }
+        ch.basic_publish(
+            broker::short(&send.exchange),
+            broker::short(&send.routing_key),
+            BasicPublishOptions::default(),
+            &send.payload,
+            send.props.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())
+    });
+    let issued = futures_util::future::join_all(publishes).await;
+    let confirms = issued.into_iter().map(|issued| async move {
+        match issued?.await {
+            Ok(c) if c.is_ack() => Ok(()),
+            Ok(c) if c.is_nack() => {
+                Err("nack (a queue refused it: full, with reject-publish?)".to_owned())
+            }
+            Ok(_) => Err("no confirm".to_owned()),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    futures_util::future::join_all(confirms).await
+}
+
+impl Acker {
+    /// The publish channel; a fresh one after a failed publish (the
+    /// broker closes a channel over a refused publish, and lapin may not
+    /// know it yet).
+    async fn channel(&mut self) -> Result<&lapin::Channel> {
+        if self.suspect || !self.publish_ch.status().connected() {
+            let fresh = broker::confirm_channel(&self.conn).await?;
+            let old = std::mem::replace(&mut self.publish_ch, fresh);
+            if old.status().connected() {
+                let _ = old.close(200, broker::short("replaced")).await;
+            }
+            self.suspect = false;
+        }
+        Ok(&self.publish_ch)
+    }
+
+    /// Publish `sends`; what the broker refuses is isolated and handled
+    /// by kind (see [`SendKind`]) so one refused message never ends the
+    /// session. Errors only when the connection is gone or a dead-letter
+    /// copy itself is refused.
+    async fn publish(&mut self, batch: &[Settled], sends: Vec<Send>) -> Result<()> {
+        if sends.is_empty() {
+            return Ok(());
+        }
+        let results = publish_all(self.channel().await?, &sends).await;
+        if results.iter().all(Result::is_ok) {
+            return Ok(());
+        }
+        self.suspect = true;
+        if !self.conn.status().connected() {
+            bail!("the connection closed while publishing the batch");
+        }
+        // Something was refused: publish the failed ones again one at a
+        // time, on a fresh channel if the broker closed this one, to tell
+        // a refusal of that message from a passing failure.
+        for (send, first) in sends.iter().zip(results) {
+            let Err(first) = first else { continue };
+            let refused = match &send.refused {
+                Some(why) => why.clone(),
+                None => match publish_one(self.channel().await?, send).await {
+                    Ok(()) => continue,
+                    Err(_) if !self.conn.status().connected() => {
+                        bail!("the connection closed while publishing the batch ({first})")
+                    }
+                    Err(why) => {
+                        self.suspect = true;
+                        why
+                    }
+                },
+            };
+            let s = &batch[send.from];
+            match send.kind {
+                SendKind::Output => {
+                    let reason = format!(
+                        "broker refused publish to exchange {:?}: {refused}",
+                        send.exchange
+                    );
+                    tracing::warn!(handler = %s.version.name, "{}; the message goes to the dead-letter exchange", broker::cap_reason(&reason));
+                    let copy = self.dead_letter_output(s, send, &reason);
+                    self.publish_dead_letter(&copy).await?;
+                    self.metrics
+                        .dead_lettered
+                        .get_or_create(&Metrics::label(&s.version.name))
+                        .inc();
+                }
+                SendKind::Retry => {
+                    let reason = format!("broker refused the retry copy: {refused}");
+                    tracing::warn!(handler = %s.version.name, "{}; dead-lettering the event", broker::cap_reason(&reason));
+                    let copy = dead_letter_copy(s, &reason, self.keep_headers(s));
+                    self.publish_dead_letter(&copy).await?;
+                }
+                SendKind::DeadLetter => {
+                    bail!(
+                        "the broker refused a dead-letter copy to {:?}: {refused}",
+                        send.exchange
+                    )
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish_dead_letter(&mut self, copy: &Send) -> Result<()> {
+        let result = publish_one(self.channel().await?, copy).await;
+        result.map_err(|e| {
+            self.suspect = true;
+            anyhow!(
+                "the broker refused a dead-letter copy to {:?}: {e}",
+                copy.exchange
+            )
+        })
+    }
+
+    fn keep_headers(&self, s: &Settled) -> KeepHeaders {
+        if matches!(s.handled.cause(), Some(Cause::HeadersTooLarge { .. })) {
+            KeepHeaders::None
+        } else {
+            KeepHeaders::Original
+        }
+    }
+
+    /// A refused output, as a dead-letter message of its handler: its body
+    /// and properties, with the host's reason headers (its own headers
+    /// only when under the cap).
+    fn dead_letter_output(&self, s: &Settled, send: &Send, reason: &str) -> Send {
+        let keep = if broker::headers_size(&send.props) > broker::MAX_HEADER_BYTES {
+            KeepHeaders::None
+        } else {
+            KeepHeaders::Original
+        };
+        let props = broker::republish_properties(
+            &send.props,
+            keep,
+            &[
+                (broker::REASON_HEADER, broker::reason_text(reason)),
+                (broker::HANDLER_HEADER, text(&s.version.name)),
+                (broker::VERSION_HEADER, text(&s.version.sha256)),
+                (broker::EXCHANGE_HEADER, text(&send.exchange)),
+                (broker::ROUTING_KEY_HEADER, text(&send.routing_key)),
+            ],
+        );
+        Send {
+            from: send.from,
+            kind: SendKind::DeadLetter,
+            exchange: s.version.topology.dlx.clone(),
+            routing_key: s.version.topology.queue.clone(),
+            payload: send.payload.clone(),
+            props,
+            refused: None,
+        }
+    }
+}
+
+/// A dead-letter copy of a settled event: its body and properties (its
+/// headers unless `keep` says not, without the attempt and signature, so
+/// a message moved back from the DLQ starts afresh), plus why and by whom.
+fn dead_letter_copy(s: &Settled, reason: &str, keep: KeepHeaders) -> Send {
+    let props = broker::republish_properties(
+        &s.delivery.properties,
+        keep,
+        &[
+            (broker::REASON_HEADER, broker::reason_text(reason)),
+            (broker::HANDLER_HEADER, text(&s.version.name)),
+            (broker::VERSION_HEADER, text(&s.version.sha256)),
+            (
+                broker::ATTEMPTS_HEADER,
+                AMQPValue::LongLongInt(i64::from(s.attempt)),
+            ),
+            (broker::EXCHANGE_HEADER, text(&s.exchange)),
+            (broker::ROUTING_KEY_HEADER, text(&s.routing_key)),
+        ],
+    );
+    Send {
+        from: 0,
+        kind: SendKind::DeadLetter,
+        exchange: s.version.topology.dlx.clone(),
+        routing_key: s.version.topology.queue.clone(),
+        payload: Arc::from(s.delivery.data.as_slice()),
+        props,
+        refused: None,
+    }
+}
+
+/// The acker: for each settled batch, publish, wait for confirms, ack.
+async fn acks(mut acker: Acker, mut rx: mpsc::Receiver<Vec<Settled>>) -> Result<()> {
     while let Some(batch) = rx.recv().await {
         // Publishes of the batch are issued together and their confirms
         // awaited together: one broker round trip per batch, not per message.
-        let mut publishes = Vec::new();
+        let mut sends = Vec::new();
         let mut outbox = Vec::new();
         let mut requeue = Vec::new();
         let mut ack_up_to = None;
@@ -507,22 +816,18 @@ async fn acks(
         let Some(label) = batch.first().map(|s| Metrics::label(&s.version.name)) else {
             continue;
         };
+        let metrics = acker.metrics.clone();
         let (mut acked, mut duplicates) = (0, 0);
-        for s in &batch {
+        for (index, s) in batch.iter().enumerate() {
             let tag = s.delivery.delivery_tag;
+            let reason = s.handled.reason.as_ref().map(ToString::to_string);
             match s.handled.outcome {
                 Outcome::Ack => {
                     for p in &s.handled.published {
-                        if !exchanges.exists(&conn, &p.exchange).await? {
+                        if !acker.exchanges.exists(&acker.conn, &p.exchange).await? {
                             continue;
                         }
-                        publishes.push(publish_ch.basic_publish(
-                            p.exchange.as_str().into(),
-                            p.routing_key.as_str().into(),
-                            BasicPublishOptions::default(),
-                            &p.payload,
-                            broker::outgoing_properties(p),
-                        ));
+                        sends.push(Send::output(index, p));
                     }
                     outbox.extend_from_slice(&s.handled.outbox_ids);
                     acked += 1;
@@ -536,60 +841,52 @@ async fn acks(
                         .topology
                         .retry_queue(s.attempt)
                         .context("retry outcome with no retry queue")?;
+                    let next = s.attempt.saturating_add(1);
+                    let signature = acker.signer.sign(&RetryFacts {
+                        queue: &s.version.topology.queue,
+                        attempt: next,
+                        exchange: &s.exchange,
+                        routing_key: &s.routing_key,
+                        payload: &s.delivery.data,
+                    });
                     let props = broker::republish_properties(
                         &s.delivery.properties,
+                        KeepHeaders::Original,
                         &[
                             (
                                 broker::ATTEMPT_HEADER,
-                                AMQPValue::LongLongInt(i64::from(s.attempt) + 1),
+                                AMQPValue::LongLongInt(i64::from(next)),
                             ),
                             (broker::EXCHANGE_HEADER, text(&s.exchange)),
                             (broker::ROUTING_KEY_HEADER, text(&s.routing_key)),
+                            (broker::SIGNATURE_HEADER, text(&signature)),
                             (
                                 broker::REASON_HEADER,
-                                text(s.handled.reason.as_deref().unwrap_or("")),
+                                broker::reason_text(reason.as_deref().unwrap_or("")),
                             ),
                         ],
                     );
-                    publishes.push(publish_ch.basic_publish(
-                        "".into(),
-                        queue.into(),
-                        BasicPublishOptions::default(),
-                        &s.delivery.data,
+                    sends.push(Send {
+                        from: index,
+                        kind: SendKind::Retry,
+                        exchange: String::new(),
+                        routing_key: queue.to_owned(),
+                        payload: Arc::from(s.delivery.data.as_slice()),
                         props,
-                    ));
+                        refused: None,
+                    });
                     metrics.retried.get_or_create(&label).inc();
                 }
                 Outcome::Reject => {
-                    let reason = s.handled.reason.as_deref().unwrap_or("rejected");
-                    let props = broker::republish_properties(
-                        &s.delivery.properties,
-                        &[
-                            (broker::REASON_HEADER, text(reason)),
-                            (broker::HANDLER_HEADER, text(&s.version.name)),
-                            (broker::VERSION_HEADER, text(&s.version.sha256)),
-                            (
-                                broker::ATTEMPTS_HEADER,
-                                AMQPValue::LongLongInt(i64::from(s.attempt)),
-                            ),
-                            (broker::EXCHANGE_HEADER, text(&s.exchange)),
-                            (broker::ROUTING_KEY_HEADER, text(&s.routing_key)),
-                        ],
-                    );
-                    publishes.push(publish_ch.basic_publish(
-                        s.version.topology.dlx.as_str().into(),
-                        s.version.topology.queue.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &s.delivery.data,
-                        props,
-                    ));
-                    if !reason.starts_with("attempts exhausted")
-                        && !reason.starts_with("payload of")
-                    {
+                    let reason = reason.as_deref().unwrap_or("rejected");
+                    let mut copy = dead_letter_copy(s, reason, acker.keep_headers(s));
+                    copy.from = index;
+                    sends.push(copy);
+                    if matches!(s.handled.cause(), Some(Cause::GuestReject(_))) {
                         metrics.rejected.get_or_create(&label).inc();
                     }
                     metrics.dead_lettered.get_or_create(&label).inc();
-                    tracing::info!(handler = %s.version.name, reason, "event dead-lettered");
+                    tracing::info!(handler = %s.version.name, reason = %broker::cap_reason(reason), "event dead-lettered");
                 }
                 Outcome::Requeue => {
                     requeue.push(tag);
@@ -599,23 +896,18 @@ async fn acks(
             }
             ack_up_to = Some(ack_up_to.map_or(tag, |t: u64| t.max(tag)));
         }
-        let confirms = futures_util::future::try_join_all(publishes)
+        acker
+            .publish(&batch, sends)
             .await
             .context("publishing the batch")?;
-        for confirm in futures_util::future::try_join_all(confirms)
-            .await
-            .context("waiting for publisher confirms")?
-        {
-            if confirm.is_nack() {
-                bail!("the broker refused a publish (nack); the batch stays unacked");
-            }
-        }
-        // Confirmed: the rows go with the next commit's transaction (a crash
-        // before that republishes them, with the same message ids).
-        dispatcher.state().forget_outbox_later(outbox);
+        // Confirmed (or refused and dead-lettered): the rows go with the
+        // next commit's transaction (a crash before that republishes them,
+        // with the same message ids).
+        acker.dispatcher.state().forget_outbox_later(outbox);
         // Requeues first: a later `multiple` ack must not cover them.
         for tag in requeue {
-            consume_ch
+            acker
+                .consume_ch
                 .basic_nack(
                     tag,
                     BasicNackOptions {
@@ -626,7 +918,8 @@ async fn acks(
                 .await?;
         }
         if let Some(tag) = ack_up_to {
-            consume_ch
+            acker
+                .consume_ch
                 .basic_ack(tag, BasicAckOptions { multiple: true })
                 .await?;
         }
@@ -640,11 +933,13 @@ async fn acks(
             .in_flight
             .get_or_create(&label)
             .dec_by(batch.len() as i64);
-        unsettled.fetch_sub(batch.len() as i64, Ordering::Relaxed);
+        acker
+            .unsettled
+            .fetch_sub(batch.len() as i64, Ordering::Relaxed);
         // A rollback on the worker thread leaves the bad version's extra
         // bindings to remove; this is the first async place to do it.
-        if entry.has_stale_bindings() {
-            crate::reload::remove_stale_bindings(&conn, &entry).await;
+        if acker.entry.has_stale_bindings() {
+            crate::reload::remove_stale_bindings(&acker.conn, &acker.entry).await;
         }
     }
     Ok(())
@@ -656,8 +951,14 @@ async fn acks(
 /// messages are owed exactly once more (with their stable message ids).
 /// Rows already confirmed are deleted first, not sent again; messages for
 /// an exchange that no longer exists are dropped like any unroutable
-/// publish, so one of them cannot stall every reconnect.
-pub async fn relay_outbox(conn: &Connection, dispatcher: &Dispatcher) -> Result<()> {
+/// publish, so one of them cannot stall every reconnect. A message the
+/// broker refuses goes to its handler's dead-letter exchange (dropped with
+/// an error when the handler is gone), so one bad row never blocks startup.
+pub async fn relay_outbox(
+    conn: &Connection,
+    dispatcher: &Dispatcher,
+    registry: &Registry,
+) -> Result<()> {
     let state = dispatcher.state().clone();
     let pending = tokio::task::spawn_blocking(move || {
         state.flush_confirmed_outbox()?;
@@ -667,28 +968,85 @@ pub async fn relay_outbox(conn: &Connection, dispatcher: &Dispatcher) -> Result<
     if pending.is_empty() {
         return Ok(());
     }
-    let ch = broker::confirm_channel(conn).await?;
+    let mut ch = broker::confirm_channel(conn).await?;
     let mut exchanges = ExchangeCheck::default();
-    let mut confirms = Vec::with_capacity(pending.len());
-    for (_, _, message) in &pending {
+    let mut sends = Vec::with_capacity(pending.len());
+    let mut owners = Vec::with_capacity(pending.len());
+    for (_, ns, message) in &pending {
         if !exchanges.exists(conn, &message.exchange).await? {
             continue;
         }
-        confirms.push(
-            ch.basic_publish(
-                message.exchange.as_str().into(),
-                message.routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &message.payload,
-                broker::outgoing_properties(message),
-            )
-            .await?,
-        );
+        sends.push(Send::output(0, message));
+        owners.push(ns.as_str());
     }
-    for confirm in confirms {
-        if confirm.await?.is_nack() {
-            anyhow::bail!("the broker refused an outbox message");
+    let results = publish_all(&ch, &sends).await;
+    for ((send, ns), first) in sends.iter().zip(owners).zip(results) {
+        let Err(first) = first else { continue };
+        if !conn.status().connected() {
+            bail!("the connection closed while relaying the outbox ({first})");
         }
+        // The broker may be closing the channel over the refusal.
+        ch = fresh_channel(conn, ch).await?;
+        let refused = match &send.refused {
+            Some(why) => why.clone(),
+            None => match publish_one(&ch, send).await {
+                Ok(()) => continue,
+                Err(_) if !conn.status().connected() => {
+                    bail!("the connection closed while relaying the outbox ({first})")
+                }
+                Err(why) => why,
+            },
+        };
+        let reason = format!(
+            "broker refused publish to exchange {:?}: {refused}",
+            send.exchange
+        );
+        let Some(entry) = registry.get(ns) else {
+            tracing::error!(
+                handler = ns,
+                "{}; the handler is gone, message dropped",
+                broker::cap_reason(&reason)
+            );
+            continue;
+        };
+        let version = entry.version();
+        let keep = if broker::headers_size(&send.props) > broker::MAX_HEADER_BYTES {
+            KeepHeaders::None
+        } else {
+            KeepHeaders::Original
+        };
+        let props = broker::republish_properties(
+            &send.props,
+            keep,
+            &[
+                (broker::REASON_HEADER, broker::reason_text(&reason)),
+                (broker::HANDLER_HEADER, text(&version.name)),
+                (broker::VERSION_HEADER, text(&version.sha256)),
+                (broker::EXCHANGE_HEADER, text(&send.exchange)),
+                (broker::ROUTING_KEY_HEADER, text(&send.routing_key)),
+            ],
+        );
+        tracing::warn!(
+            handler = ns,
+            "{}; the message goes to the dead-letter exchange",
+            broker::cap_reason(&reason)
+        );
+        ch = fresh_channel(conn, ch).await?;
+        let copy = Send {
+            from: 0,
+            kind: SendKind::DeadLetter,
+            exchange: version.topology.dlx.clone(),
+            routing_key: version.topology.queue.clone(),
+            payload: send.payload.clone(),
+            props,
+            refused: None,
+        };
+        publish_one(&ch, &copy).await.map_err(|e| {
+            anyhow!(
+                "the broker refused a dead-letter copy to {:?}: {e}",
+                copy.exchange
+            )
+        })?;
     }
     let ids: Vec<i64> = pending.iter().map(|(id, _, _)| *id).collect();
     let state = dispatcher.state().clone();
@@ -697,6 +1055,6 @@ pub async fn relay_outbox(conn: &Connection, dispatcher: &Dispatcher) -> Result<
         messages = pending.len(),
         "released outbox messages left by a previous run"
     );
-    let _ = ch.close(200, "outbox relayed".into()).await;
+    let _ = ch.close(200, broker::short("outbox relayed")).await;
     Ok(())
 }

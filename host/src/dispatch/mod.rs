@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::bindings;
-use crate::broker::{HANDLER_HEADER, VERSION_HEADER};
+use crate::broker::{self, HANDLER_HEADER, VERSION_HEADER};
 use crate::guest::GuestState;
 use crate::handler::HandlerVersion;
 use crate::idempotency;
@@ -105,33 +105,234 @@ pub enum Outcome {
     Retry,
     /// Dead-letter now.
     Reject,
-    /// A host-side fault: put the event back without counting an attempt.
+    /// Put the event back without counting an attempt (a host fault, a
+    /// paused handler). Host faults and exhausted conflict re-runs count
+    /// as failures for the crash-loop breaker, so a poison event that
+    /// faults the host pauses its handler instead of looping hot.
     Requeue,
 }
 
-/// The ack decision: how a call result maps to an outcome, given the
-/// attempt this was and the handler's max attempts. Traps, timeouts and
-/// memory-cap hits are failed attempts like `retry`; once attempts are
-/// used up the event is dead-lettered rather than retried forever.
-pub fn decide(result: &CallResult, attempt: u32, max_attempts: u32) -> (Outcome, Option<String>) {
-    let failed_attempt = |reason: String| {
+/// What happened to an event, as [`decide`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub enum Happened<'a> {
+    /// The guest ran, with this result.
+    Called(&'a CallResult),
+    /// The body is over the handler's payload cap; the guest did not run.
+    PayloadTooLarge {
+        /// Body size.
+        bytes: usize,
+        /// The cap.
+        cap: usize,
+    },
+    /// The header table is over [`crate::broker::MAX_HEADER_BYTES`].
+    HeadersTooLarge {
+        /// Encoded size.
+        bytes: usize,
+        /// The cap.
+        cap: usize,
+    },
+    /// The event's writes and publishes alone are over the batch budget.
+    CommitTooLarge {
+        /// Their size.
+        bytes: usize,
+        /// The budget ([`MAX_BATCH_COMMIT_BYTES`]).
+        cap: usize,
+    },
+    /// Its message id had already committed.
+    Duplicate,
+    /// The host failed (the state store, for example).
+    HostFault(&'a str),
+    /// Re-run [`MAX_CONFLICT_RERUNS`] times, what it read kept changing.
+    Conflict(&'a str),
+    /// The handler was paused or removed before the event ran.
+    Inactive,
+}
+
+impl<'a> From<&'a CallResult> for Happened<'a> {
+    fn from(result: &'a CallResult) -> Self {
+        Happened::Called(result)
+    }
+}
+
+/// Why an event was not simply acked, typed: the acker, the breaker and
+/// the metrics match on this. Only [`decide`] makes [`Reason`]s.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cause {
+    /// The guest returned `retry`.
+    GuestRetry(String),
+    /// The guest returned `reject`.
+    GuestReject(String),
+    /// The guest trapped, timed out or hit a resource cap.
+    GuestFault(String),
+    /// Failed attempts used up: dead-lettered after the last one.
+    AttemptsExhausted {
+        /// The attempt that failed last.
+        attempt: u32,
+        /// The handler's max attempts.
+        max: u32,
+        /// How the last attempt failed.
+        last: Box<Cause>,
+    },
+    /// See [`Happened::PayloadTooLarge`].
+    PayloadTooLarge {
+        /// Body size.
+        bytes: usize,
+        /// The cap.
+        cap: usize,
+    },
+    /// See [`Happened::HeadersTooLarge`].
+    HeadersTooLarge {
+        /// Encoded size.
+        bytes: usize,
+        /// The cap.
+        cap: usize,
+    },
+    /// See [`Happened::CommitTooLarge`].
+    CommitTooLarge {
+        /// Size of its writes and publishes.
+        bytes: usize,
+        /// The budget.
+        cap: usize,
+    },
+    /// Its message id had already committed: acked, not run again.
+    Duplicate,
+    /// A host fault: requeued, counted by the breaker.
+    HostFault(String),
+    /// A state key kept changing under the event: requeued, counted by
+    /// the breaker.
+    Conflict(String),
+    /// The handler was not active: requeued unrun.
+    Inactive,
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cause::GuestRetry(r) | Cause::GuestReject(r) | Cause::GuestFault(r) => f.write_str(r),
+            Cause::AttemptsExhausted { attempt, max, last } => {
+                write!(f, "{ATTEMPTS_EXHAUSTED} ({attempt}/{max}): {last}")
+            }
+            Cause::PayloadTooLarge { bytes, cap } => {
+                write!(f, "payload of {bytes} bytes is over the {cap}-byte cap")
+            }
+            Cause::HeadersTooLarge { bytes, cap } => {
+                write!(f, "headers of {bytes} bytes over the {cap}-byte cap")
+            }
+            Cause::CommitTooLarge { bytes, cap } => write!(
+                f,
+                "writes and publishes of {bytes} bytes over the {cap}-byte batch budget"
+            ),
+            Cause::Duplicate => f.write_str(DUPLICATE),
+            Cause::HostFault(e) => write!(f, "host error: {e}"),
+            Cause::Conflict(key) => write!(f, "state key {key:?} kept changing under the event"),
+            Cause::Inactive => f.write_str("handler not active"),
+        }
+    }
+}
+
+/// A [`Cause`] with its text, rendered once by [`decide`]: the text is
+/// what headers and logs show (and it derefs to it); code matches on
+/// [`Reason::cause`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Reason {
+    cause: Option<Cause>,
+    text: String,
+}
+
+impl Reason {
+    fn new(cause: Cause) -> Self {
+        Self {
+            text: cause.to_string(),
+            cause: Some(cause),
+        }
+    }
+
+    /// Why, typed (`None` only for the empty default reason).
+    pub fn cause(&self) -> Option<&Cause> {
+        self.cause.as_ref()
+    }
+}
+
+impl std::ops::Deref for Reason {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl Serialize for Reason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+/// An outcome and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// What to do with the input.
+    pub outcome: Outcome,
+    /// Why, for anything but a plain ack.
+    pub reason: Option<Reason>,
+}
+
+/// The ack decision, and the only producer of [`Reason`]s: how what
+/// happened maps to an outcome, given the attempt this was and the
+/// handler's max attempts. Traps, timeouts and memory-cap hits are failed
+/// attempts like `retry`; once attempts are used up the event is
+/// dead-lettered rather than retried forever.
+pub fn decide<'a>(happened: impl Into<Happened<'a>>, attempt: u32, max_attempts: u32) -> Decision {
+    let decision = |outcome, cause| Decision {
+        outcome,
+        reason: Some(Reason::new(cause)),
+    };
+    let failed_attempt = |cause: Cause| {
         if attempt >= max_attempts {
-            (
+            decision(
                 Outcome::Reject,
-                Some(format!(
-                    "{ATTEMPTS_EXHAUSTED} ({attempt}/{max_attempts}): {reason}"
-                )),
+                Cause::AttemptsExhausted {
+                    attempt,
+                    max: max_attempts,
+                    last: Box::new(cause),
+                },
             )
         } else {
-            (Outcome::Retry, Some(reason))
+            decision(Outcome::Retry, cause)
         }
     };
-    match result {
-        CallResult::Ok => (Outcome::Ack, None),
-        CallResult::Reject(reason) => (Outcome::Reject, Some(reason.clone())),
-        CallResult::Retry(reason) => failed_attempt(reason.clone()),
-        CallResult::Trapped(failure) => failed_attempt(failure.to_string()),
-        CallResult::HostError(reason) => (Outcome::Requeue, Some(format!("host error: {reason}"))),
+    match happened.into() {
+        Happened::Called(CallResult::Ok) => Decision {
+            outcome: Outcome::Ack,
+            reason: None,
+        },
+        Happened::Called(CallResult::Reject(r)) => {
+            decision(Outcome::Reject, Cause::GuestReject(r.clone()))
+        }
+        Happened::Called(CallResult::Retry(r)) => failed_attempt(Cause::GuestRetry(r.clone())),
+        Happened::Called(CallResult::Trapped(failure)) => {
+            failed_attempt(Cause::GuestFault(failure.to_string()))
+        }
+        Happened::Called(CallResult::HostError(e)) => {
+            decision(Outcome::Requeue, Cause::HostFault(e.clone()))
+        }
+        Happened::HostFault(e) => decision(Outcome::Requeue, Cause::HostFault(e.to_owned())),
+        Happened::PayloadTooLarge { bytes, cap } => {
+            decision(Outcome::Reject, Cause::PayloadTooLarge { bytes, cap })
+        }
+        Happened::HeadersTooLarge { bytes, cap } => {
+            decision(Outcome::Reject, Cause::HeadersTooLarge { bytes, cap })
+        }
+        Happened::CommitTooLarge { bytes, cap } => {
+            decision(Outcome::Reject, Cause::CommitTooLarge { bytes, cap })
+        }
+        Happened::Duplicate => decision(Outcome::Ack, Cause::Duplicate),
+        Happened::Conflict(key) => decision(Outcome::Requeue, Cause::Conflict(key.to_owned())),
+        Happened::Inactive => decision(Outcome::Requeue, Cause::Inactive),
     }
 }
 
@@ -141,7 +342,7 @@ pub struct Handled {
     /// What to do with the input.
     pub outcome: Outcome,
     /// Why, for anything but a plain ack.
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     /// What the handler published (released: the call committed).
     pub published: Vec<Outgoing>,
     /// Outbox rows holding `published`, to clear once confirmed.
@@ -155,31 +356,40 @@ pub struct Handled {
 }
 
 impl Handled {
-    /// A failed attempt (trap, timeout, `retry`, attempts exhausted): what
-    /// the crash-loop breaker and rollback count. A deliberate `reject` is
-    /// the handler working, not failing.
+    /// A failure for the crash-loop breaker and rollback: a failed attempt
+    /// (trap, timeout, `retry`, attempts exhausted, a commit over the
+    /// budget) or an event given back unsettled by a host fault or endless
+    /// conflicts — so nothing can requeue in a hot loop without tripping
+    /// the breaker. A deliberate `reject` is the handler working, not
+    /// failing; an oversized input is the publisher's fault.
     pub fn is_failure(&self) -> bool {
-        match self.outcome {
-            Outcome::Retry => true,
-            Outcome::Reject => self
-                .reason
-                .as_deref()
-                .is_some_and(|r| r.starts_with(ATTEMPTS_EXHAUSTED)),
-            Outcome::Ack | Outcome::Requeue => false,
+        match (self.outcome, self.cause()) {
+            (Outcome::Retry, _) => true,
+            (
+                _,
+                Some(
+                    Cause::AttemptsExhausted { .. }
+                    | Cause::CommitTooLarge { .. }
+                    | Cause::HostFault(_)
+                    | Cause::Conflict(_),
+                ),
+            ) => true,
+            _ => false,
         }
+    }
+
+    /// Why, typed (`None` for a plain ack).
+    pub fn cause(&self) -> Option<&Cause> {
+        self.reason.as_ref().and_then(Reason::cause)
     }
 
     /// An outcome with no effects released (failures, skipped duplicates,
     /// read-only calls).
-    pub(crate) fn without_effects(
-        outcome: Outcome,
-        reason: Option<String>,
-        elapsed: Duration,
-    ) -> Self {
+    pub(crate) fn without_effects(decision: Decision, elapsed: Duration) -> Self {
         Self {
-            duplicate: reason.as_deref().is_some_and(|r| r.starts_with(DUPLICATE)),
-            outcome,
-            reason,
+            duplicate: decision.reason.as_ref().and_then(Reason::cause) == Some(&Cause::Duplicate),
+            outcome: decision.outcome,
+            reason: decision.reason,
             published: Vec::new(),
             outbox_ids: Vec::new(),
             elapsed,
@@ -196,6 +406,36 @@ const DUPLICATE: &str = "duplicate: idempotency key already committed";
 /// How many times an event is re-run when another event of the same
 /// handler changed what it read before it could commit.
 const MAX_CONFLICT_RERUNS: u32 = 8;
+
+/// Most bytes (written keys and values, published messages) one state
+/// transaction of a batch holds. A batch over it commits as several
+/// transactions; one event over it alone is dead-lettered
+/// ([`Cause::CommitTooLarge`]). SQLite refuses a blob over 1 GB
+/// (SQLITE_TOOBIG), and a batch's outbox is one blob.
+pub const MAX_BATCH_COMMIT_BYTES: usize = 64 << 20;
+
+/// What a commit puts in the store, roughly: keys, values, and the
+/// messages' bodies, routing and headers.
+fn commit_bytes(commit: &Commit) -> usize {
+    let writes = commit
+        .writes
+        .iter()
+        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len));
+    let messages = commit.outbox.iter().map(|m| {
+        m.payload.len()
+            + m.exchange.len()
+            + m.routing_key.len()
+            + m.headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + [&m.content_type, &m.message_id, &m.correlation_id]
+                .iter()
+                .map(|s| s.as_ref().map_or(0, String::len))
+                .sum::<usize>()
+    });
+    writes.chain(messages).fold(0, usize::saturating_add)
+}
 
 /// Runs deliveries through handlers and commits their effects.
 #[derive(Clone)]
@@ -236,10 +476,8 @@ impl Dispatcher {
                     tracing::debug!(handler = %handler.name, key, "state conflict, running the event again");
                 }
                 Some(Committed::Conflict(key)) => {
-                    let reason = format!("state key {key:?} kept changing under the event");
                     return Ok(Handled::without_effects(
-                        Outcome::Requeue,
-                        Some(reason),
+                        decide(Happened::Conflict(&key), delivery.attempt, 1),
                         elapsed,
                     ));
                 }
@@ -269,8 +507,7 @@ impl Dispatcher {
         if let Some(key) = &key {
             if self.state.is_processed(ns, key)? {
                 return Ok(Execution::settled(
-                    Outcome::Ack,
-                    Some(DUPLICATE.into()),
+                    decide(Happened::Duplicate, delivery.attempt, 1),
                     Duration::ZERO,
                 ));
             }
@@ -290,12 +527,12 @@ impl Dispatcher {
             });
         log_output(handler, "stdout", &call.effects.stdout);
         log_output(handler, "stderr", &call.effects.stderr);
-        let (outcome, reason) = decide(&call.result, event.attempt, handler.settings.max_attempts);
-        if outcome != Outcome::Ack {
-            tracing::debug!(handler = %handler.name, ?outcome, reason = reason.as_deref(), "event failed");
+        let decision = decide(&call.result, event.attempt, handler.settings.max_attempts);
+        if decision.outcome != Outcome::Ack {
+            tracing::debug!(handler = %handler.name, outcome = ?decision.outcome, reason = %DisplayReason(&decision.reason), "event failed");
             return Ok(Execution {
                 instantiated: call.instantiated,
-                ..Execution::settled(outcome, reason, call.elapsed)
+                ..Execution::settled(decision, call.elapsed)
             });
         }
         let publishes = stamp_publishes(handler, delivery, key.as_deref(), call.effects.publishes);
@@ -305,14 +542,14 @@ impl Dispatcher {
             return Ok(Execution {
                 instantiated: call.instantiated,
                 keyless: true,
-                ..Execution::settled(Outcome::Ack, None, call.elapsed)
+                ..Execution::settled(decision, call.elapsed)
             });
         }
         let keyless = key.is_none();
         let commit = call.effects.txn.into_commit(ns, key, publishes);
         Ok(Execution {
-            outcome,
-            reason,
+            outcome: decision.outcome,
+            reason: decision.reason,
             commit: Some(commit),
             elapsed: call.elapsed,
             instantiated: call.instantiated,
@@ -320,67 +557,121 @@ impl Dispatcher {
         })
     }
 
-    /// Commit the executions of one handler's events in one transaction,
-    /// in order. A conflicted event is reported for re-running; everything
-    /// else is settled.
+    /// Commit the executions of one handler's events, in order: in one
+    /// transaction, or in several when their writes and publishes are over
+    /// [`MAX_BATCH_COMMIT_BYTES`] (chunks commit in order, so a later
+    /// event's reads of an earlier one's writes validate against what is
+    /// then committed). A conflicted event is reported for re-running;
+    /// everything else is settled. An event over the budget on its own is
+    /// dead-lettered; a chunk the store fails after an earlier one
+    /// committed settles as a host fault (the earlier ones stand).
     pub fn commit(&self, ns: &str, executions: Vec<Execution>) -> Result<Vec<Committed>> {
         // Commits move out of their executions: a batch's writes and
         // publishes are not copied on the way to the store.
-        let mut commits = Vec::new();
-        let mut settled: Vec<Option<Committed>> = Vec::with_capacity(executions.len());
-        let mut elapsed = Vec::new();
+        let mut chunks: Vec<Vec<(usize, Commit, Duration)>> = vec![Vec::new()];
+        let mut chunk_bytes = 0usize;
+        let mut out: Vec<Option<Committed>> = Vec::with_capacity(executions.len());
         for e in executions {
-            match e.commit {
-                Some(commit) => {
-                    commits.push(commit);
-                    elapsed.push(e.elapsed);
-                    settled.push(None);
-                }
-                None => settled.push(Some(Committed::Done(Handled::without_effects(
-                    e.outcome, e.reason, e.elapsed,
-                )))),
-            }
-        }
-        if commits.is_empty() {
-            return Ok(settled.into_iter().flatten().collect());
-        }
-        let outcomes = self
-            .state
-            .commit(&commits)
-            .with_context(|| format!("committing state of handler {ns}"))?;
-        if outcomes.len() != commits.len() {
-            bail!(
-                "state store returned {} outcomes for {} commits",
-                outcomes.len(),
-                commits.len()
-            );
-        }
-        let mut results = commits.into_iter().zip(outcomes).zip(elapsed);
-        let mut out = Vec::with_capacity(settled.len());
-        for slot in settled {
-            if let Some(done) = slot {
-                out.push(done);
+            let index = out.len();
+            out.push(None);
+            let Some(commit) = e.commit else {
+                let decision = Decision {
+                    outcome: e.outcome,
+                    reason: e.reason,
+                };
+                out[index] = Some(Committed::Done(Handled::without_effects(
+                    decision, e.elapsed,
+                )));
+                continue;
+            };
+            let bytes = commit_bytes(&commit);
+            if bytes > MAX_BATCH_COMMIT_BYTES {
+                let cap = MAX_BATCH_COMMIT_BYTES;
+                out[index] = Some(Committed::Done(Handled::without_effects(
+                    decide(Happened::CommitTooLarge { bytes, cap }, 1, 1),
+                    e.elapsed,
+                )));
                 continue;
             }
-            let ((commit, outcome), elapsed) = results.next().context("commit list out of step")?;
-            out.push(match outcome {
-                CommitOutcome::Committed { outbox_ids } => Committed::Done(Handled {
-                    outcome: Outcome::Ack,
-                    reason: None,
-                    published: commit.outbox,
-                    outbox_ids,
-                    duplicate: false,
-                    elapsed,
-                }),
-                CommitOutcome::Duplicate => Committed::Done(Handled::without_effects(
-                    Outcome::Ack,
-                    Some(DUPLICATE.into()),
-                    elapsed,
-                )),
-                CommitOutcome::Conflict { key } => Committed::Conflict(key),
-            });
+            let current = chunks.last().map_or(0, Vec::len);
+            if current > 0 && chunk_bytes.saturating_add(bytes) > MAX_BATCH_COMMIT_BYTES {
+                chunks.push(Vec::new());
+                chunk_bytes = 0;
+            }
+            chunk_bytes = chunk_bytes.saturating_add(bytes);
+            if let Some(chunk) = chunks.last_mut() {
+                chunk.push((index, commit, e.elapsed));
+            }
         }
-        Ok(out)
+        let mut committed_any = false;
+        let mut failed: Option<String> = None;
+        for chunk in chunks.into_iter().filter(|c| !c.is_empty()) {
+            if let Some(fault) = &failed {
+                for (index, _, elapsed) in chunk {
+                    out[index] = Some(Committed::Done(Handled::without_effects(
+                        decide(Happened::HostFault(fault), 1, 1),
+                        elapsed,
+                    )));
+                }
+                continue;
+            }
+            let (indices, commits): (Vec<(usize, Duration)>, Vec<Commit>) = chunk
+                .into_iter()
+                .map(|(index, commit, elapsed)| ((index, elapsed), commit))
+                .unzip();
+            let outcomes = match self
+                .state
+                .commit(&commits)
+                .with_context(|| format!("committing state of handler {ns}"))
+            {
+                Ok(outcomes) => outcomes,
+                // Nothing committed yet: the caller sees the store failing,
+                // as for an unchunked batch.
+                Err(e) if !committed_any => return Err(e),
+                Err(e) => {
+                    tracing::error!("host fault while committing: {e:#}");
+                    let fault = format!("{e:#}");
+                    for (index, elapsed) in indices {
+                        out[index] = Some(Committed::Done(Handled::without_effects(
+                            decide(Happened::HostFault(&fault), 1, 1),
+                            elapsed,
+                        )));
+                    }
+                    failed = Some(fault);
+                    continue;
+                }
+            };
+            committed_any = true;
+            if outcomes.len() != commits.len() {
+                bail!(
+                    "state store returned {} outcomes for {} commits",
+                    outcomes.len(),
+                    commits.len()
+                );
+            }
+            for (((index, elapsed), commit), outcome) in
+                indices.into_iter().zip(commits).zip(outcomes)
+            {
+                out[index] = Some(match outcome {
+                    CommitOutcome::Committed { outbox_ids } => Committed::Done(Handled {
+                        outcome: Outcome::Ack,
+                        reason: None,
+                        published: commit.outbox,
+                        outbox_ids,
+                        duplicate: false,
+                        elapsed,
+                    }),
+                    CommitOutcome::Duplicate => Committed::Done(Handled::without_effects(
+                        decide(Happened::Duplicate, 1, 1),
+                        elapsed,
+                    )),
+                    CommitOutcome::Conflict { key } => Committed::Conflict(key),
+                });
+            }
+        }
+        out.into_iter()
+            .map(|c| c.context("commit list out of step"))
+            .collect()
     }
 }
 
@@ -413,7 +704,7 @@ pub struct Execution {
     /// Outcome if the commit succeeds (or the final one, with no commit).
     pub outcome: Outcome,
     /// Why, when not a plain ack.
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     /// What to make durable; `None` when there is nothing.
     pub commit: Option<Commit>,
     /// Time spent in the guest.
@@ -426,10 +717,10 @@ pub struct Execution {
 }
 
 impl Execution {
-    fn settled(outcome: Outcome, reason: Option<String>, elapsed: Duration) -> Self {
+    fn settled(decision: Decision, elapsed: Duration) -> Self {
         Self {
-            outcome,
-            reason,
+            outcome: decision.outcome,
+            reason: decision.reason,
             commit: None,
             elapsed,
             instantiated: false,
@@ -469,7 +760,9 @@ fn stamp_publishes(
     };
     for (i, p) in publishes.iter_mut().enumerate() {
         if p.message_id.is_none() {
-            p.message_id = Some(idempotency::bounded(format!("{base}:{i}")));
+            // A long key makes a long derived id: shortened
+            // deterministically, so a re-run derives the same id.
+            p.message_id = Some(broker::short(&format!("{base}:{i}")).to_string());
         }
         if p.correlation_id.is_none() {
             p.correlation_id = delivery.correlation_id.clone();
@@ -482,6 +775,18 @@ fn stamp_publishes(
             .push((VERSION_HEADER.to_owned(), handler.sha256.clone()));
     }
     publishes
+}
+
+/// An optional reason for a log field.
+pub(crate) struct DisplayReason<'a>(pub(crate) &'a Option<Reason>);
+
+impl std::fmt::Display for DisplayReason<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(reason) => write!(f, "{}", broker::cap_reason(&reason.to_string())),
+            None => Ok(()),
+        }
+    }
 }
 
 fn log_output(handler: &HandlerVersion, stream: &str, bytes: &[u8]) {
@@ -503,27 +808,104 @@ mod tests {
 
     #[test]
     fn decide_counts_attempts_and_never_acks_failures() {
-        assert_eq!(decide(&CallResult::Ok, 1, 3).0, Outcome::Ack);
+        let outcome = |r: &CallResult, a, m| decide(r, a, m).outcome;
+        assert_eq!(outcome(&CallResult::Ok, 1, 3), Outcome::Ack);
         assert_eq!(
-            decide(&CallResult::Retry("x".into()), 1, 3).0,
+            outcome(&CallResult::Retry("x".into()), 1, 3),
             Outcome::Retry
         );
         assert_eq!(
-            decide(&CallResult::Retry("x".into()), 3, 3).0,
+            outcome(&CallResult::Retry("x".into()), 3, 3),
             Outcome::Reject
         );
         let trap = CallResult::Trapped(Failure::Timeout(Duration::from_millis(5)));
-        assert_eq!(decide(&trap, 2, 3).0, Outcome::Retry);
-        let (o, reason) = decide(&trap, 3, 3);
-        assert_eq!(o, Outcome::Reject);
-        assert!(reason.unwrap().contains("attempts exhausted (3/3)"));
+        assert_eq!(outcome(&trap, 2, 3), Outcome::Retry);
+        let d = decide(&trap, 3, 3);
+        assert_eq!(d.outcome, Outcome::Reject);
+        assert!(matches!(
+            d.reason.as_ref().and_then(Reason::cause),
+            Some(Cause::AttemptsExhausted { .. })
+        ));
+        assert!(d
+            .reason
+            .unwrap()
+            .to_string()
+            .contains("attempts exhausted (3/3)"));
         assert_eq!(
-            decide(&CallResult::Reject("bad".into()), 1, 3).0,
+            outcome(&CallResult::Reject("bad".into()), 1, 3),
             Outcome::Reject
         );
         assert_eq!(
-            decide(&CallResult::HostError("io".into()), 9, 3).0,
+            outcome(&CallResult::HostError("io".into()), 9, 3),
             Outcome::Requeue
         );
+    }
+
+    #[test]
+    fn everything_that_gives_an_event_back_counts_for_the_breaker() {
+        let handled = |h: Happened<'_>| Handled::without_effects(decide(h, 1, 3), Duration::ZERO);
+        let fault = CallResult::HostError("disk".into());
+        for h in [
+            Happened::Called(&fault),
+            Happened::HostFault("disk"),
+            Happened::Conflict("k"),
+        ] {
+            let h = handled(h);
+            assert_eq!(h.outcome, Outcome::Requeue);
+            assert!(h.is_failure(), "{h:?}");
+        }
+        // A paused handler's events go back unrun without counting.
+        assert!(!handled(Happened::Inactive).is_failure());
+        let reject = CallResult::Reject("no".into());
+        assert!(!handled(Happened::Called(&reject)).is_failure());
+        assert!(!handled(Happened::PayloadTooLarge { bytes: 2, cap: 1 }).is_failure());
+        assert!(handled(Happened::CommitTooLarge { bytes: 2, cap: 1 }).is_failure());
+        let dup = handled(Happened::Duplicate);
+        assert!(dup.duplicate && dup.outcome == Outcome::Ack && !dup.is_failure());
+    }
+
+    #[test]
+    fn a_batch_over_the_budget_commits_in_chunks_and_an_oversized_event_alone_is_rejected() {
+        let store = StateStore::in_memory().unwrap();
+        let runtime = std::sync::Arc::new(Runtime::new(Default::default()).unwrap());
+        let dispatcher = Dispatcher::new(runtime, store.clone());
+        let big = MAX_BATCH_COMMIT_BYTES / 2 + 1;
+        let execution = |key: &str, bytes: usize| {
+            let mut txn = crate::state::Txn::default();
+            txn.set(key, vec![7u8; bytes]);
+            Execution {
+                commit: Some(txn.into_commit("ns", None, Vec::new())),
+                ..Execution::settled(decide(&CallResult::Ok, 1, 1), Duration::ZERO)
+            }
+        };
+        let results = dispatcher
+            .commit(
+                "ns",
+                vec![
+                    execution("a", big),
+                    execution("b", big),
+                    execution("huge", MAX_BATCH_COMMIT_BYTES + 1),
+                    execution("c", 10),
+                ],
+            )
+            .unwrap();
+        let outcomes: Vec<(Outcome, Option<Cause>)> = results
+            .into_iter()
+            .map(|c| match c {
+                Committed::Done(h) => (h.outcome, h.cause().cloned()),
+                Committed::Conflict(k) => panic!("conflict on {k}"),
+            })
+            .collect();
+        assert_eq!(outcomes[0], (Outcome::Ack, None));
+        assert_eq!(outcomes[1], (Outcome::Ack, None));
+        assert!(matches!(
+            outcomes[2],
+            (Outcome::Reject, Some(Cause::CommitTooLarge { .. }))
+        ));
+        assert_eq!(outcomes[3], (Outcome::Ack, None));
+        for key in ["a", "b", "c"] {
+            assert!(store.get("ns", key).unwrap().is_some(), "{key} committed");
+        }
+        assert!(store.get("ns", "huge").unwrap().is_none());
     }
 }
