@@ -211,11 +211,24 @@ impl Runtime {
         let tick = Duration::from_millis(config.epoch_tick_ms.max(1));
         let ticker = std::thread::Builder::new()
             .name("epoch-ticker".into())
-            .spawn(move || loop {
-                std::thread::sleep(tick);
-                match weak.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => return,
+            .spawn(move || {
+                // Epochs follow the wall clock: every wake-up of a sleeping
+                // thread comes a little late (much later on a loaded
+                // machine), and counting one epoch per wake-up would
+                // stretch a deadline by the sum of those delays. Never
+                // ahead of the wall clock, so no deadline is cut short.
+                let start = Instant::now();
+                let mut ticks: u128 = 0;
+                loop {
+                    std::thread::sleep(tick);
+                    let Some(engine) = weak.upgrade() else {
+                        return;
+                    };
+                    let due = start.elapsed().as_nanos() / tick.as_nanos();
+                    while ticks < due {
+                        engine.increment_epoch();
+                        ticks += 1;
+                    }
                 }
             })
             .context("starting the epoch ticker")?;
