@@ -463,7 +463,10 @@ impl tokio::io::AsyncWrite for BoundedOutput {
 // ---- wasi:clocks/monotonic-clock -------------------------------------------
 
 /// The monotonic-clock interface as wasmtime-wasi registers it; a guest
-/// importing any `0.2.x` version of it is linked to this one.
+/// importing any `0.2.x` version of it is linked to this one. Should a
+/// wasmtime-wasi upgrade change the version, the sleep tests in
+/// `tests/e2e/sandbox.rs` fail: the functions here would then shadow
+/// nothing.
 const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
 
 /// Redefine the two ways a guest sets a timer (`subscribe-duration`,
