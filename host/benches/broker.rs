@@ -426,6 +426,7 @@ queue = "{host_queue}"
 prefetch = {PREFETCH}
 events_per_instance = {}
 subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
+publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
 [handlers.inventory.config]
 "stock.Laptop" = "1000000000000"
 "inventory-exchange" = "{out}"

@@ -5,7 +5,7 @@
 //! it is set badly. Unknown keys are errors, so a typo never silently falls
 //! back to a default.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +16,19 @@ use serde::Deserialize;
 use crate::guest::CallLimits;
 use crate::health::HealthSettings;
 use crate::idempotency::IdempotencyKey;
-use crate::manifest::{ExchangeKind, Manifest, Subscription};
+pub use crate::manifest::OutputExchange;
+use crate::manifest::{Manifest, Subscription};
 use crate::runtime::{CallBudget, RuntimeConfig};
 use crate::state::Durability;
+
+/// Default `max_key_bytes`.
+pub const DEFAULT_MAX_KEY_BYTES: u64 = 512;
+/// Default `max_value_bytes` (1 MiB).
+pub const DEFAULT_MAX_VALUE_BYTES: u64 = 1 << 20;
+/// Default `max_writes`.
+pub const DEFAULT_MAX_WRITES: u64 = 1000;
+/// Default `max_written_bytes` (8 MiB).
+pub const DEFAULT_MAX_WRITTEN_BYTES: u64 = 8 << 20;
 
 /// The broker a fresh install talks to: RabbitMQ's defaults on this machine.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -130,6 +140,22 @@ pub struct HandlerConfig {
     pub max_publish_kb: Option<u32>,
     /// Bytes of guest stdout/stderr kept per event (default 8192).
     pub max_output_bytes: Option<usize>,
+    /// Longest state key a guest may read or write, in bytes (default
+    /// 512). A longer one is an error the guest sees. Too high lets one
+    /// event fill the outbox and the database with huge keys.
+    pub max_key_bytes: Option<u64>,
+    /// Largest value one state write may store, in bytes (default 1 MiB).
+    /// A larger one is an error the guest sees. Too high and one event's
+    /// commit can outgrow what SQLite takes in one row.
+    pub max_value_bytes: Option<u64>,
+    /// State writes (`set`, `delete`, `increment`, successful `swap`) one
+    /// event may make (default 1000); past it each write is an error the
+    /// guest sees. Too low fails handlers that write many keys per event.
+    pub max_writes: Option<u64>,
+    /// Bytes of keys and values one event may write, together (default
+    /// 8 MiB); past it writes are errors the guest sees. Bounds the host
+    /// memory an event's buffered writes take, and its commit's size.
+    pub max_written_bytes: Option<u64>,
     /// Events one instance of the handler may serve, one after another
     /// within a batch, before a fresh one is made (default 1: a fresh
     /// instance per event, as Spin does). Raising it saves the
@@ -155,12 +181,16 @@ pub struct HandlerConfig {
     pub idempotency_key: Option<IdempotencyKey>,
     /// Replace the manifest's subscriptions (pin the topology).
     pub subscriptions: Option<Vec<Subscription>>,
-    /// Exchanges the handler publishes to, declared with its topology
-    /// (durable, when absent; one that exists is used as it is). Without
-    /// it, what the handler publishes to an exchange nobody created is
-    /// dropped as unroutable (with a warning) until someone creates it.
-    /// With `passive`, they must exist. Only the handler's own section
-    /// counts (exchanges are per handler, not a default).
+    /// Exchanges the handler may publish to, besides those its manifest
+    /// declares (`publishes`): publishing is allow-listed, and a publish
+    /// to any other exchange is a `not-allowed` error the guest sees. Both
+    /// lists are declared with the handler's topology (durable, when
+    /// absent; one that exists is used as it is); with `passive`, they
+    /// must exist. The default exchange `""` (straight into any queue) and
+    /// `amq.*` are allowed only when named here, and never declared (the
+    /// broker has them). Only the handler's own section counts (exchanges
+    /// are per handler, not a default). A handler whose config renames
+    /// its output exchange must name the new one here.
     pub publishes_to: Option<Vec<OutputExchange>>,
     /// Work queue name (default: the handler name). Renaming it strands
     /// the events waiting in the old queue.
@@ -318,7 +348,7 @@ impl Config {
             .and_then(|c| c.queue.clone())
             .unwrap_or_else(|| manifest.name.clone());
         crate::manifest::validate_name(&queue).context("queue name")?;
-        let broker = BrokerSettings {
+        let mut broker = BrokerSettings {
             queue,
             prefetch: own
                 .and_then(|c| c.prefetch)
@@ -339,15 +369,23 @@ impl Config {
                 .collect(),
             max_payload_bytes: (pick(|c| c.max_payload_kb.map(u64::from)).unwrap_or(1024) as usize)
                 << 10,
-            publishes_to: own.and_then(|c| c.publishes_to.clone()).unwrap_or_default(),
+            // The manifest's and the config's, merged below.
+            publishes_to: Vec::new(),
         };
-        for out in &broker.publishes_to {
-            crate::manifest::validate_exchange(
-                &manifest.name,
-                &out.exchange,
-                "declared (publishes_to)",
-            )?;
+        let configured = own.and_then(|c| c.publishes_to.clone()).unwrap_or_default();
+        for out in &configured {
+            // The default exchange may be named here (to allow it), not
+            // declared; everything else must be a name the broker takes.
+            if !out.exchange.is_empty() {
+                crate::manifest::validate_exchange(
+                    &manifest.name,
+                    &out.exchange,
+                    "declared (publishes_to)",
+                )?;
+            }
         }
+        let (allowed, declared) = outputs(&manifest.publishes, &configured);
+        broker.publishes_to = declared;
 
         let defaults = HealthSettings::default();
         let rate = own
@@ -392,6 +430,17 @@ impl Config {
                     max_output_bytes: pick(|c| c.max_output_bytes.map(|v| v as u64)).unwrap_or(8192)
                         as usize,
                     max_log_lines: 100,
+                    allowed_exchanges: Arc::new(allowed),
+                    max_key_bytes: pick(|c| c.max_key_bytes).unwrap_or(DEFAULT_MAX_KEY_BYTES)
+                        as usize,
+                    max_value_bytes: pick(|c| c.max_value_bytes).unwrap_or(DEFAULT_MAX_VALUE_BYTES)
+                        as usize,
+                    max_writes: pick(|c| c.max_writes)
+                        .unwrap_or(DEFAULT_MAX_WRITES)
+                        .min(u64::from(u32::MAX)) as u32,
+                    max_written_bytes: pick(|c| c.max_written_bytes)
+                        .unwrap_or(DEFAULT_MAX_WRITTEN_BYTES)
+                        as usize,
                 },
                 events_per_instance: pick(|c| c.events_per_instance.map(u64::from))
                     .unwrap_or(1)
@@ -404,6 +453,30 @@ impl Config {
                 .unwrap_or_default(),
         })
     }
+}
+
+/// A handler's outputs: the exchanges it may publish to (the manifest's
+/// and the config's, by name), and those the host declares for it — the
+/// same, less the default exchange and `amq.*` (the broker's own, which
+/// it refuses to have declared). One named in both is declared once, with
+/// the config's kind: the operator's word wins.
+fn outputs(
+    manifest: &[OutputExchange],
+    configured: &[OutputExchange],
+) -> (BTreeSet<String>, Vec<OutputExchange>) {
+    let mut allowed = BTreeSet::new();
+    let mut declared: Vec<OutputExchange> = Vec::new();
+    for out in manifest.iter().chain(configured) {
+        allowed.insert(out.exchange.clone());
+        if out.exchange.is_empty() || out.exchange.starts_with("amq.") {
+            continue;
+        }
+        match declared.iter_mut().find(|d| d.exchange == out.exchange) {
+            Some(known) => known.kind = out.kind,
+            None => declared.push(out.clone()),
+        }
+    }
+    (allowed, declared)
 }
 
 fn scalar_text(v: &toml::Value) -> Result<String> {
@@ -440,16 +513,6 @@ pub enum QueueType {
     Classic,
     /// A replicated quorum queue.
     Quorum,
-}
-
-/// An exchange a handler publishes to (`publishes_to`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OutputExchange {
-    /// Exchange name.
-    pub exchange: String,
-    /// Its kind, when the host declares it.
-    pub kind: ExchangeKind,
 }
 
 /// How a handler meets the broker.
@@ -494,6 +557,7 @@ pub struct HandlerSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::ExchangeKind;
 
     fn manifest() -> Manifest {
         Manifest {
@@ -504,6 +568,7 @@ mod tests {
                 kind: ExchangeKind::Fanout,
                 binding_keys: vec![],
             }],
+            publishes: vec![],
             max_attempts: Some(3),
         }
     }
@@ -571,10 +636,13 @@ mod tests {
             ..manifest()
         };
         assert!(c.resolve(&other)?.broker.publishes_to.is_empty());
+        // The default exchange may be allowed, by name, but is not declared.
         let unnamed = Config::parse(
-            "[handlers.inventory]\npublishes_to = [{ exchange = '', kind = 'topic' }]",
+            "[handlers.inventory]\npublishes_to = [{ exchange = '', kind = 'direct' }]",
         )?;
-        assert!(unnamed.resolve(&manifest()).is_err());
+        let resolved = unnamed.resolve(&manifest())?;
+        assert!(resolved.broker.publishes_to.is_empty());
+        assert!(resolved.budget.limits.allowed_exchanges.contains(""));
         let long = Config::parse(&format!(
             "[handlers.inventory]\npublishes_to = [{{ exchange = '{}', kind = 'topic' }}]",
             "x".repeat(256)
@@ -609,6 +677,94 @@ mod tests {
         );
         assert_eq!(c.dedupe_window_secs, DEFAULT_DEDUPE_WINDOW_SECS);
         assert!(Config::parse("[handlers.inventory]\nidempotency_key = 'id'").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn allowed_exchanges_are_the_manifests_and_the_configs() -> Result<()> {
+        let declaring = Manifest {
+            publishes: vec![OutputExchange {
+                exchange: "inventory".into(),
+                kind: ExchangeKind::Topic,
+            }],
+            ..manifest()
+        };
+        // Without config: the manifest's outputs, declared and allowed.
+        let s = Config::default().resolve(&declaring)?;
+        assert_eq!(s.broker.publishes_to, declaring.publishes);
+        let allowed: Vec<&str> = s
+            .budget
+            .limits
+            .allowed_exchanges
+            .iter()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(allowed, ["inventory"]);
+        // With config: one list of both, the config's kind for a name in
+        // both, and `amq.*` allowed but left to the broker.
+        let c = Config::parse(
+            r#"[handlers.inventory]
+            publishes_to = [
+                { exchange = "inventory", kind = "fanout" },
+                { exchange = "audit", kind = "topic" },
+                { exchange = "amq.direct", kind = "direct" },
+            ]"#,
+        )?;
+        let s = c.resolve(&declaring)?;
+        assert_eq!(
+            s.broker.publishes_to,
+            vec![
+                OutputExchange {
+                    exchange: "inventory".into(),
+                    kind: ExchangeKind::Fanout
+                },
+                OutputExchange {
+                    exchange: "audit".into(),
+                    kind: ExchangeKind::Topic
+                },
+            ]
+        );
+        let allowed: Vec<&str> = s
+            .budget
+            .limits
+            .allowed_exchanges
+            .iter()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(allowed, ["amq.direct", "audit", "inventory"]);
+        // Nothing is allowed that nobody named.
+        let s = Config::default().resolve(&manifest())?;
+        assert!(s.budget.limits.allowed_exchanges.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn state_bounds_default_and_are_configurable() -> Result<()> {
+        let s = Config::default().resolve(&manifest())?;
+        let l = &s.budget.limits;
+        assert_eq!(
+            (
+                l.max_key_bytes,
+                l.max_value_bytes,
+                l.max_writes,
+                l.max_written_bytes
+            ),
+            (512, 1 << 20, 1000, 8 << 20)
+        );
+        let c = Config::parse(
+            "[defaults]\nmax_writes = 7\n[handlers.inventory]\nmax_key_bytes = 10\nmax_value_bytes = 20\nmax_written_bytes = 30",
+        )?;
+        let s = c.resolve(&manifest())?;
+        let l = &s.budget.limits;
+        assert_eq!(
+            (
+                l.max_key_bytes,
+                l.max_value_bytes,
+                l.max_writes,
+                l.max_written_bytes
+            ),
+            (10, 20, 7, 30)
+        );
         Ok(())
     }
 

@@ -7,15 +7,16 @@
 //! is handed back to the dispatcher when each call ends, so no effect of
 //! one event is ever attributed to another.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
 
-use wasmtime::component::{Resource, ResourceTable};
-use wasmtime::ResourceLimiter;
+use wasmtime::component::{Linker, Resource, ResourceTable};
+use wasmtime::{ResourceLimiter, StoreContextMut, Trap};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
+use wasmtime_wasi::p2::{subscribe, DynPollable, OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::bindings::wasi::config::store as config_store;
@@ -34,6 +35,31 @@ pub struct Cas {
     seen: Option<Vec<u8>>,
 }
 
+/// Longest AMQP short string: exchange and queue names, routing keys,
+/// `message-id`, `correlation-id`, `content-type` and header names. lapin
+/// panics on a longer one, so nothing longer may reach it.
+pub const MAX_SHORT_STRING: usize = 255;
+
+/// Bytes of header names and values one publish may carry. A message's
+/// properties travel in one AMQP frame, and the broker closes the whole
+/// connection (every handler's) on a frame over `frame_max` (128 KiB by
+/// default): this keeps a guest's headers well under it.
+pub const MAX_PUBLISH_HEADER_BYTES: usize = 16 << 10;
+
+/// Prefix of the headers the host sets itself (attempt, original exchange,
+/// reason): a guest may not forge them.
+pub const HOST_HEADER_PREFIX: &str = "x-event-host-";
+
+/// Live resources (state buckets, CAS handles, WASI streams and pollables)
+/// one instance may hold at once. Each costs host memory until dropped,
+/// and a guest that never drops them would otherwise grow the table for
+/// as long as its deadline lets it.
+pub const MAX_LIVE_RESOURCES: usize = 1024;
+
+/// Bytes of values one instance may hold in live CAS handles (each keeps a
+/// copy of the value it saw). Past it `cas::new` returns an error.
+pub const MAX_CAS_HELD_BYTES: usize = 16 << 20;
+
 /// Per-call limits a guest cannot raise.
 #[derive(Debug, Clone)]
 pub struct CallLimits {
@@ -47,6 +73,17 @@ pub struct CallLimits {
     pub max_output_bytes: usize,
     /// Log lines per call forwarded to the host log; the rest are counted.
     pub max_log_lines: u32,
+    /// Exchanges `publish` accepts: the manifest's `publishes` and the
+    /// config's `publishes_to`. Anything else is `not-allowed`.
+    pub allowed_exchanges: Arc<BTreeSet<String>>,
+    /// Longest state key, in bytes.
+    pub max_key_bytes: usize,
+    /// Largest state value one write may store, in bytes.
+    pub max_value_bytes: usize,
+    /// State writes (`set`, `delete`, `increment`, `swap`) per call.
+    pub max_writes: u32,
+    /// Bytes of keys and values one call may write, together.
+    pub max_written_bytes: usize,
 }
 
 /// What the guest's call accumulated, handed back after the call.
@@ -85,6 +122,17 @@ pub struct GuestState {
     config: Arc<BTreeMap<String, String>>,
     limits: CallLimits,
     log_lines: u32,
+    /// State writes and bytes written by the current call.
+    writes: u32,
+    written_bytes: usize,
+    /// Bytes of values held by live CAS handles.
+    cas_bytes: usize,
+    /// When the current call (or instantiation, or `manifest`) must end.
+    /// Every timer the guest sets is cut to it, so no wait outlasts it.
+    deadline: Instant,
+    /// Whether a timer was cut to the deadline during this call: the guest
+    /// asked to wait past it, so returning after it is a timeout.
+    waited_past_deadline: bool,
     effects: CallEffects,
 }
 
@@ -98,9 +146,11 @@ impl GuestState {
     ) -> Self {
         let stdout = BoundedOutput::new(limits.max_output_bytes);
         let stderr = BoundedOutput::new(limits.max_output_bytes);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_LIVE_RESOURCES);
         Self {
             wasi: None,
-            table: ResourceTable::new(),
+            table,
             limiter: GuestLimiter {
                 memory_cap: limits.memory_bytes,
                 memory_used: 0,
@@ -113,8 +163,46 @@ impl GuestState {
             config,
             limits,
             log_lines: 0,
+            writes: 0,
+            written_bytes: 0,
+            cas_bytes: 0,
+            // The runtime sets the real one before the guest runs.
+            deadline: Instant::now(),
+            waited_past_deadline: false,
             effects: CallEffects::default(),
         }
+    }
+
+    /// Start a new call (or instantiation) that must end by `deadline`.
+    pub fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+        self.waited_past_deadline = false;
+    }
+
+    /// True when the guest waited on a timer cut to the deadline and the
+    /// deadline has passed: the call overran it even if it returned before
+    /// the epoch interrupt caught it.
+    pub fn overran_deadline(&self) -> bool {
+        self.waited_past_deadline && Instant::now() >= self.deadline
+    }
+
+    /// A pollable for a guest timer of `wait`, cut to the call's deadline.
+    /// Past the deadline the guest traps at once, as the epoch interrupt
+    /// would trap it: a guest sleeping in a loop cannot outlast its call.
+    fn bounded_timer(&mut self, wait: Duration) -> wasmtime::Result<Resource<DynPollable>> {
+        let now = Instant::now();
+        let remaining = self.deadline.saturating_duration_since(now);
+        if wait > remaining {
+            if remaining.is_zero() {
+                return Err(wasmtime::Error::new(Trap::Interrupt));
+            }
+            self.waited_past_deadline = true;
+        }
+        let timer = self.table.push(Timer {
+            until: tokio::time::Instant::from_std(now + wait.min(remaining)),
+            yielded: false,
+        })?;
+        subscribe(&mut self.table, timer)
     }
 
     /// The resource limiter wasmtime consults on every memory/table growth.
@@ -143,6 +231,8 @@ impl GuestState {
             );
         }
         self.log_lines = 0;
+        self.writes = 0;
+        self.written_bytes = 0;
         effects
     }
 
@@ -167,6 +257,46 @@ impl GuestState {
         }
     }
 
+    /// Refuse a key over the configured size, before anything keeps it.
+    fn check_key(&self, key: &str) -> Result<(), kv::Error> {
+        if key.len() > self.limits.max_key_bytes {
+            return Err(kv::Error::Other(format!(
+                "key of {} bytes is over the limit of {} bytes (max_key_bytes)",
+                key.len(),
+                self.limits.max_key_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Count one write of `key` and `value_len` bytes against the per-call
+    /// bounds, refusing it (nothing buffered) when it would exceed one.
+    fn admit_write(&mut self, key: &str, value_len: usize) -> Result<(), kv::Error> {
+        self.check_key(key)?;
+        if value_len > self.limits.max_value_bytes {
+            return Err(kv::Error::Other(format!(
+                "value of {value_len} bytes is over the limit of {} bytes (max_value_bytes)",
+                self.limits.max_value_bytes
+            )));
+        }
+        if self.writes >= self.limits.max_writes {
+            return Err(kv::Error::Other(format!(
+                "more than {} writes in one event (max_writes)",
+                self.limits.max_writes
+            )));
+        }
+        let written = self.written_bytes + key.len() + value_len;
+        if written > self.limits.max_written_bytes {
+            return Err(kv::Error::Other(format!(
+                "more than {} bytes of keys and values written in one event (max_written_bytes)",
+                self.limits.max_written_bytes
+            )));
+        }
+        self.writes += 1;
+        self.written_bytes = written;
+        Ok(())
+    }
+
     fn state_available(&self) -> Result<(), kv::Error> {
         match self.state {
             Some(_) => Ok(()),
@@ -182,7 +312,9 @@ impl WasiView for GuestState {
         let (stdout, stderr) = (&self.stdout, &self.stderr);
         let ctx = self.wasi.get_or_insert_with(|| {
             // No preopened directories, no environment, no arguments, no
-            // network: WASI's defaults minus sockets.
+            // network: WASI's defaults minus sockets. Stdin is WASI's
+            // default, a closed stream: a read returns end-of-file at once
+            // instead of waiting.
             WasiCtxBuilder::new()
                 .stdout(stdout.clone())
                 .stderr(stderr.clone())
@@ -328,6 +460,73 @@ impl tokio::io::AsyncWrite for BoundedOutput {
     }
 }
 
+// ---- wasi:clocks/monotonic-clock -------------------------------------------
+
+/// The monotonic-clock interface as wasmtime-wasi registers it; a guest
+/// importing any `0.2.x` version of it is linked to this one. Should a
+/// wasmtime-wasi upgrade change the version, the sleep tests in
+/// `tests/e2e/sandbox.rs` fail: the functions here would then shadow
+/// nothing.
+const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
+
+/// Redefine the two ways a guest sets a timer (`subscribe-duration`,
+/// `subscribe-instant`) so every timer ends by the call's deadline. The
+/// epoch interrupt only stops wasm code that runs; a guest blocked in
+/// `wasi:io/poll` on a long timer (`std::thread::sleep`) would otherwise
+/// hold its host thread past the deadline, for ever if it likes. Every
+/// other wait a guest can start is on something ready at once (closed
+/// stdin, the bounded stdout and stderr; no files, no sockets).
+///
+/// Must follow `wasmtime_wasi::p2::add_to_linker_sync`.
+pub(crate) fn bound_guest_timers(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::clocks::WasiClocksView as _;
+    use wasmtime_wasi::p2::bindings::clocks::monotonic_clock::Host as _;
+
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance(MONOTONIC_CLOCK)?;
+    clock.func_wrap(
+        "subscribe-duration",
+        |mut store: StoreContextMut<'_, GuestState>, (nanos,): (u64,)| {
+            let timer = store
+                .data_mut()
+                .bounded_timer(Duration::from_nanos(nanos))?;
+            Ok((timer,))
+        },
+    )?;
+    clock.func_wrap(
+        "subscribe-instant",
+        |mut store: StoreContextMut<'_, GuestState>, (when,): (u64,)| {
+            let state = store.data_mut();
+            // The guest's instant is on WASI's clock, not `Instant`'s.
+            let now = state.clocks().now()?;
+            let timer = state.bounded_timer(Duration::from_nanos(when.saturating_sub(now)))?;
+            Ok((timer,))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// A guest timer: ready at `until`, which is never past the deadline.
+struct Timer {
+    until: tokio::time::Instant,
+    yielded: bool,
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for Timer {
+    async fn ready(&mut self) {
+        if self.until > tokio::time::Instant::now() {
+            tokio::time::sleep_until(self.until).await;
+        } else if !self.yielded {
+            // As wasmtime-wasi's own timer does: a zero timeout polled in a
+            // busy loop must still let the I/O driver run.
+            self.yielded = true;
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 // ---- wasi:keyvalue/store ----------------------------------------------------
 
 impl kv::Host for GuestState {
@@ -343,7 +542,7 @@ impl kv::Host for GuestState {
         if let Err(e) = self.state_available() {
             return Ok(Err(e));
         }
-        Ok(Ok(self.table.push(Bucket)?))
+        Ok(self.table.push(Bucket).map_err(|e| too_many_resources(&e)))
     }
 }
 
@@ -353,6 +552,10 @@ impl kv::HostBucket for GuestState {
         _bucket: Resource<Bucket>,
         key: String,
     ) -> wasmtime::Result<Result<Option<Vec<u8>>, kv::Error>> {
+        // Reads are remembered for the commit check: keys are bounded here too.
+        if let Err(e) = self.check_key(&key) {
+            return Ok(Err(e));
+        }
         Ok(Ok(self.read(&key)?))
     }
 
@@ -362,6 +565,9 @@ impl kv::HostBucket for GuestState {
         key: String,
         value: Vec<u8>,
     ) -> wasmtime::Result<Result<(), kv::Error>> {
+        if let Err(e) = self.admit_write(&key, value.len()) {
+            return Ok(Err(e));
+        }
         self.effects.txn.set(&key, value);
         Ok(Ok(()))
     }
@@ -371,6 +577,9 @@ impl kv::HostBucket for GuestState {
         _bucket: Resource<Bucket>,
         key: String,
     ) -> wasmtime::Result<Result<(), kv::Error>> {
+        if let Err(e) = self.admit_write(&key, 0) {
+            return Ok(Err(e));
+        }
         self.effects.txn.delete(&key);
         Ok(Ok(()))
     }
@@ -380,6 +589,9 @@ impl kv::HostBucket for GuestState {
         _bucket: Resource<Bucket>,
         key: String,
     ) -> wasmtime::Result<Result<bool, kv::Error>> {
+        if let Err(e) = self.check_key(&key) {
+            return Ok(Err(e));
+        }
         Ok(Ok(self.read(&key)?.is_some()))
     }
 
@@ -432,6 +644,9 @@ impl atomics::Host for GuestState {
         key: String,
         delta: i64,
     ) -> wasmtime::Result<Result<i64, kv::Error>> {
+        if let Err(e) = self.check_key(&key) {
+            return Ok(Err(e));
+        }
         let current = match self.read(&key)? {
             None => 0,
             Some(bytes) => match parse_int(&bytes) {
@@ -448,7 +663,11 @@ impl atomics::Host for GuestState {
                 "increment of {key:?} overflows"
             ))));
         };
-        self.effects.txn.set(&key, next.to_string().into_bytes());
+        let value = next.to_string().into_bytes();
+        if let Err(e) = self.admit_write(&key, value.len()) {
+            return Ok(Err(e));
+        }
+        self.effects.txn.set(&key, value);
         Ok(Ok(next))
     }
 
@@ -458,16 +677,20 @@ impl atomics::Host for GuestState {
         value: Vec<u8>,
     ) -> wasmtime::Result<Result<(), atomics::CasError>> {
         let cas = self.table.delete(cas)?;
+        self.release_cas(&cas);
         let current = self.read(&cas.key)?;
         if current == cas.seen {
+            if let Err(e) = self.admit_write(&cas.key, value.len()) {
+                return Ok(Err(atomics::CasError::StoreError(e)));
+            }
             self.effects.txn.set(&cas.key, value);
             return Ok(Ok(()));
         }
-        let fresh = self.table.push(Cas {
-            key: cas.key,
-            seen: current,
-        })?;
-        Ok(Err(atomics::CasError::CasFailed(fresh)))
+        // The handle just released makes room for the fresh one.
+        match self.hold_cas(cas.key, current) {
+            Ok(fresh) => Ok(Err(atomics::CasError::CasFailed(fresh))),
+            Err(e) => Ok(Err(atomics::CasError::StoreError(e))),
+        }
     }
 }
 
@@ -477,8 +700,11 @@ impl atomics::HostCas for GuestState {
         _bucket: Resource<Bucket>,
         key: String,
     ) -> wasmtime::Result<Result<Resource<Cas>, kv::Error>> {
+        if let Err(e) = self.check_key(&key) {
+            return Ok(Err(e));
+        }
         let seen = self.read(&key)?;
-        Ok(Ok(self.table.push(Cas { key, seen })?))
+        Ok(self.hold_cas(key, seen))
     }
 
     fn current(
@@ -489,9 +715,41 @@ impl atomics::HostCas for GuestState {
     }
 
     fn drop(&mut self, cas: Resource<Cas>) -> wasmtime::Result<()> {
-        self.table.delete(cas)?;
+        let cas = self.table.delete(cas)?;
+        self.release_cas(&cas);
         Ok(())
     }
+}
+
+impl GuestState {
+    /// A new CAS handle holding `seen`, within the bounds on live resources
+    /// and on the bytes CAS handles hold.
+    fn hold_cas(&mut self, key: String, seen: Option<Vec<u8>>) -> Result<Resource<Cas>, kv::Error> {
+        let size = key.len() + seen.as_ref().map_or(0, Vec::len);
+        if self.cas_bytes + size > MAX_CAS_HELD_BYTES {
+            return Err(kv::Error::Other(format!(
+                "live CAS handles would hold more than {MAX_CAS_HELD_BYTES} bytes; drop some"
+            )));
+        }
+        let cas = self
+            .table
+            .push(Cas { key, seen })
+            .map_err(|e| too_many_resources(&e))?;
+        self.cas_bytes += size;
+        Ok(cas)
+    }
+
+    fn release_cas(&mut self, cas: &Cas) {
+        let size = cas.key.len() + cas.seen.as_ref().map_or(0, Vec::len);
+        self.cas_bytes = self.cas_bytes.saturating_sub(size);
+    }
+}
+
+/// The error a guest sees when its resource table is full.
+fn too_many_resources(e: &wasmtime::component::ResourceTableError) -> kv::Error {
+    kv::Error::Other(format!(
+        "{e}: at most {MAX_LIVE_RESOURCES} live resources per instance; drop some"
+    ))
 }
 
 /// Integers in state are ASCII decimal text, the encoding `increment` uses
@@ -589,6 +847,15 @@ impl publisher::Host for GuestState {
                 self.limits.max_publish_bytes,
             )));
         }
+        if let Err(reason) = check_publish(&exchange, &routing_key, &properties) {
+            return Ok(Err(publisher::PublishError::Invalid(reason)));
+        }
+        if !self.limits.allowed_exchanges.contains(&exchange) {
+            return Ok(Err(publisher::PublishError::NotAllowed(format!(
+                "exchange {exchange:?} is not an output of this handler: name it in the \
+                 manifest's `publishes` or the config's `publishes_to`"
+            ))));
+        }
         self.effects.publishes.push(Outgoing {
             exchange,
             routing_key,
@@ -599,5 +866,96 @@ impl publisher::Host for GuestState {
             headers: properties.headers,
         });
         Ok(Ok(()))
+    }
+}
+
+/// Why the host cannot carry a publish to the broker, if it cannot: every
+/// short string within 255 bytes, header names non-empty and not the
+/// host's own, header bytes within [`MAX_PUBLISH_HEADER_BYTES`].
+fn check_publish(
+    exchange: &str,
+    routing_key: &str,
+    properties: &publisher::Properties,
+) -> Result<(), String> {
+    let short = |what: &str, value: Option<&str>| match value {
+        Some(v) if v.len() > MAX_SHORT_STRING => Err(format!(
+            "{what} is {} bytes, over the AMQP limit of {MAX_SHORT_STRING}",
+            v.len()
+        )),
+        _ => Ok(()),
+    };
+    short("exchange name", Some(exchange))?;
+    short("routing key", Some(routing_key))?;
+    short("content-type", properties.content_type.as_deref())?;
+    short("message-id", properties.message_id.as_deref())?;
+    short("correlation-id", properties.correlation_id.as_deref())?;
+    let mut header_bytes = 0usize;
+    for (name, value) in &properties.headers {
+        if name.is_empty() {
+            return Err("a header name is empty".into());
+        }
+        short("a header name", Some(name))?;
+        if name.to_ascii_lowercase().starts_with(HOST_HEADER_PREFIX) {
+            return Err(format!(
+                "header {name:?}: `{HOST_HEADER_PREFIX}*` headers are the host's own"
+            ));
+        }
+        header_bytes = header_bytes.saturating_add(name.len() + value.len());
+    }
+    if header_bytes > MAX_PUBLISH_HEADER_BYTES {
+        return Err(format!(
+            "headers are {header_bytes} bytes, over the limit of {MAX_PUBLISH_HEADER_BYTES}"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(headers: Vec<(String, String)>) -> publisher::Properties {
+        publisher::Properties {
+            content_type: None,
+            message_id: None,
+            correlation_id: None,
+            headers,
+        }
+    }
+
+    #[test]
+    fn publishes_the_broker_cannot_carry_are_invalid() {
+        let long = "x".repeat(MAX_SHORT_STRING + 1);
+        let fits = "x".repeat(MAX_SHORT_STRING);
+        assert!(check_publish(&fits, &fits, &props(vec![])).is_ok());
+        assert!(check_publish(&long, "", &props(vec![])).is_err());
+        assert!(check_publish("e", &long, &props(vec![])).is_err());
+        for field in 0..3 {
+            let with = |value: &str| {
+                let mut p = props(vec![]);
+                let slot = match field {
+                    0 => &mut p.content_type,
+                    1 => &mut p.message_id,
+                    _ => &mut p.correlation_id,
+                };
+                *slot = Some(value.to_owned());
+                p
+            };
+            assert!(check_publish("e", "", &with(&fits)).is_ok());
+            assert!(check_publish("e", "", &with(&long)).is_err());
+        }
+        for bad in [
+            "",
+            long.as_str(),
+            "x-event-host-attempt",
+            "X-Event-Host-Reason",
+        ] {
+            let p = props(vec![(bad.to_owned(), "v".into())]);
+            assert!(check_publish("e", "", &p).is_err(), "{bad:?}");
+        }
+        let at_cap = props(vec![("h".into(), "v".repeat(MAX_PUBLISH_HEADER_BYTES - 1))]);
+        assert!(check_publish("e", "", &at_cap).is_ok());
+        let over = props(vec![("h".into(), "v".repeat(MAX_PUBLISH_HEADER_BYTES))]);
+        assert!(check_publish("e", "", &over).is_err());
     }
 }

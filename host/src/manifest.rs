@@ -59,6 +59,17 @@ impl Subscription {
     }
 }
 
+/// An exchange a handler publishes to: declared with its topology, and
+/// allowed as a `publish` target (see [`crate::config::Config::resolve`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputExchange {
+    /// Exchange name.
+    pub exchange: String,
+    /// Its kind, when the host declares it.
+    pub kind: ExchangeKind,
+}
+
 /// What a handler component says about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -68,8 +79,22 @@ pub struct Manifest {
     pub version: String,
     /// Exchanges it consumes from.
     pub subscriptions: Vec<Subscription>,
+    /// Exchanges it publishes to (its manifest's `publishes`).
+    #[serde(default)]
+    pub publishes: Vec<OutputExchange>,
     /// Deliveries before dead-lettering, if the guest suggests one.
     pub max_attempts: Option<u32>,
+}
+
+impl From<bindings::ExchangeKind> for ExchangeKind {
+    fn from(kind: bindings::ExchangeKind) -> Self {
+        match kind {
+            bindings::ExchangeKind::Fanout => ExchangeKind::Fanout,
+            bindings::ExchangeKind::Direct => ExchangeKind::Direct,
+            bindings::ExchangeKind::Topic => ExchangeKind::Topic,
+            bindings::ExchangeKind::Headers => ExchangeKind::Headers,
+        }
+    }
 }
 
 impl TryFrom<bindings::Manifest> for Manifest {
@@ -84,13 +109,16 @@ impl TryFrom<bindings::Manifest> for Manifest {
                 .into_iter()
                 .map(|s| Subscription {
                     exchange: s.exchange,
-                    kind: match s.kind {
-                        bindings::ExchangeKind::Fanout => ExchangeKind::Fanout,
-                        bindings::ExchangeKind::Direct => ExchangeKind::Direct,
-                        bindings::ExchangeKind::Topic => ExchangeKind::Topic,
-                        bindings::ExchangeKind::Headers => ExchangeKind::Headers,
-                    },
+                    kind: s.kind.into(),
                     binding_keys: s.binding_keys,
+                })
+                .collect(),
+            publishes: raw
+                .publishes
+                .into_iter()
+                .map(|o| OutputExchange {
+                    exchange: o.exchange,
+                    kind: o.kind.into(),
                 })
                 .collect(),
             max_attempts: raw.max_attempts,
@@ -112,6 +140,9 @@ impl Manifest {
                     self.name
                 );
             }
+        }
+        for out in &self.publishes {
+            validate_exchange(&self.name, &out.exchange, "published to (manifest)")?;
         }
         if self.max_attempts == Some(0) {
             bail!("handler {:?}: max-attempts must be at least 1", self.name);

@@ -26,6 +26,11 @@ use crate::guest::{CallEffects, CallLimits, GuestState, MemoryLimitExceeded};
 use crate::manifest::Manifest;
 use crate::state::StateStore;
 
+/// Time a component gets to instantiate and answer `manifest()` when it is
+/// loaded (or checked). A manifest is a constant; this only stops one that
+/// loops or sleeps from holding a loader thread.
+const MANIFEST_DEADLINE: Duration = Duration::from_secs(1);
+
 /// Engine-wide settings. Per-handler limits (deadline, memory) are in
 /// [`CallLimits`] and the handler config; these bound the whole process.
 #[derive(Debug, Clone, Deserialize)]
@@ -195,6 +200,9 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(anyhow::Error::from)
             .context("linking WASI")?;
+        crate::guest::bound_guest_timers(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("bounding guest timers by the deadline")?;
         Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
             .map_err(anyhow::Error::from)
             .context("linking the handler world")?;
@@ -203,11 +211,24 @@ impl Runtime {
         let tick = Duration::from_millis(config.epoch_tick_ms.max(1));
         let ticker = std::thread::Builder::new()
             .name("epoch-ticker".into())
-            .spawn(move || loop {
-                std::thread::sleep(tick);
-                match weak.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => return,
+            .spawn(move || {
+                // Epochs follow the wall clock: every wake-up of a sleeping
+                // thread comes a little late (much later on a loaded
+                // machine), and counting one epoch per wake-up would
+                // stretch a deadline by the sum of those delays. Never
+                // ahead of the wall clock, so no deadline is cut short.
+                let start = Instant::now();
+                let mut ticks: u128 = 0;
+                loop {
+                    std::thread::sleep(tick);
+                    let Some(engine) = weak.upgrade() else {
+                        return;
+                    };
+                    let due = start.elapsed().as_nanos() / tick.as_nanos();
+                    while ticks < due {
+                        engine.increment_epoch();
+                        ticks += 1;
+                    }
                 }
             })
             .context("starting the epoch ticker")?;
@@ -319,13 +340,25 @@ impl Runtime {
             max_publish_bytes: 0,
             max_output_bytes: 4096,
             max_log_lines: 10,
+            allowed_exchanges: Arc::default(),
+            // No state while reading the manifest: these never apply.
+            max_key_bytes: 0,
+            max_value_bytes: 0,
+            max_writes: 0,
+            max_written_bytes: 0,
         };
         let data = GuestState::new("(loading)".into(), None, Arc::new(BTreeMap::new()), limits);
-        let mut store = self.store(data, Duration::from_secs(1));
+        let mut store = self.store(data, MANIFEST_DEADLINE);
         let raw = pre
             .instantiate(&mut store)
             .and_then(|h| h.call_manifest(&mut store))
-            .map_err(|e| anyhow!("{}", describe_error(&e, Duration::from_secs(1))))
+            .and_then(|raw| {
+                if store.data().overran_deadline() {
+                    return Err(wasmtime::Error::new(Trap::Interrupt));
+                }
+                Ok(raw)
+            })
+            .map_err(|e| anyhow!("{}", describe_error(&e, MANIFEST_DEADLINE)))
             .context("calling manifest()")?;
         Manifest::try_from(raw)
     }
@@ -338,8 +371,11 @@ impl Runtime {
         store
     }
 
-    /// Trap the store's next call once `deadline` has passed from now.
+    /// Trap the store's next call once `deadline` has passed from now:
+    /// the epoch interrupt stops running wasm, and the same instant bounds
+    /// every timer the guest sets (see [`crate::guest::bound_guest_timers`]).
     fn set_deadline(&self, store: &mut Store<GuestState>, deadline: Duration) {
+        store.data_mut().set_deadline(Instant::now() + deadline);
         let tick = self.config.epoch_tick_ms.max(1);
         // +1: the deadline is never shorter than asked, whatever the phase
         // of the ticker when the call starts.
@@ -409,6 +445,11 @@ impl Runtime {
             }
         };
         let result = match instance.handler.call_handle(&mut instance.store, event) {
+            // A guest whose timer was cut to the deadline resumed after it;
+            // whatever it returned, it asked to run longer than allowed.
+            Ok(_) if instance.store.data().overran_deadline() => {
+                CallResult::Trapped(Failure::Timeout(budget.deadline))
+            }
             Ok(Ok(())) => CallResult::Ok,
             Ok(Err(bindings::HandleError::Retry(r))) => CallResult::Retry(r),
             Ok(Err(bindings::HandleError::Reject(r))) => CallResult::Reject(r),

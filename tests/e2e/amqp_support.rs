@@ -524,6 +524,7 @@ impl Inventory {
 [handlers.inventory]
 queue = "{q}"
 subscriptions = [{{ exchange = "{o}", kind = "fanout" }}]
+publishes_to = [{{ exchange = "{e}", kind = "topic" }}]
 retry_base_ms = 50
 {extra}
 [handlers.inventory.config]

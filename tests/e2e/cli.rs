@@ -26,7 +26,32 @@ fn check_prints_the_manifest_as_json() {
     assert_eq!(v["manifest"]["name"], "inventory");
     assert_eq!(v["manifest"]["subscriptions"][0]["exchange"], "orders");
     assert_eq!(v["manifest"]["subscriptions"][0]["kind"], "fanout");
+    // Its outputs: the exchanges it may publish to.
+    assert_eq!(v["manifest"]["publishes"][0]["exchange"], "inventory");
+    assert_eq!(v["manifest"]["publishes"][0]["kind"], "topic");
     assert_eq!(v["sha256"].as_str().map(str::len), Some(64));
+}
+
+#[test]
+fn check_of_a_manifest_that_sleeps_fails_at_its_deadline_with_the_reason() {
+    // `sleepy`'s manifest() sleeps for a minute.
+    let started = std::time::Instant::now();
+    let out = event_host()
+        .arg("check")
+        .arg(guest("sleepy"))
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(!out.status.success(), "a sleeping manifest was accepted");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("calling manifest()") && stderr.contains("deadline of 1000 ms exceeded"),
+        "{stderr}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(30),
+        "check waited {took:?} for the sleeping manifest"
+    );
 }
 
 #[test]
@@ -132,6 +157,30 @@ fn replay_reports_failures_per_invocation() {
     assert!(lines[0]["reason"].as_str().unwrap().len() > 3);
     assert_eq!(lines[1]["outcome"], "retry");
     assert_eq!(lines[1]["reason"], "later");
+}
+
+#[test]
+fn replay_enforces_the_publish_allow_list() {
+    let publish = |exchange: &str| {
+        format!(
+            r#"{{"exchange":"chaos","routing_key":"x","payload":{{"action":"publish","exchange":"{exchange}","routing_key":"k"}}}}"#
+        )
+    };
+    let events = [publish("allowed"), publish("elsewhere"), publish("")];
+    let lines = replay(
+        &["chaos"],
+        "[handlers.chaos]\npublishes_to = [{ exchange = 'allowed', kind = 'topic' }]",
+        &events.join("\n"),
+    );
+    assert_eq!(lines[0]["outcome"], "ack", "{lines:#?}");
+    assert_eq!(lines[0]["published"][0]["exchange"], "allowed");
+    for refused in &lines[1..] {
+        assert_eq!(refused["outcome"], "reject", "{refused:#?}");
+        assert!(
+            refused["reason"].as_str().unwrap().contains("NotAllowed"),
+            "{refused:#?}"
+        );
+    }
 }
 
 #[test]

@@ -150,6 +150,7 @@ subscriptions = [{{ exchange = "{exchange}", kind = "topic", binding_keys = ["#"
 max_attempts = {attempts}
 retry_base_ms = {base}
 retry_max_ms = {max}
+publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
 {extra}
 [handlers.{HANDLER}.config]
 "ledger-exchange" = "{out}"

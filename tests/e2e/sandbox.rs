@@ -283,3 +283,267 @@ fn a_reused_instance_gives_every_event_its_whole_deadline() {
     let reason = execution.reason.unwrap_or_default();
     assert!(reason.contains("deadline of 500 ms exceeded"), "{reason}");
 }
+
+// ---- waits: the deadline bounds every one a guest can cause ----------------
+
+/// Send `payload` to chaos and time it.
+fn timed(h: &Harness, payload: &str) -> (event_host::dispatch::Handled, Duration) {
+    let started = Instant::now();
+    let handled = h.send("chaos", payload);
+    (handled, started.elapsed())
+}
+
+fn assert_timed_out(handled: &event_host::dispatch::Handled, took: Duration, deadline_ms: u64) {
+    assert_eq!(
+        handled.outcome,
+        Outcome::Retry,
+        "a failed attempt: {handled:?}"
+    );
+    let reason = handled.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("deadline of {deadline_ms} ms exceeded")),
+        "{reason}"
+    );
+    assert!(
+        took < Duration::from_millis(deadline_ms + 100),
+        "interrupted after {took:?}"
+    );
+}
+
+#[test]
+fn sleeping_past_the_deadline_is_interrupted_within_deadline_plus_100ms() {
+    let h = chaos("[handlers.chaos]\ndeadline_ms = 500");
+    // Obeyed: a short sleep is a normal wait.
+    let (short, _) = timed(&h, r#"{"action":"sleep","ms":20}"#);
+    assert_eq!(short.outcome, Outcome::Ack, "{short:?}");
+    // Violated: a minute's sleep ends at the deadline, as a timeout.
+    let (handled, took) = timed(&h, r#"{"action":"sleep","ms":60000}"#);
+    assert_timed_out(&handled, took, 500);
+    // Short sleeps for ever: the last one is cut, the next traps.
+    let (handled, took) = timed(&h, r#"{"action":"sleep-loop"}"#);
+    assert_timed_out(&handled, took, 500);
+    assert_next_event_ok(&h);
+}
+
+#[test]
+fn a_sleeper_in_a_reused_instance_is_interrupted_too() {
+    let h = chaos("[handlers.chaos]\nevents_per_instance = 10\ndeadline_ms = 300");
+    let mut warm = Warm::default();
+    let ok = execute_in(&h, &mut warm, r#"{"action":"sleep","ms":10}"#);
+    assert_eq!(ok.outcome, Outcome::Ack, "{:?}", ok.reason);
+    let started = Instant::now();
+    let slept = execute_in(&h, &mut warm, r#"{"action":"sleep","ms":60000}"#);
+    let took = started.elapsed();
+    assert_eq!(slept.outcome, Outcome::Retry);
+    let reason = slept.reason.unwrap_or_default();
+    assert!(reason.contains("deadline of 300 ms exceeded"), "{reason}");
+    assert!(
+        took < Duration::from_millis(400),
+        "interrupted after {took:?}"
+    );
+}
+
+#[test]
+fn reading_stdin_returns_at_once() {
+    // Were stdin open, the read would wait and the deadline end it.
+    let h = chaos("[handlers.chaos]\ndeadline_ms = 2000");
+    let handled = h.send("chaos", r#"{"action":"read-stdin"}"#);
+    assert_eq!(handled.outcome, Outcome::Ack, "{handled:?}");
+}
+
+// ---- state bounds ------------------------------------------------------------
+
+/// chaos `kv-big` with these sizes.
+fn kv_big(
+    h: &Harness,
+    key_bytes: usize,
+    value_bytes: usize,
+    writes: usize,
+) -> event_host::dispatch::Handled {
+    h.send(
+        "chaos",
+        &format!(
+            r#"{{"action":"kv-big","key_bytes":{key_bytes},"value_bytes":{value_bytes},"writes":{writes}}}"#
+        ),
+    )
+}
+
+fn assert_state_error(handled: &event_host::dispatch::Handled, knob: &str) {
+    assert_eq!(handled.outcome, Outcome::Retry, "{handled:?}");
+    let reason = handled.reason.clone().unwrap_or_default();
+    assert!(
+        reason.starts_with("state error: Error::Other(") && reason.contains(knob),
+        "the guest saw the refusal, naming {knob}: {reason}"
+    );
+}
+
+#[test]
+fn state_keys_are_bounded_by_max_key_bytes_default_512() {
+    let h = chaos("");
+    assert_eq!(kv_big(&h, 512, 1, 1).outcome, Outcome::Ack);
+    assert_eq!(
+        h.state("chaos", &format!("big.0{}", "k".repeat(507)))
+            .as_deref(),
+        Some("v")
+    );
+    assert_state_error(&kv_big(&h, 513, 1, 1), "max_key_bytes");
+    assert_next_event_ok(&h);
+}
+
+#[test]
+fn state_values_are_bounded_by_max_value_bytes() {
+    // The default, 1 MiB.
+    let h = chaos("[handlers.chaos]\ndeadline_ms = 10000");
+    assert_eq!(kv_big(&h, 8, 1 << 20, 1).outcome, Outcome::Ack);
+    assert_state_error(&kv_big(&h, 8, (1 << 20) + 1, 1), "max_value_bytes");
+    // Configured.
+    let h = chaos("[handlers.chaos]\nmax_value_bytes = 1000");
+    assert_eq!(kv_big(&h, 8, 1000, 1).outcome, Outcome::Ack);
+    assert_state_error(&kv_big(&h, 8, 1001, 1), "max_value_bytes");
+}
+
+#[test]
+fn state_writes_per_event_are_bounded_by_max_writes() {
+    let h = chaos("[handlers.chaos]\ndeadline_ms = 10000");
+    assert_eq!(
+        kv_big(&h, 8, 1, 1000).outcome,
+        Outcome::Ack,
+        "the default, 1000"
+    );
+    assert_state_error(&kv_big(&h, 8, 1, 1001), "max_writes");
+    let h = chaos("[handlers.chaos]\nmax_writes = 10");
+    assert_state_error(&kv_big(&h, 8, 1, 11), "max_writes");
+    assert_eq!(
+        h.state("chaos", "big.0kkk"),
+        None,
+        "nothing of it committed"
+    );
+    assert_eq!(kv_big(&h, 8, 1, 10).outcome, Outcome::Ack);
+    assert_eq!(h.state("chaos", "big.9kkk").as_deref(), Some("v"));
+}
+
+#[test]
+fn bytes_written_per_event_are_bounded_by_max_written_bytes() {
+    // The default, 8 MiB: eight 1 MiB values less their keys fit, nine do not.
+    let h = chaos("[handlers.chaos]\ndeadline_ms = 10000");
+    assert_eq!(kv_big(&h, 8, (1 << 20) - 8, 8).outcome, Outcome::Ack);
+    assert_state_error(&kv_big(&h, 8, 1 << 20, 9), "max_written_bytes");
+    // Configured: ten keys of 8 bytes and values of 92 bytes are 1000.
+    let h = chaos("[handlers.chaos]\nmax_written_bytes = 1000");
+    assert_eq!(kv_big(&h, 8, 92, 10).outcome, Outcome::Ack);
+    assert_state_error(&kv_big(&h, 8, 93, 10), "max_written_bytes");
+}
+
+#[test]
+fn live_state_resources_per_instance_are_bounded() {
+    let h = chaos("");
+    for kind in ["false", "true"] {
+        let hold = |n: usize| {
+            h.send(
+                "chaos",
+                &format!(r#"{{"action":"hold-many","n":{n},"cas":{kind},"key":"k"}}"#),
+            )
+        };
+        let fits = hold(1000);
+        assert_eq!(fits.outcome, Outcome::Ack, "{kind}: {fits:?}");
+        let over = hold(5000);
+        assert_eq!(over.outcome, Outcome::Retry, "{over:?}");
+        let reason = over.reason.unwrap_or_default();
+        assert!(reason.contains("live resources"), "{reason}");
+    }
+    assert_next_event_ok(&h);
+}
+
+// ---- publishing: allow-listed, and only what the broker can carry ----------
+
+fn publish(h: &Harness, exchange: &str, extra: &str) -> event_host::dispatch::Handled {
+    h.send(
+        "chaos",
+        &format!(r#"{{"action":"publish","exchange":"{exchange}","routing_key":"k"{extra}}}"#),
+    )
+}
+
+fn assert_refused(handled: &event_host::dispatch::Handled, error: &str) {
+    assert_eq!(handled.outcome, Outcome::Reject, "{handled:?}");
+    let reason = handled.reason.clone().unwrap_or_default();
+    assert!(
+        reason.starts_with(&format!("publish refused: PublishError::{error}(")),
+        "the guest saw {error}: {reason}"
+    );
+    assert!(handled.published.is_empty());
+}
+
+#[test]
+fn a_guest_publishes_only_to_the_exchanges_it_declares() {
+    let h = chaos("[handlers.chaos]\npublishes_to = [{ exchange = 'declared', kind = 'topic' }]");
+    // Obeyed.
+    let ok = publish(&h, "declared", "");
+    assert_eq!(ok.outcome, Outcome::Ack, "{ok:?}");
+    assert_eq!(ok.published.len(), 1);
+    // Violated: the default exchange (any queue), amq.*, and the rest.
+    for exchange in ["", "amq.direct", "amq.topic", "undeclared", "inventory"] {
+        assert_refused(&publish(&h, exchange, ""), "NotAllowed");
+    }
+    // The default exchange and amq.* when named explicitly.
+    let h = chaos(
+        "[handlers.chaos]\npublishes_to = [{ exchange = '', kind = 'direct' }, { exchange = 'amq.direct', kind = 'direct' }]",
+    );
+    for exchange in ["", "amq.direct"] {
+        let ok = publish(&h, exchange, "");
+        assert_eq!(ok.outcome, Outcome::Ack, "{exchange:?}: {ok:?}");
+    }
+    assert_refused(&publish(&h, "amq.topic", ""), "NotAllowed");
+}
+
+#[test]
+fn a_publish_the_broker_cannot_carry_is_invalid_to_the_guest() {
+    let h = chaos("[handlers.chaos]\npublishes_to = [{ exchange = 'out', kind = 'topic' }]");
+    let fits = "i".repeat(255);
+    let long = "i".repeat(256);
+    for field in ["message_id", "correlation_id", "content_type"] {
+        // Obeyed: 255 bytes, the AMQP short string.
+        let ok = publish(&h, "out", &format!(r#","{field}":"{fits}""#));
+        assert_eq!(ok.outcome, Outcome::Ack, "{field}: {ok:?}");
+        // Violated: one more.
+        assert_refused(
+            &publish(&h, "out", &format!(r#","{field}":"{long}""#)),
+            "Invalid",
+        );
+    }
+    let routed = h.send(
+        "chaos",
+        &format!(r#"{{"action":"publish","exchange":"out","routing_key":"{long}"}}"#),
+    );
+    assert_refused(&routed, "Invalid");
+    assert_refused(&publish(&h, &long, ""), "Invalid");
+    // Headers: names the host can carry, not the host's own, bounded bytes.
+    let ok = publish(
+        &h,
+        "out",
+        &format!(r#","headers":{{"{fits}":"v","x-trace":"1"}}"#),
+    );
+    assert_eq!(ok.outcome, Outcome::Ack, "{ok:?}");
+    let names: Vec<&str> = ok.published[0]
+        .headers
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert!(
+        names.contains(&fits.as_str()) && names.contains(&"x-trace"),
+        "{names:?}"
+    );
+    for headers in [
+        format!(r#"{{"{long}":"v"}}"#),
+        r#"{"":"v"}"#.to_owned(),
+        r#"{"x-event-host-attempt":"99"}"#.to_owned(),
+        format!(r#"{{"big":"{}"}}"#, "v".repeat(16 << 10)),
+    ] {
+        assert_refused(
+            &publish(&h, "out", &format!(r#","headers":{headers}"#)),
+            "Invalid",
+        );
+    }
+    let fits_cap = format!(r#","headers":{{"big":"{}"}}"#, "v".repeat((16 << 10) - 3));
+    assert_eq!(publish(&h, "out", &fits_cap).outcome, Outcome::Ack);
+    assert_next_event_ok(&h);
+}

@@ -42,7 +42,10 @@ fn increments_commit_per_event() {
 
 #[test]
 fn a_handler_that_publishes_then_fails_publishes_nothing() {
-    let h = Harness::new(&["chaos"], "");
+    let h = Harness::new(
+        &["chaos"],
+        "[handlers.chaos]\npublishes_to = [{ exchange = 'x', kind = 'topic' }]",
+    );
     let failed = h.send(
         "chaos",
         r#"{"action":"publish-then-fail","n":3,"exchange":"x","routing_key":"k"}"#,

@@ -5,7 +5,7 @@
 
 wit_bindgen::generate!({ world: "handler", path: "../../wit", generate_all });
 
-use event_host::handler::types::{ExchangeKind, Subscription};
+use event_host::handler::types::{ExchangeKind, Output, Subscription};
 
 struct BadInventory;
 
@@ -26,6 +26,10 @@ impl Guest for BadInventory {
                     binding_keys: vec![],
                 },
             ],
+            publishes: vec![Output {
+                exchange: "inventory".into(),
+                kind: ExchangeKind::Topic,
+            }],
             max_attempts: None,
         }
     }

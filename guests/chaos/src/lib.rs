@@ -46,32 +46,37 @@ fn kv_set(v: &Value) -> Result<(), HandleError> {
         .map_err(|e| HandleError::Retry(format!("state error: {e:?}")))
 }
 
-/// A reason: `"reason"`, or `"reason_bytes": N` bytes of `x`.
-fn reason(v: &Value) -> String {
-    match v.get("reason_bytes").and_then(Value::as_u64) {
-        Some(n) => "x".repeat(n as usize),
-        None => text(v, "reason").to_owned(),
-    }
-}
-
-fn optional(v: &Value, field: &str) -> Option<String> {
+/// `field` as an optional string.
+fn maybe_text(v: &Value, field: &str) -> Option<String> {
     v.get(field).and_then(Value::as_str).map(str::to_owned)
 }
 
+/// The payload's `reason`, or `reason_bytes` bytes of `x` (a reason too
+/// long for a header, say).
+fn reason(v: &Value) -> String {
+    match v.get("reason_bytes").and_then(Value::as_u64) {
+        Some(n) => "x".repeat(n as usize),
+        None => text(v, "reason").into(),
+    }
+}
+
 fn publish_n(v: &Value) -> Result<(), HandleError> {
+    // Properties pass through from the payload, so tests can send what
+    // the host must refuse (long ids, the host's own headers, ...).
+    let headers = v
+        .get("headers")
+        .and_then(Value::as_object)
+        .map(|h| {
+            h.iter()
+                .map(|(name, value)| (name.clone(), value.as_str().unwrap_or_default().into()))
+                .collect()
+        })
+        .unwrap_or_default();
     let props = Properties {
-        content_type: Some(optional(v, "content_type").unwrap_or_else(|| "application/json".into())),
-        message_id: optional(v, "message_id"),
-        correlation_id: optional(v, "correlation_id"),
-        headers: v
-            .get("headers")
-            .and_then(Value::as_object)
-            .map(|h| {
-                h.iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        content_type: Some(maybe_text(v, "content_type").unwrap_or("application/json".into())),
+        message_id: maybe_text(v, "message_id"),
+        correlation_id: maybe_text(v, "correlation_id"),
+        headers,
     };
     for i in 0..number(v, "n", 1) {
         publish(
@@ -123,6 +128,42 @@ fn ledger(v: &Value, event: &Event) -> Result<(), HandleError> {
         .map_err(|e| HandleError::Reject(format!("publish refused: {e:?}")))
 }
 
+/// `writes` keys (`big.<i>` padded with `k` to `key_bytes`) of
+/// `value_bytes` each; the first refusal is a retry naming it.
+fn kv_big(v: &Value) -> Result<(), HandleError> {
+    let bucket = bucket()?;
+    let key_bytes = number(v, "key_bytes", 8).max(0) as usize;
+    let value = vec![b'v'; number(v, "value_bytes", 1).max(0) as usize];
+    for i in 0..number(v, "writes", 1) {
+        let mut key = format!("big.{i}");
+        while key.len() < key_bytes {
+            key.push('k');
+        }
+        bucket
+            .set(&key, &value)
+            .map_err(|e| HandleError::Retry(format!("state error: {e:?}")))?;
+    }
+    Ok(())
+}
+
+/// Hold `n` live state resources at once — buckets, or CAS handles on
+/// `key` when `cas` is true — and report the first refusal as a retry.
+fn hold_many(v: &Value) -> Result<(), HandleError> {
+    let state_err = |e: kv::Error| HandleError::Retry(format!("state error: {e:?}"));
+    let first = bucket()?;
+    let mut buckets = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 1..number(v, "n", 1) {
+        if v.get("cas").and_then(Value::as_bool).unwrap_or(false) {
+            handles.push(atomics::Cas::new(&first, text(v, "key")).map_err(state_err)?);
+        } else {
+            buckets.push(kv::open("").map_err(state_err)?);
+        }
+    }
+    black_box((&buckets, &handles));
+    Ok(())
+}
+
 fn probe<T, E: std::fmt::Display>(
     result: Result<T, E>,
     leak: impl FnOnce(T) -> String,
@@ -154,6 +195,9 @@ impl Guest for Chaos {
                 kind: ExchangeKind::Topic,
                 binding_keys: vec!["#".into()],
             }],
+            // None: tests allow what each needs with `publishes_to`, so
+            // the allow-list itself is under test.
+            publishes: vec![],
             max_attempts: None,
         }
     }
@@ -202,6 +246,30 @@ impl Guest for Chaos {
             }),
             "retry" => Err(HandleError::Retry(reason(&v))),
             "reject" => Err(HandleError::Reject(reason(&v))),
+            // Waits the deadline must cut short: one long sleep, and
+            // short sleeps for ever.
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_millis(
+                    number(&v, "ms", 0).max(0) as u64
+                ));
+                Ok(())
+            }
+            "sleep-loop" => loop {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            },
+            // Stdin is closed: the read ends at once, with nothing.
+            "read-stdin" => {
+                let mut input = Vec::new();
+                match std::io::Read::read_to_end(&mut std::io::stdin(), &mut input) {
+                    Ok(0) => Ok(()),
+                    Ok(n) => Err(HandleError::Reject(format!(
+                        "LEAK: read {n} bytes from stdin"
+                    ))),
+                    Err(e) => Err(HandleError::Reject(format!("denied: {e}"))),
+                }
+            }
+            "kv-big" => kv_big(&v),
+            "hold-many" => hold_many(&v),
             "publish" => publish_n(&v),
             "publish-then-fail" => {
                 publish_n(&v)?;

@@ -16,7 +16,7 @@ wit_bindgen::generate!({ world: "handler", path: "../../wit", generate_all });
 mod json;
 
 use event_host::handler::publisher::{publish, Properties};
-use event_host::handler::types::{ExchangeKind, Subscription};
+use event_host::handler::types::{ExchangeKind, Output, Subscription};
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
@@ -240,6 +240,13 @@ impl Guest for Inventory {
                 exchange: "orders".into(),
                 kind: ExchangeKind::Fanout,
                 binding_keys: vec![],
+            }],
+            // Where reservations and low-stock notices go (a config that
+            // renames it, `inventory-exchange`, must name the new one in
+            // `publishes_to`).
+            publishes: vec![Output {
+                exchange: "inventory".into(),
+                kind: ExchangeKind::Topic,
             }],
             max_attempts: None,
         }

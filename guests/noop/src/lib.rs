@@ -114,6 +114,7 @@ impl Guest for Noop {
                 kind: ExchangeKind::Fanout,
                 binding_keys: vec![],
             }],
+            publishes: vec![],
             max_attempts: None,
         }
     }

@@ -12,7 +12,7 @@ wit_bindgen::generate!({ world: "handler", path: "../../wit", generate_all });
 mod json;
 
 use event_host::handler::publisher::{publish, Properties};
-use event_host::handler::types::{ExchangeKind, Subscription};
+use event_host::handler::types::{ExchangeKind, Output, Subscription};
 use serde_json::{json, Map, Value};
 use wasi::config::store as config;
 use wasi::keyvalue::{atomics, store as kv};
@@ -50,6 +50,12 @@ impl Guest for OrderPublisher {
                 exchange: "checkout".into(),
                 kind: ExchangeKind::Direct,
                 binding_keys: vec!["checkout.requested".into()],
+            }],
+            // Orders go here (a config that renames it, `orders-exchange`,
+            // must name the new one in `publishes_to`).
+            publishes: vec![Output {
+                exchange: "orders".into(),
+                kind: ExchangeKind::Fanout,
             }],
             max_attempts: None,
         }
