@@ -15,6 +15,8 @@
 //! - [`config`]: the TOML file and every knob, with defaults.
 //! - [`dispatch`]: the only module that knows both sides — delivery in,
 //!   handler call, state commit, one ack decision ([`dispatch::decide`]).
+//! - [`idempotency`]: which key an event is deduplicated on (message id,
+//!   a body field, a header).
 //! - [`cli`]: argument parsing and the commands; `main` only calls it.
 //! - [`broker`]: the AMQP side — connection (password redacted), each
 //!   handler's topology (queue, retry delay queues, dead-letter queue),

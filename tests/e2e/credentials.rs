@@ -238,6 +238,9 @@ fn the_password_is_in_no_output_even_at_trace_level() {
     let mut problems = Vec::new();
     let mut secrets = user.secret.forms();
     secrets.extend(wrong.forms());
+    // The admin token is a secret too: configured in every run, never shown.
+    let admin_token = random_hex();
+    secrets.push(admin_token.clone());
 
     let exchange = unique("cred-orders");
     let queue = unique("cred-inventory");
@@ -256,7 +259,7 @@ fn the_password_is_in_no_output_even_at_trace_level() {
     let config_text = |amqp_url: &str| {
         format!(
             "handlers_dir = {:?}\nstate_path = {:?}\n{amqp_url}durability = \"normal\"\n\
-             drain_timeout_secs = 5\n\
+             drain_timeout_secs = 5\nadmin_token = {admin_token:?}\n\
              [handlers.inventory]\nqueue = {queue:?}\nmax_attempts = 1\n\
              subscriptions = [{{ exchange = {exchange:?}, kind = \"fanout\" }}]\n",
             handlers.to_str().unwrap(),

@@ -247,3 +247,41 @@ fn the_running_host_prunes_dedupe_records_past_the_window_and_keeps_fresh_ones()
     assert!(!store.is_processed("h", "old").unwrap());
     assert!(store.is_processed("h", "fresh").unwrap());
 }
+
+#[test]
+fn events_run_without_any_idempotency_key_are_counted_and_still_applied() {
+    use crate::amqp_support::{Client, Inventory, TestHost};
+    let inv = Inventory::new();
+    let mut client = Client::connect();
+    inv.cleanup(&mut client);
+    // Keyed on a header: an order without it and without a message id
+    // runs at least once, counted; one with it is not counted.
+    let host = TestHost::start(
+        &["inventory"],
+        &inv.config("idempotency_key = \"header:x-order\""),
+    );
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-order".into(),
+        lapin::types::AMQPValue::LongString("o-1".into()),
+    );
+    let keyed = lapin::BasicProperties::default().with_headers(headers);
+    let order = |id: u32| format!(r#"{{"id": {id}, "item": "Laptop", "quantity": 1}}"#);
+    client.publish(&inv.orders, "", order(1).as_bytes(), keyed);
+    client.publish(
+        &inv.orders,
+        "",
+        order(2).as_bytes(),
+        lapin::BasicProperties::default(),
+    );
+    host.wait_counter("inventory", "acked", 2);
+    let (_, metrics) = host.get("/metrics");
+    assert!(
+        metrics
+            .contains("event_host_events_without_idempotency_key_total{handler=\"inventory\"} 1\n"),
+        "{metrics}"
+    );
+    let (_, stock) = host.get("/state/inventory/stock.Laptop");
+    assert!(stock.contains("\"value\":8"), "both applied: {stock}");
+    host.stop().unwrap();
+}
