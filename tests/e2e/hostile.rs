@@ -386,3 +386,55 @@ fn quorum_retry_queues_dead_letter_at_least_once_and_retry_exactly_max_attempts(
         assert!(declared.is_ok(), "{queue}: {declared:?}");
     }
 }
+
+#[test]
+fn a_quorum_delay_queue_declared_by_an_older_host_is_kept_rather_than_refusing_the_handler() {
+    let mut client = Client::connect();
+    let chaos = Chaos::new(&mut client);
+    // What hosts before at-least-once dead-lettering declared.
+    let old = format!("{}.retry.50ms", chaos.queue);
+    client.rt.block_on(async {
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::try_new("x-queue-type").unwrap(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        args.insert(
+            ShortString::try_new("x-message-ttl").unwrap(),
+            AMQPValue::LongLongInt(50),
+        );
+        args.insert(
+            ShortString::try_new("x-dead-letter-exchange").unwrap(),
+            AMQPValue::LongString(LongString::from("")),
+        );
+        args.insert(
+            ShortString::try_new("x-dead-letter-routing-key").unwrap(),
+            AMQPValue::LongString(LongString::from(chaos.queue.as_str())),
+        );
+        client
+            .ch
+            .queue_declare(
+                ShortString::try_new(old.as_str()).unwrap(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .unwrap();
+    });
+    let host = TestHost::start(
+        &["chaos"],
+        &chaos.config(&[], "max_attempts = 2\nqueue_type = \"quorum\""),
+    );
+    chaos.send(
+        &client,
+        r#"{"action":"retry","reason":"not yet"}"#,
+        BasicProperties::default(),
+    );
+    let dead = client.take(&chaos.dlq, 1, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1, "retried through the old delay queue");
+    assert_eq!(host.counter("chaos", "retried"), 1);
+    host.stop().unwrap();
+}
