@@ -219,7 +219,7 @@ pub async fn declare(
     for out in &settings.publishes_to {
         ensure_exchange(conn, &out.exchange, out.kind, settings.passive).await?;
     }
-    let ch = conn.create_channel().await.context("opening a channel")?;
+    let mut ch = conn.create_channel().await.context("opening a channel")?;
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
@@ -275,9 +275,25 @@ pub async fn declare(
         );
         args.insert(short("x-dead-letter-exchange"), text(""));
         args.insert(short("x-dead-letter-routing-key"), text(&topo.queue));
-        ch.queue_declare(name(queue)?, QueueDeclareOptions::durable(), args)
-            .await
-            .with_context(|| format!("declaring retry queue {queue:?}"))?;
+        let declared = ch
+            .queue_declare(name(queue)?, QueueDeclareOptions::durable(), args)
+            .await;
+        match declared {
+            Ok(_) => {}
+            // A quorum delay queue an older host declared without
+            // at-least-once dead-lettering: the broker refuses to redeclare
+            // it with other arguments. Keep using it (at-most-once, as
+            // before) rather than refuse the handler; deleting it while
+            // empty upgrades it.
+            Err(e) if settings.queue_type == QueueType::Quorum && conn.status().connected() => {
+                ch = conn.create_channel().await.context("opening a channel")?;
+                ch.queue_declare(name(queue)?, passive, FieldTable::default())
+                    .await
+                    .with_context(|| format!("declaring retry queue {queue:?}: {e}"))?;
+                tracing::warn!(queue, "retry queue exists with other arguments ({e}); it dead-letters at most once until deleted while empty");
+            }
+            Err(e) => return Err(e).with_context(|| format!("declaring retry queue {queue:?}")),
+        }
     }
     ch.exchange_declare(
         name(&topo.dlx)?,

@@ -1,9 +1,11 @@
 //! A handler's health: the crash-loop breaker and a new version's
 //! probation.
 //!
-//! Both watch failed attempts (traps, timeouts, `retry`, attempts
-//! exhausted); a deliberate `reject` is the handler doing its job and counts
-//! as a success. They are plain state machines with the clock passed in,
+//! Both watch failures as `Handled::is_failure` defines them: failed
+//! attempts (traps, timeouts, `retry`, attempts exhausted) and events given
+//! back unsettled (host faults, conflict re-runs exhausted), so an event
+//! that keeps being requeued trips the breaker instead of looping hot. A
+//! deliberate `reject` is the handler doing its job and counts as a success. They are plain state machines with the clock passed in,
 //! so they are tested without sleeping; the registry applies their verdicts.
 
 use std::collections::VecDeque;

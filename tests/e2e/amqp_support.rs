@@ -130,6 +130,18 @@ impl TestHost {
     /// [`TestHost::start`] against the broker at `url` (a private node, a
     /// proxy in front of the shared one).
     pub fn start_with_url(guests: &[&str], config: &str, url: &str) -> Self {
+        Self::start_prepared(guests, config, url, |_| {})
+    }
+
+    /// [`TestHost::start_with_url`], with `prepare` given the state folder
+    /// (`state_path`) before the host opens it: to leave what a previous
+    /// run would have left there.
+    pub fn start_prepared(
+        guests: &[&str],
+        config: &str,
+        url: &str,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> Self {
         // Host logs show up with a failing test's output.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(std::env::var("EVENT_HOST_TEST_LOG").unwrap_or_else(|_| "info".into()))
@@ -141,6 +153,7 @@ impl TestHost {
         for g in guests {
             std::fs::copy(guest(g), handlers.join(format!("{g}.wasm"))).unwrap();
         }
+        prepare(&dir.path().join("state"));
         let admin = format!("127.0.0.1:{}", free_port());
         let text = format!(
             "handlers_dir = {:?}\nstate_path = {:?}\namqp_url = {:?}\nadmin_addr = {:?}\ndurability = \"normal\"\n{config}",

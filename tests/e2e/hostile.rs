@@ -386,3 +386,134 @@ fn quorum_retry_queues_dead_letter_at_least_once_and_retry_exactly_max_attempts(
         assert!(declared.is_ok(), "{queue}: {declared:?}");
     }
 }
+
+#[test]
+fn a_quorum_delay_queue_declared_by_an_older_host_is_kept_rather_than_refusing_the_handler() {
+    let mut client = Client::connect();
+    let chaos = Chaos::new(&mut client);
+    // What hosts before at-least-once dead-lettering declared.
+    let old = format!("{}.retry.50ms", chaos.queue);
+    client.rt.block_on(async {
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::try_new("x-queue-type").unwrap(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        args.insert(
+            ShortString::try_new("x-message-ttl").unwrap(),
+            AMQPValue::LongLongInt(50),
+        );
+        args.insert(
+            ShortString::try_new("x-dead-letter-exchange").unwrap(),
+            AMQPValue::LongString(LongString::from("")),
+        );
+        args.insert(
+            ShortString::try_new("x-dead-letter-routing-key").unwrap(),
+            AMQPValue::LongString(LongString::from(chaos.queue.as_str())),
+        );
+        client
+            .ch
+            .queue_declare(
+                ShortString::try_new(old.as_str()).unwrap(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .unwrap();
+    });
+    let host = TestHost::start(
+        &["chaos"],
+        &chaos.config(&[], "max_attempts = 2\nqueue_type = \"quorum\""),
+    );
+    chaos.send(
+        &client,
+        r#"{"action":"retry","reason":"not yet"}"#,
+        BasicProperties::default(),
+    );
+    let dead = client.take(&chaos.dlq, 1, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1, "retried through the old delay queue");
+    assert_eq!(host.counter("chaos", "retried"), 1);
+    host.stop().unwrap();
+}
+
+#[test]
+fn outbox_rows_the_broker_refuses_or_with_long_ids_never_block_startup() {
+    use event_host::state::{Commit, Durability, Outgoing, StateStore};
+    let mut client = Client::connect();
+    let chaos = Chaos::new(&mut client);
+    let (internal, ok) = (unique("internal"), unique("ok"));
+    client.cleanup(&[], &[&internal, &ok]);
+    client.rt.block_on(async {
+        client
+            .ch
+            .exchange_declare(
+                ShortString::try_new(internal.as_str()).unwrap(),
+                lapin::ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    internal: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    });
+    declare_topic(&client, &ok);
+    let probe = client.bind_probe(&ok, "#");
+    let message = |exchange: &str, id: String| Outgoing {
+        exchange: exchange.to_owned(),
+        routing_key: "x".into(),
+        payload: br#"{"seq": 0}"#.to_vec(),
+        content_type: None,
+        message_id: Some(id),
+        correlation_id: None,
+        headers: vec![("h".repeat(300), "v".into())],
+    };
+    // A previous run declared the topology, committed these and died
+    // before the broker confirmed them (outbox rows from before ids were
+    // checked may be over-long).
+    TestHost::start(&["chaos"], &chaos.config(&[&internal, &ok], ""))
+        .stop()
+        .unwrap();
+    let host = TestHost::start_prepared(
+        &["chaos"],
+        &chaos.config(&[&internal, &ok], ""),
+        &crate::amqp_support::amqp_url(),
+        |state| {
+            let store = StateStore::open(state, Durability::Normal).unwrap();
+            let commit = Commit {
+                ns: "chaos".into(),
+                message_id: None,
+                reads: Vec::new(),
+                writes: Vec::new(),
+                outbox: vec![
+                    message(&internal, "refused".into()),
+                    message(&ok, "i".repeat(300)),
+                ],
+            };
+            store.commit(&[commit]).unwrap();
+        },
+    );
+    let relayed = client.take(&probe, 1, Duration::from_secs(10));
+    assert_eq!(relayed.len(), 1, "the good row relayed");
+    let id = relayed[0]
+        .delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.as_str().to_owned())
+        .unwrap();
+    assert!(id.len() <= 255 && id.starts_with("iii"), "{id}");
+    let dead = client.take(&chaos.dlq, 1, Duration::from_secs(10));
+    assert_eq!(dead.len(), 1, "the refused row dead-lettered");
+    let reason = header(&dead[0], "x-event-host-reason").unwrap();
+    assert!(
+        reason.starts_with(&format!("broker refused publish to exchange {internal:?}")),
+        "{reason}"
+    );
+    assert_eq!(host.metric(RECONNECTS), 0.0);
+    host.stop().unwrap();
+}

@@ -953,7 +953,8 @@ async fn acks(mut acker: Acker, mut rx: mpsc::Receiver<Vec<Settled>>) -> Result<
 /// an exchange that no longer exists are dropped like any unroutable
 /// publish, so one of them cannot stall every reconnect. A message the
 /// broker refuses goes to its handler's dead-letter exchange (dropped with
-/// an error when the handler is gone), so one bad row never blocks startup.
+/// an error when the handler or its dead-letter exchange is gone), so one
+/// bad row never blocks startup.
 pub async fn relay_outbox(
     conn: &Connection,
     dispatcher: &Dispatcher,
@@ -1041,12 +1042,16 @@ pub async fn relay_outbox(
             props,
             refused: None,
         };
-        publish_one(&ch, &copy).await.map_err(|e| {
-            anyhow!(
-                "the broker refused a dead-letter copy to {:?}: {e}",
-                copy.exchange
-            )
-        })?;
+        // Relaying runs before the handlers declare their topology: with
+        // the dead-letter exchange gone too, the message is dropped (and
+        // said so) rather than blocking every start.
+        if let Err(e) = publish_one(&ch, &copy).await {
+            if !conn.status().connected() {
+                bail!("the connection closed while relaying the outbox ({e})");
+            }
+            tracing::error!(handler = ns, exchange = %send.exchange, "{}; its dead-letter copy was refused too ({e}): message dropped", broker::cap_reason(&reason));
+            ch = fresh_channel(conn, ch).await?;
+        }
     }
     let ids: Vec<i64> = pending.iter().map(|(id, _, _)| *id).collect();
     let state = dispatcher.state().clone();

@@ -363,19 +363,16 @@ impl Handled {
     /// the breaker. A deliberate `reject` is the handler working, not
     /// failing; an oversized input is the publisher's fault.
     pub fn is_failure(&self) -> bool {
-        match (self.outcome, self.cause()) {
-            (Outcome::Retry, _) => true,
-            (
-                _,
+        self.outcome == Outcome::Retry
+            || matches!(
+                self.cause(),
                 Some(
                     Cause::AttemptsExhausted { .. }
-                    | Cause::CommitTooLarge { .. }
-                    | Cause::HostFault(_)
-                    | Cause::Conflict(_),
-                ),
-            ) => true,
-            _ => false,
-        }
+                        | Cause::CommitTooLarge { .. }
+                        | Cause::HostFault(_)
+                        | Cause::Conflict(_)
+                )
+            )
     }
 
     /// Why, typed (`None` for a plain ack).
