@@ -827,3 +827,253 @@ fn deeply_nested_headers_do_not_crash_the_host() {
         text.lines().rev().take(3).collect::<Vec<_>>().join(" | ")
     );
 }
+
+// ---- the whole broker path ---------------------------------------------------
+
+/// What `chaos` is asked to do on the broker path: every hostile action a
+/// guest has (huge reasons, long and odd publish properties, publishes to
+/// exchanges it did not declare, oversized state, sleeping past its
+/// deadline, panics), beside plain successes and raw bytes.
+fn hostile_payload(out: String) -> BoxedStrategy<Vec<u8>> {
+    let reason_bytes = prop_oneof![Just(0usize), 1usize..2048, Just(300_000usize)];
+    let odd_text = prop_oneof![text(12, 64), text(300, 1200)];
+    let odd_headers = btree_map(
+        prop_oneof![
+            3 => text(12, 300),
+            1 => Just(ATTEMPT_HEADER.to_owned()),
+            1 => Just(REASON_HEADER.to_owned()),
+        ],
+        text(40, 20_000),
+        0..4,
+    );
+    let target = prop_oneof![
+        4 => Just(out),
+        1 => Just(String::new()),
+        1 => Just("amq.direct".to_owned()),
+        1 => Just("evh-undeclared".to_owned()),
+        1 => text(300, 400),
+    ];
+    prop_oneof![
+        2 => Just(json!({"action": "ok"})),
+        2 => (prop_oneof![Just("reject"), Just("retry")], reason_bytes)
+            .prop_map(|(action, n)| json!({"action": action, "reason_bytes": n})),
+        4 => (target, 0i64..4, proptest::option::of(odd_text.clone()),
+              proptest::option::of(odd_text.clone()), proptest::option::of(odd_text), odd_headers)
+            .prop_map(|(exchange, n, message_id, correlation_id, content_type, headers)| {
+                json!({"action": "publish", "exchange": exchange, "routing_key": "k", "n": n,
+                       "message_id": message_id, "correlation_id": correlation_id,
+                       "content_type": content_type, "headers": headers})
+            }),
+        2 => (0usize..2048, 0usize..(2 << 20), 0usize..1500).prop_map(|(k, v, n)| {
+            json!({"action": "kv-big", "key_bytes": k, "value_bytes": v, "writes": n})
+        }),
+        1 => (0i64..1500).prop_map(|ms| json!({"action": "sleep", "ms": ms})),
+        1 => Just(json!({"action": "panic"})),
+    ]
+    .prop_map(|v| v.to_string().into_bytes())
+    .boxed()
+}
+
+/// Properties a plain client can publish: everything `properties()` makes
+/// except what RabbitMQ itself refuses from a publisher — a `user-id` other
+/// than the login's, an `expiration` that is not a number, a delivery mode
+/// other than 1 or 2, NaN and infinite floats and short-string values in
+/// headers (it closes the publisher's connection) — sometimes with a header set near the host's
+/// header cap or past it.
+fn publishable(p: BasicProperties, big_header: Option<usize>) -> BasicProperties {
+    let mut out = BasicProperties::default();
+    macro_rules! copy {
+        ($($get:ident => $with:ident),*) => {
+            $(if let Some(v) = p.$get().clone() { out = out.$with(v); })*
+        };
+    }
+    copy!(content_type => with_content_type, content_encoding => with_content_encoding,
+          priority => with_priority,
+          correlation_id => with_correlation_id, reply_to => with_reply_to,
+          message_id => with_message_id, timestamp => with_timestamp, kind => with_type,
+          app_id => with_app_id, cluster_id => with_cluster_id);
+    if let Some(mode) = p.delivery_mode() {
+        out = out.with_delivery_mode(1 + mode % 2);
+    }
+    let mut headers = FieldTable::default();
+    for (k, v) in p.headers().clone().unwrap_or_default().inner() {
+        headers.insert(k.clone(), finite(v.clone()));
+    }
+    if let Some(n) = big_header {
+        headers.insert("big".into(), AMQPValue::LongString(vec![b'h'; n].into()));
+    }
+    out.with_headers(headers)
+}
+
+/// Generated deliveries — long and odd ids, any header names and values,
+/// nested tables, forged `x-event-host-*` headers, header sets near and
+/// past the cap — published by a plain client through a real broker to a
+/// real host process, whose guest then does something hostile with each:
+/// the host never panics, never loses its broker session, and every event
+/// ends acked or in its dead-letter queue, nothing requeued or lost.
+#[test]
+fn generated_deliveries_through_the_real_broker_path_settle_and_never_stop_the_host() {
+    let cases = config(300).cases as usize;
+    let exchange = unique("bpath-x");
+    let queue = unique("bpath-q");
+    let out = unique("bpath-out");
+    let mut client = Client::connect();
+    let dlq = format!("{queue}.dlq");
+    client.cleanup_handler(&queue, 20, &[&exchange, &out]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(guest("chaos"), dir.path().join("chaos.wasm")).unwrap();
+    let config_file = dir.path().join("host.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "handlers_dir = {:?}\nstate_path = \"state\"\ndurability = \"normal\"\n\
+             [handlers.chaos]\nqueue = {queue:?}\nmax_attempts = 2\nretry_base_ms = 20\n\
+             deadline_ms = 200\nbreaker_failures = 1000000\n\
+             subscriptions = [{{ exchange = {exchange:?}, kind = \"fanout\" }}]\n\
+             publishes_to = [{{ exchange = {out:?}, kind = \"fanout\" }}]\n",
+            dir.path().to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut host = crate::process::Run::start("bpath", dir.path(), {
+        let mut cmd = event_host(dir.path());
+        cmd.args(["run", "--config", config_file.to_str().unwrap()]);
+        cmd
+    });
+    host.wait_ready();
+
+    let strategy = (
+        hostile_payload(out.clone()),
+        properties(),
+        short_string(),
+        proptest::option::of(prop_oneof![Just(30_000usize), Just(70_000usize)]),
+    );
+    let mut runner = TestRunner::new(config(300));
+    // Published with confirms, each awaited. RabbitMQ itself refuses a few
+    // generated messages (it closes the publisher's connection on some
+    // header values it cannot parse, e.g. NaN floats): those never reach
+    // the host, so they are skipped, counted, and a new connection made.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (published, refused) = rt.block_on(async {
+        let open = || async {
+            let conn = lapin::Connection::connect(
+                &crate::amqp_support::amqp_url(),
+                lapin::ConnectionProperties::default(),
+            )
+            .await
+            .unwrap();
+            let ch = conn.create_channel().await.unwrap();
+            ch.confirm_select(Default::default()).await.unwrap();
+            (conn, ch)
+        };
+        let (mut conn, mut ch) = open().await;
+        let (mut published, mut refused) = (0u64, Vec::new());
+        for _ in 0..cases {
+            use proptest::strategy::ValueTree;
+            let (payload, props, routing_key, big) =
+                strategy.new_tree(&mut runner).unwrap().current();
+            let props = publishable(props, big);
+            let confirmed = match ch
+                .basic_publish(
+                    exchange.as_str().into(),
+                    routing_key.clone(),
+                    Default::default(),
+                    &payload,
+                    props,
+                )
+                .await
+            {
+                Ok(confirm) => confirm.await.map(drop),
+                Err(e) => Err(e),
+            };
+            match confirmed {
+                Ok(()) => published += 1,
+                Err(e) => {
+                    refused.push(e.to_string());
+                    let _ = conn.close(200, "refused".into()).await;
+                    (conn, ch) = open().await;
+                }
+            }
+        }
+        let _ = conn.close(200, "published".into()).await;
+        (published, refused)
+    });
+    assert!(
+        published as usize >= cases * 3 / 4,
+        "the broker refused too many generated messages: {refused:?}"
+    );
+    let cases = published;
+
+    // Every event ends acked or dead-lettered (retries are on the way).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
+    loop {
+        host.assert_running();
+        let c = host.counters("chaos");
+        let settled = c["acked"].as_u64().unwrap_or(0) + c["dead_lettered"].as_u64().unwrap_or(0);
+        if settled >= cases {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let log = std::fs::read_to_string(&host.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            panic!("only {settled} of {cases} events settled: {c}; log tail: {tail:#?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let c = host.counters("chaos");
+    let (_, metrics) = crate::amqp_support::http_get(&host.admin, "/metrics");
+    let reconnects = metrics
+        .lines()
+        .find(|l| l.starts_with("event_host_broker_reconnects_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let log = std::fs::read_to_string(&host.log).unwrap_or_default();
+    let dead = c["dead_lettered"].as_u64().unwrap_or(0);
+    let in_dlq = client.depth(&dlq) as u64;
+    let _ = host.terminate();
+    // A guest's own panic message is logged too (from `chaos`'s source);
+    // any other is the host's.
+    let host_panics: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("panicked at") && !l.contains("chaos/src/"))
+        .collect();
+    assert!(
+        host_panics.is_empty(),
+        "the host panicked: {host_panics:#?}"
+    );
+    assert_eq!(reconnects, 0.0, "the broker session was lost");
+    assert_eq!(
+        c["acked"].as_u64().unwrap_or(0) + dead,
+        cases,
+        "every event settled exactly once: {c}"
+    );
+    assert_eq!(c["requeued"].as_u64().unwrap_or(0), 0, "requeued: {c}");
+    assert_eq!(in_dlq, dead, "every dead-lettered event is in the DLQ");
+    eprintln!(
+        "broker path over {cases} generated deliveries ({} refused by the broker itself): {c}",
+        refused.len()
+    );
+}
+
+/// `v` as RabbitMQ parses it from a publisher: NaN and infinite floats
+/// replaced by zero, short-string values sent as long strings (RabbitMQ
+/// reads field type `s` as a short integer and closes the connection).
+fn finite(v: AMQPValue) -> AMQPValue {
+    match v {
+        AMQPValue::ShortString(s) => AMQPValue::LongString(s.as_str().into()),
+        AMQPValue::Float(f) if !f.is_finite() => AMQPValue::Float(0.0),
+        AMQPValue::Double(f) if !f.is_finite() => AMQPValue::Double(0.0),
+        AMQPValue::FieldArray(a) => AMQPValue::FieldArray(FieldArray::from(
+            a.as_slice().iter().cloned().map(finite).collect::<Vec<_>>(),
+        )),
+        AMQPValue::FieldTable(t) => {
+            let mut out = FieldTable::default();
+            for (k, v) in t.inner() {
+                out.insert(k.clone(), finite(v.clone()));
+            }
+            AMQPValue::FieldTable(out)
+        }
+        other => other,
+    }
+}
