@@ -180,6 +180,25 @@ fn a_forged_attempt_header_does_not_skip_the_retries() {
 
 /// Declare a queue bound to `exchange` that holds one message and refuses
 /// more (`x-overflow = reject-publish`), filled.
+/// An internal topic exchange: the broker refuses (403) any publish to it.
+fn declare_internal(client: &Client, exchange: &str) {
+    client.rt.block_on(async {
+        client
+            .ch
+            .exchange_declare(
+                ShortString::try_new(exchange).unwrap(),
+                lapin::ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    internal: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    });
+}
+
 fn full_queue(client: &Client, exchange: &str, queue: &str) {
     client.rt.block_on(async {
         let mut args = FieldTable::default();
@@ -226,21 +245,7 @@ fn a_publish_the_broker_refuses_is_dead_lettered_and_the_session_stays_up() {
         unique("ok"),
     );
     client.cleanup(&[&full_q], &[&internal, &full_x, &ok]);
-    client.rt.block_on(async {
-        client
-            .ch
-            .exchange_declare(
-                ShortString::try_new(internal.as_str()).unwrap(),
-                lapin::ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    internal: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-    });
+    declare_internal(&client, &internal);
     declare_topic(&client, &full_x);
     declare_topic(&client, &ok);
     full_queue(&client, &full_x, &full_q);
@@ -446,21 +451,7 @@ fn outbox_rows_the_broker_refuses_or_with_long_ids_never_block_startup() {
     let chaos = Chaos::new(&mut client);
     let (internal, ok) = (unique("internal"), unique("ok"));
     client.cleanup(&[], &[&internal, &ok]);
-    client.rt.block_on(async {
-        client
-            .ch
-            .exchange_declare(
-                ShortString::try_new(internal.as_str()).unwrap(),
-                lapin::ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    internal: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-    });
+    declare_internal(&client, &internal);
     declare_topic(&client, &ok);
     let probe = client.bind_probe(&ok, "#");
     let message = |exchange: &str, id: String| Outgoing {

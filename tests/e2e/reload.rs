@@ -517,15 +517,12 @@ fn the_second_file_of_a_handler_takes_over_when_the_first_is_deleted() {
     host.stop().unwrap();
 }
 
-#[test]
-fn a_file_replaced_by_another_handler_stops_the_old_one_and_keeps_its_queue() {
-    let inv = Inventory::new();
-    let (noop_in, noop_queue) = (
-        crate::amqp_support::unique("noop-in"),
-        crate::amqp_support::unique("noop"),
-    );
-    let mut client = Client::connect();
-    inv.cleanup(&mut client);
+/// Names for a `noop` handler beside inventory, cleaned up with the
+/// client: its queue, and a config with both.
+fn inventory_and_noop(inv: &Inventory, client: &mut Client) -> (String, String) {
+    let noop_in = crate::amqp_support::unique("noop-in");
+    let noop_queue = crate::amqp_support::unique("noop");
+    inv.cleanup(client);
     client.cleanup_handler(&noop_queue, 50, &[&noop_in]);
     let config = inv.config(&format!(
         r#"
@@ -535,6 +532,14 @@ subscriptions = [{{ exchange = "{noop_in}", kind = "fanout" }}]
 retry_base_ms = 50
 "#
     ));
+    (noop_queue, config)
+}
+
+#[test]
+fn a_file_replaced_by_another_handler_stops_the_old_one_and_keeps_its_queue() {
+    let inv = Inventory::new();
+    let mut client = Client::connect();
+    let (_, config) = inventory_and_noop(&inv, &mut client);
     let host = TestHost::start(&["inventory"], &config);
     let noop = std::fs::read(guest("noop")).unwrap();
     install(&host.handlers_dir(), "inventory.wasm", &noop);
@@ -568,13 +573,8 @@ retry_base_ms = 50
 #[test]
 fn a_file_the_broker_refused_to_declare_is_tried_again() {
     let inv = Inventory::new();
-    let (noop_in, noop_queue) = (
-        crate::amqp_support::unique("noop-in"),
-        crate::amqp_support::unique("noop"),
-    );
     let mut client = Client::connect();
-    inv.cleanup(&mut client);
-    client.cleanup_handler(&noop_queue, 50, &[&noop_in]);
+    let (noop_queue, config) = inventory_and_noop(&inv, &mut client);
     // Its queue exists, not durable: declaring its topology fails, as it
     // would in a broker blip.
     client.rt.block_on(async {
@@ -588,14 +588,6 @@ fn a_file_the_broker_refused_to_declare_is_tried_again() {
             .await
             .unwrap();
     });
-    let config = inv.config(&format!(
-        r#"
-[handlers.noop]
-queue = "{noop_queue}"
-subscriptions = [{{ exchange = "{noop_in}", kind = "fanout" }}]
-retry_base_ms = 50
-"#
-    ));
     let host = TestHost::start(&["inventory"], &config);
     install(
         &host.handlers_dir(),

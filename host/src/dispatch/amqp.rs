@@ -32,7 +32,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use tokio::sync::{mpsc, watch};
 
-use super::{decide, Cause, Committed, Dispatcher, Handled, Happened, Outcome, Warm};
+use super::{decide, Cause, Committed, Dispatcher, Handled, Happened, Outcome, Oversize, Warm};
 use crate::broker::{self, text, KeepHeaders, RetryFacts, RetrySigner};
 use crate::handler::HandlerVersion;
 use crate::health::Verdict;
@@ -328,15 +328,15 @@ fn run_batch(
         let mut result = None;
         let header_bytes = broker::headers_size(&raw.properties);
         let too_large = if header_bytes > broker::MAX_HEADER_BYTES {
-            Some(Happened::HeadersTooLarge {
+            Some(Happened::TooLarge(Oversize::Headers {
                 bytes: header_bytes,
                 cap: broker::MAX_HEADER_BYTES,
-            })
+            }))
         } else if raw.data.len() > max_payload {
-            Some(Happened::PayloadTooLarge {
+            Some(Happened::TooLarge(Oversize::Payload {
                 bytes: raw.data.len(),
                 cap: max_payload,
-            })
+            }))
         } else {
             None
         };
@@ -697,7 +697,7 @@ impl Acker {
                         send.exchange
                     );
                     tracing::warn!(handler = %s.version.name, "{}; the message goes to the dead-letter exchange", broker::cap_reason(&reason));
-                    let copy = self.dead_letter_output(s, send, &reason);
+                    let copy = refused_output(&s.version, send, &reason);
                     self.publish_dead_letter(&copy).await?;
                     self.metrics
                         .dead_lettered
@@ -733,42 +733,42 @@ impl Acker {
     }
 
     fn keep_headers(&self, s: &Settled) -> KeepHeaders {
-        if matches!(s.handled.cause(), Some(Cause::HeadersTooLarge { .. })) {
+        if matches!(s.handled.cause(), Some(Cause::TooLarge(Oversize::Headers { .. }))) {
             KeepHeaders::None
         } else {
             KeepHeaders::Original
         }
     }
+}
 
-    /// A refused output, as a dead-letter message of its handler: its body
-    /// and properties, with the host's reason headers (its own headers
-    /// only when under the cap).
-    fn dead_letter_output(&self, s: &Settled, send: &Send, reason: &str) -> Send {
-        let keep = if broker::headers_size(&send.props) > broker::MAX_HEADER_BYTES {
-            KeepHeaders::None
-        } else {
-            KeepHeaders::Original
-        };
-        let props = broker::republish_properties(
-            &send.props,
-            keep,
-            &[
-                (broker::REASON_HEADER, broker::reason_text(reason)),
-                (broker::HANDLER_HEADER, text(&s.version.name)),
-                (broker::VERSION_HEADER, text(&s.version.sha256)),
-                (broker::EXCHANGE_HEADER, text(&send.exchange)),
-                (broker::ROUTING_KEY_HEADER, text(&send.routing_key)),
-            ],
-        );
-        Send {
-            from: send.from,
-            kind: SendKind::DeadLetter,
-            exchange: s.version.topology.dlx.clone(),
-            routing_key: s.version.topology.queue.clone(),
-            payload: send.payload.clone(),
-            props,
-            refused: None,
-        }
+/// An output the broker refused, as a dead-letter message of `version`'s
+/// handler: its body and properties (its own headers only when under the
+/// cap), with the host's reason headers naming where it was going.
+fn refused_output(version: &HandlerVersion, send: &Send, reason: &str) -> Send {
+    let keep = if broker::headers_size(&send.props) > broker::MAX_HEADER_BYTES {
+        KeepHeaders::None
+    } else {
+        KeepHeaders::Original
+    };
+    let props = broker::republish_properties(
+        &send.props,
+        keep,
+        &[
+            (broker::REASON_HEADER, broker::reason_text(reason)),
+            (broker::HANDLER_HEADER, text(&version.name)),
+            (broker::VERSION_HEADER, text(&version.sha256)),
+            (broker::EXCHANGE_HEADER, text(&send.exchange)),
+            (broker::ROUTING_KEY_HEADER, text(&send.routing_key)),
+        ],
+    );
+    Send {
+        from: send.from,
+        kind: SendKind::DeadLetter,
+        exchange: version.topology.dlx.clone(),
+        routing_key: version.topology.queue.clone(),
+        payload: send.payload.clone(),
+        props,
+        refused: None,
     }
 }
 
@@ -1011,22 +1011,6 @@ pub async fn relay_outbox(
             continue;
         };
         let version = entry.version();
-        let keep = if broker::headers_size(&send.props) > broker::MAX_HEADER_BYTES {
-            KeepHeaders::None
-        } else {
-            KeepHeaders::Original
-        };
-        let props = broker::republish_properties(
-            &send.props,
-            keep,
-            &[
-                (broker::REASON_HEADER, broker::reason_text(&reason)),
-                (broker::HANDLER_HEADER, text(&version.name)),
-                (broker::VERSION_HEADER, text(&version.sha256)),
-                (broker::EXCHANGE_HEADER, text(&send.exchange)),
-                (broker::ROUTING_KEY_HEADER, text(&send.routing_key)),
-            ],
-        );
         tracing::warn!(
             handler = ns,
             "{}; the message goes to the dead-letter exchange",
@@ -1035,12 +1019,7 @@ pub async fn relay_outbox(
         ch = fresh_channel(conn, ch).await?;
         let copy = Send {
             from: 0,
-            kind: SendKind::DeadLetter,
-            exchange: version.topology.dlx.clone(),
-            routing_key: version.topology.queue.clone(),
-            payload: send.payload.clone(),
-            props,
-            refused: None,
+            ..refused_output(&version, send, &reason)
         };
         // Relaying runs before the handlers declare their topology: with
         // the dead-letter exchange gone too, the message is dropped (and

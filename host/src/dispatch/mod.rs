@@ -117,27 +117,9 @@ pub enum Outcome {
 pub enum Happened<'a> {
     /// The guest ran, with this result.
     Called(&'a CallResult),
-    /// The body is over the handler's payload cap; the guest did not run.
-    PayloadTooLarge {
-        /// Body size.
-        bytes: usize,
-        /// The cap.
-        cap: usize,
-    },
-    /// The header table is over [`crate::broker::MAX_HEADER_BYTES`].
-    HeadersTooLarge {
-        /// Encoded size.
-        bytes: usize,
-        /// The cap.
-        cap: usize,
-    },
-    /// The event's writes and publishes alone are over the batch budget.
-    CommitTooLarge {
-        /// Their size.
-        bytes: usize,
-        /// The budget ([`MAX_BATCH_COMMIT_BYTES`]).
-        cap: usize,
-    },
+    /// Over a bound before its guest ran (payload, headers) or before its
+    /// effects could commit (the batch budget).
+    TooLarge(Oversize),
     /// Its message id had already committed.
     Duplicate,
     /// The host failed (the state store, for example).
@@ -146,6 +128,52 @@ pub enum Happened<'a> {
     Conflict(&'a str),
     /// The handler was paused or removed before the event ran.
     Inactive,
+}
+
+/// A bound an event went over, with its size and the cap (bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Oversize {
+    /// The body, over the handler's `max_payload_kb`: the guest did not run.
+    Payload {
+        /// Body size.
+        bytes: usize,
+        /// The cap.
+        cap: usize,
+    },
+    /// The header table, over [`crate::broker::MAX_HEADER_BYTES`]: the
+    /// guest did not run, and the dead-letter copy carries only the
+    /// host's headers.
+    Headers {
+        /// Encoded size.
+        bytes: usize,
+        /// The cap.
+        cap: usize,
+    },
+    /// The event's own writes and publishes, over the batch budget
+    /// ([`MAX_BATCH_COMMIT_BYTES`]): its effects are dropped.
+    Commit {
+        /// Their size.
+        bytes: usize,
+        /// The budget.
+        cap: usize,
+    },
+}
+
+impl std::fmt::Display for Oversize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Oversize::Payload { bytes, cap } => {
+                write!(f, "payload of {bytes} bytes is over the {cap}-byte cap")
+            }
+            Oversize::Headers { bytes, cap } => {
+                write!(f, "headers of {bytes} bytes over the {cap}-byte cap")
+            }
+            Oversize::Commit { bytes, cap } => write!(
+                f,
+                "writes and publishes of {bytes} bytes over the {cap}-byte batch budget"
+            ),
+        }
+    }
 }
 
 impl<'a> From<&'a CallResult> for Happened<'a> {
@@ -173,27 +201,8 @@ pub enum Cause {
         /// How the last attempt failed.
         last: Box<Cause>,
     },
-    /// See [`Happened::PayloadTooLarge`].
-    PayloadTooLarge {
-        /// Body size.
-        bytes: usize,
-        /// The cap.
-        cap: usize,
-    },
-    /// See [`Happened::HeadersTooLarge`].
-    HeadersTooLarge {
-        /// Encoded size.
-        bytes: usize,
-        /// The cap.
-        cap: usize,
-    },
-    /// See [`Happened::CommitTooLarge`].
-    CommitTooLarge {
-        /// Size of its writes and publishes.
-        bytes: usize,
-        /// The budget.
-        cap: usize,
-    },
+    /// See [`Happened::TooLarge`].
+    TooLarge(Oversize),
     /// Its message id had already committed: acked, not run again.
     Duplicate,
     /// A host fault: requeued, counted by the breaker.
@@ -212,16 +221,7 @@ impl std::fmt::Display for Cause {
             Cause::AttemptsExhausted { attempt, max, last } => {
                 write!(f, "{ATTEMPTS_EXHAUSTED} ({attempt}/{max}): {last}")
             }
-            Cause::PayloadTooLarge { bytes, cap } => {
-                write!(f, "payload of {bytes} bytes is over the {cap}-byte cap")
-            }
-            Cause::HeadersTooLarge { bytes, cap } => {
-                write!(f, "headers of {bytes} bytes over the {cap}-byte cap")
-            }
-            Cause::CommitTooLarge { bytes, cap } => write!(
-                f,
-                "writes and publishes of {bytes} bytes over the {cap}-byte batch budget"
-            ),
+            Cause::TooLarge(over) => write!(f, "{over}"),
             Cause::Duplicate => f.write_str(DUPLICATE),
             Cause::HostFault(e) => write!(f, "host error: {e}"),
             Cause::Conflict(key) => write!(f, "state key {key:?} kept changing under the event"),
@@ -321,15 +321,7 @@ pub fn decide<'a>(happened: impl Into<Happened<'a>>, attempt: u32, max_attempts:
             decision(Outcome::Requeue, Cause::HostFault(e.clone()))
         }
         Happened::HostFault(e) => decision(Outcome::Requeue, Cause::HostFault(e.to_owned())),
-        Happened::PayloadTooLarge { bytes, cap } => {
-            decision(Outcome::Reject, Cause::PayloadTooLarge { bytes, cap })
-        }
-        Happened::HeadersTooLarge { bytes, cap } => {
-            decision(Outcome::Reject, Cause::HeadersTooLarge { bytes, cap })
-        }
-        Happened::CommitTooLarge { bytes, cap } => {
-            decision(Outcome::Reject, Cause::CommitTooLarge { bytes, cap })
-        }
+        Happened::TooLarge(over) => decision(Outcome::Reject, Cause::TooLarge(over)),
         Happened::Duplicate => decision(Outcome::Ack, Cause::Duplicate),
         Happened::Conflict(key) => decision(Outcome::Requeue, Cause::Conflict(key.to_owned())),
         Happened::Inactive => decision(Outcome::Requeue, Cause::Inactive),
@@ -368,7 +360,7 @@ impl Handled {
                 self.cause(),
                 Some(
                     Cause::AttemptsExhausted { .. }
-                        | Cause::CommitTooLarge { .. }
+                        | Cause::TooLarge(Oversize::Commit { .. })
                         | Cause::HostFault(_)
                         | Cause::Conflict(_)
                 )
@@ -407,7 +399,7 @@ const MAX_CONFLICT_RERUNS: u32 = 8;
 /// Most bytes (written keys and values, published messages) one state
 /// transaction of a batch holds. A batch over it commits as several
 /// transactions; one event over it alone is dead-lettered
-/// ([`Cause::CommitTooLarge`]). SQLite refuses a blob over 1 GB
+/// ([`Oversize::Commit`]). SQLite refuses a blob over 1 GB
 /// (SQLITE_TOOBIG), and a batch's outbox is one blob.
 pub const MAX_BATCH_COMMIT_BYTES: usize = 64 << 20;
 
@@ -585,7 +577,7 @@ impl Dispatcher {
             if bytes > MAX_BATCH_COMMIT_BYTES {
                 let cap = MAX_BATCH_COMMIT_BYTES;
                 out[index] = Some(Committed::Done(Handled::without_effects(
-                    decide(Happened::CommitTooLarge { bytes, cap }, 1, 1),
+                    decide(Happened::TooLarge(Oversize::Commit { bytes, cap }), 1, 1),
                     e.elapsed,
                 )));
                 continue;
@@ -855,8 +847,10 @@ mod tests {
         assert!(!handled(Happened::Inactive).is_failure());
         let reject = CallResult::Reject("no".into());
         assert!(!handled(Happened::Called(&reject)).is_failure());
-        assert!(!handled(Happened::PayloadTooLarge { bytes: 2, cap: 1 }).is_failure());
-        assert!(handled(Happened::CommitTooLarge { bytes: 2, cap: 1 }).is_failure());
+        let over = |o| handled(Happened::TooLarge(o)).is_failure();
+        assert!(!over(Oversize::Payload { bytes: 2, cap: 1 }));
+        assert!(!over(Oversize::Headers { bytes: 2, cap: 1 }));
+        assert!(over(Oversize::Commit { bytes: 2, cap: 1 }));
         let dup = handled(Happened::Duplicate);
         assert!(dup.duplicate && dup.outcome == Outcome::Ack && !dup.is_failure());
     }
@@ -897,7 +891,10 @@ mod tests {
         assert_eq!(outcomes[1], (Outcome::Ack, None));
         assert!(matches!(
             outcomes[2],
-            (Outcome::Reject, Some(Cause::CommitTooLarge { .. }))
+            (
+                Outcome::Reject,
+                Some(Cause::TooLarge(Oversize::Commit { .. }))
+            )
         ));
         assert_eq!(outcomes[3], (Outcome::Ack, None));
         for key in ["a", "b", "c"] {
