@@ -733,7 +733,10 @@ impl Acker {
     }
 
     fn keep_headers(&self, s: &Settled) -> KeepHeaders {
-        if matches!(s.handled.cause(), Some(Cause::TooLarge(Oversize::Headers { .. }))) {
+        if matches!(
+            s.handled.cause(),
+            Some(Cause::TooLarge(Oversize::Headers { .. }))
+        ) {
             KeepHeaders::None
         } else {
             KeepHeaders::Original
