@@ -720,6 +720,19 @@ pub enum KeepHeaders {
     Original,
     /// None: the original table is over [`MAX_HEADER_BYTES`].
     None,
+    /// For a retry copy, which a delay queue dead-letters back: the
+    /// original ones but the broker's own death records (`x-death`,
+    /// `x-first-death-*`, `x-last-death-*`). RabbitMQ reads and extends
+    /// those when it dead-letters, and one a publisher forged (a table
+    /// where it expects an array, say) crashes the delay queue's process,
+    /// which then refuses every retry copy of the handler. The delay queue
+    /// writes its own.
+    ForDelayQueue,
+}
+
+/// Whether `name` is one of RabbitMQ's death-record headers.
+fn is_death_header(name: &str) -> bool {
+    name == "x-death" || name.starts_with("x-first-death-") || name.starts_with("x-last-death-")
 }
 
 /// Properties for re-publishing a delivery to a retry or dead-letter
@@ -729,17 +742,22 @@ pub fn republish_properties(
     keep: KeepHeaders,
     extra: &[(&str, AMQPValue)],
 ) -> BasicProperties {
-    let mut headers = match keep {
-        KeepHeaders::Original => original.headers().clone().unwrap_or_default(),
-        KeepHeaders::None => FieldTable::default(),
-    };
-    let mut kept = FieldTable::default();
-    for (k, v) in headers.inner() {
-        if k.as_str() != ATTEMPT_HEADER && k.as_str() != SIGNATURE_HEADER {
-            kept.insert(k.clone(), v.clone());
+    let mut headers = FieldTable::default();
+    if keep != KeepHeaders::None {
+        for (k, v) in original
+            .headers()
+            .as_ref()
+            .map(FieldTable::inner)
+            .into_iter()
+            .flatten()
+        {
+            let name = k.as_str();
+            let death = keep == KeepHeaders::ForDelayQueue && is_death_header(name);
+            if name != ATTEMPT_HEADER && name != SIGNATURE_HEADER && !death {
+                headers.insert(k.clone(), v.clone());
+            }
         }
     }
-    headers = kept;
     for (k, v) in extra {
         headers.insert(short(k), v.clone());
     }

@@ -18,14 +18,8 @@ const EVENTS: u64 = 10_000;
 const RATE: f64 = 4_000.0;
 
 /// A handlers folder with the chaos guest and a config file for `ledger`
-/// (default durability: every commit fsynced). A ledger without message
-/// ids has chaos deduplicate on the body's `id`.
+/// (default durability: every commit fsynced).
 fn deploy(dir: &Path, ledger: &Ledger, drain_timeout_secs: u64) -> PathBuf {
-    let extra = if ledger.message_ids {
-        ""
-    } else {
-        "idempotency_key = \"/id\""
-    };
     let handlers = dir.join("handlers");
     std::fs::create_dir_all(&handlers).unwrap();
     std::fs::copy(guest("chaos"), handlers.join("chaos.wasm")).unwrap();
@@ -37,7 +31,7 @@ fn deploy(dir: &Path, ledger: &Ledger, drain_timeout_secs: u64) -> PathBuf {
             handlers.to_str().unwrap(),
             dir.join("state").to_str().unwrap(),
             ledger.url,
-            ledger.config(extra),
+            ledger.config(""),
         ),
     )
     .unwrap();

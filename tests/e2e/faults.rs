@@ -278,7 +278,10 @@ enum Fault {
 /// The shared body of the restart and kill tests: a 20k-event stream from
 /// a confirming producer, three faults while both the producer and the
 /// host are mid-stream, then the ledger check.
-fn stream_through_faults(fault: Fault) {
+/// `message_ids: false`: a producer that sets none, as the seed's Order
+/// Service; the handler's idempotency key (the body's `id`) keeps every
+/// event applied once.
+fn stream_through_faults(fault: Fault, message_ids: bool) {
     const N: u64 = 20_000;
     // The steady rate is low and the backlog comes from bursts: a fault
     // cycle (burst, fault, recovery) takes far longer on a slow, loaded
@@ -290,7 +293,10 @@ fn stream_through_faults(fault: Fault) {
     let started = Instant::now();
     let mut broker = PrivateBroker::start();
     let node_up = started.elapsed();
-    let ledger = Ledger::new(&broker.url(), 3, 50);
+    let mut ledger = Ledger::new(&broker.url(), 3, 50);
+    if !message_ids {
+        ledger = ledger.without_message_ids();
+    }
     ledger.declare_outputs();
     let mut host = TestHost::start_with_url(
         &[HANDLER],
@@ -388,12 +394,22 @@ fn stream_through_faults(fault: Fault) {
 
 #[test]
 fn broker_restarted_three_times_during_a_20k_event_stream_loses_and_repeats_nothing() {
-    stream_through_faults(Fault::Restart);
+    stream_through_faults(Fault::Restart, true);
+}
+
+#[test]
+fn broker_restarted_three_times_without_message_ids_loses_and_repeats_nothing() {
+    stream_through_faults(Fault::Restart, false);
 }
 
 #[test]
 fn connections_killed_three_times_during_a_20k_event_stream_lose_and_repeat_nothing() {
-    stream_through_faults(Fault::KillConnections);
+    stream_through_faults(Fault::KillConnections, true);
+}
+
+#[test]
+fn connections_killed_three_times_without_message_ids_lose_and_repeat_nothing() {
+    stream_through_faults(Fault::KillConnections, false);
 }
 
 #[test]

@@ -178,8 +178,43 @@ fn a_forged_attempt_header_does_not_skip_the_retries() {
     host.stop().unwrap();
 }
 
-/// Declare a queue bound to `exchange` that holds one message and refuses
-/// more (`x-overflow = reject-publish`), filled.
+/// RabbitMQ reads a message's `x-death` when a queue dead-letters it; a
+/// publisher's malformed one (here a number where it keeps a table)
+/// crashed the delay queue's process, which then nacked every retry copy
+/// of the handler. Retry copies carry no death records of the publisher's.
+#[test]
+fn a_forged_x_death_header_does_not_break_the_retry_path() {
+    let mut client = Client::connect();
+    let chaos = Chaos::new(&mut client);
+    let host = TestHost::start(&["chaos"], &chaos.config(&[], "max_attempts = 3"));
+    let mut forged = FieldTable::default();
+    forged.insert(
+        ShortString::try_new("x-death").unwrap(),
+        AMQPValue::FieldArray(vec![AMQPValue::ShortInt(22055)].into()),
+    );
+    forged.insert(
+        ShortString::try_new("x-last-death-queue").unwrap(),
+        AMQPValue::LongLongInt(7),
+    );
+    for _ in 0..2 {
+        chaos.send(
+            &client,
+            r#"{"action":"retry","reason":"not yet"}"#,
+            BasicProperties::default().with_headers(forged.clone()),
+        );
+    }
+    let dead = client.take(&chaos.dlq, 2, Duration::from_secs(30));
+    assert_eq!(dead.len(), 2, "both went through every retry to the DLQ");
+    for m in &dead {
+        assert_eq!(header(m, "x-event-host-attempts").as_deref(), Some("3"));
+    }
+    let counters = host.counters("chaos");
+    assert_eq!(counters["retried"], 4, "{counters}");
+    assert_eq!(counters["dead_lettered"], 2, "{counters}");
+    assert_eq!(host.metric(RECONNECTS), 0.0);
+    host.stop().unwrap();
+}
+
 /// An internal topic exchange: the broker refuses (403) any publish to it.
 fn declare_internal(client: &Client, exchange: &str) {
     client.rt.block_on(async {
@@ -199,6 +234,8 @@ fn declare_internal(client: &Client, exchange: &str) {
     });
 }
 
+/// Declare a queue bound to `exchange` that holds one message and refuses
+/// more (`x-overflow = reject-publish`), filled.
 fn full_queue(client: &Client, exchange: &str, queue: &str) {
     client.rt.block_on(async {
         let mut args = FieldTable::default();

@@ -140,8 +140,14 @@ impl Ledger {
     }
 
     /// The host config for the chaos handler (`extra`: more settings of
-    /// its section).
+    /// its section). A ledger without message ids has chaos deduplicate on
+    /// the body's `id`.
     pub fn config(&self, extra: &str) -> String {
+        let key = if self.message_ids {
+            ""
+        } else {
+            "idempotency_key = \"/id\""
+        };
         format!(
             r##"
 [handlers.{HANDLER}]
@@ -151,6 +157,7 @@ max_attempts = {attempts}
 retry_base_ms = {base}
 retry_max_ms = {max}
 publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
+{key}
 {extra}
 [handlers.{HANDLER}.config]
 "ledger-exchange" = "{out}"

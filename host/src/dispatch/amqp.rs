@@ -709,6 +709,10 @@ impl Acker {
                     tracing::warn!(handler = %s.version.name, "{}; dead-lettering the event", broker::cap_reason(&reason));
                     let copy = dead_letter_copy(s, &reason, self.keep_headers(s));
                     self.publish_dead_letter(&copy).await?;
+                    self.metrics
+                        .dead_lettered
+                        .get_or_create(&Metrics::label(&s.version.name))
+                        .inc();
                 }
                 SendKind::DeadLetter => {
                     bail!(
@@ -854,7 +858,7 @@ async fn acks(mut acker: Acker, mut rx: mpsc::Receiver<Vec<Settled>>) -> Result<
                     });
                     let props = broker::republish_properties(
                         &s.delivery.properties,
-                        KeepHeaders::Original,
+                        KeepHeaders::ForDelayQueue,
                         &[
                             (
                                 broker::ATTEMPT_HEADER,
