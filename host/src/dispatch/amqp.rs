@@ -590,22 +590,10 @@ async fn fresh_channel(conn: &Connection, old: lapin::Channel) -> Result<lapin::
 /// Publish `send` on `ch` and wait for its confirm: `Ok` once the broker
 /// acked it, `Err` with why not.
 async fn publish_one(ch: &lapin::Channel, send: &Send) -> std::result::Result<(), String> {
-    let confirm = ch
-        .basic_publish(
-            broker::short(&send.exchange),
-            broker::short(&send.routing_key),
-            BasicPublishOptions::default(),
-            &send.payload,
-            send.props.clone(),
-        )
+    publish_all(ch, std::slice::from_ref(send))
         .await
-        .map_err(|e| e.to_string())?;
-    match confirm.await {
-        Ok(c) if c.is_ack() => Ok(()),
-        Ok(c) if c.is_nack() => Err("nack (a queue refused it: full, with reject-publish?)".into()),
-        Ok(_) => Err("no confirm".into()),
-        Err(e) => Err(e.to_string()),
-    }
+        .pop()
+        .unwrap_or_else(|| Err("nothing was published".into()))
 }
 
 /// Publish every send, pipelined on `ch` (one round trip for the batch):
