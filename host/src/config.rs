@@ -29,6 +29,8 @@ pub const DEFAULT_MAX_VALUE_BYTES: u64 = 1 << 20;
 pub const DEFAULT_MAX_WRITES: u64 = 1000;
 /// Default `max_written_bytes` (8 MiB).
 pub const DEFAULT_MAX_WRITTEN_BYTES: u64 = 8 << 20;
+/// Default `max_read_bytes` (64 MiB).
+pub const DEFAULT_MAX_READ_BYTES: u64 = 64 << 20;
 
 /// The broker a fresh install talks to: RabbitMQ's defaults on this machine.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -156,6 +158,12 @@ pub struct HandlerConfig {
     /// 8 MiB); past it writes are errors the guest sees. Bounds the host
     /// memory an event's buffered writes take, and its commit's size.
     pub max_written_bytes: Option<u64>,
+    /// Bytes of state values one event may read, counting each key once
+    /// (default 64 MiB). Every value read is kept until the event commits
+    /// (its reads are validated then), so this bounds the host memory one
+    /// event's reads take; past it the read traps the call, a failed
+    /// attempt. Too low fails handlers that scan large state per event.
+    pub max_read_bytes: Option<u64>,
     /// Events one instance of the handler may serve, one after another
     /// within a batch, before a fresh one is made (default 1: a fresh
     /// instance per event, as Spin does). Raising it saves the
@@ -440,6 +448,8 @@ impl Config {
                         .min(u64::from(u32::MAX)) as u32,
                     max_written_bytes: pick(|c| c.max_written_bytes)
                         .unwrap_or(DEFAULT_MAX_WRITTEN_BYTES)
+                        as usize,
+                    max_read_bytes: pick(|c| c.max_read_bytes).unwrap_or(DEFAULT_MAX_READ_BYTES)
                         as usize,
                 },
                 events_per_instance: pick(|c| c.events_per_instance.map(u64::from))

@@ -84,6 +84,8 @@ pub struct CallLimits {
     pub max_writes: u32,
     /// Bytes of keys and values one call may write, together.
     pub max_written_bytes: usize,
+    /// Bytes of state values one call may read (each key counted once).
+    pub max_read_bytes: usize,
 }
 
 /// What the guest's call accumulated, handed back after the call.
@@ -248,6 +250,15 @@ impl GuestState {
             return Err(wasmtime::format_err!("state is not available here"));
         };
         match self.effects.txn.get(store, &self.handler, key) {
+            // Every value read stays in the transaction until commit: a
+            // guest reading key after key of large values would otherwise
+            // grow host memory without bound.
+            Ok(_) if self.effects.txn.read_bytes() > self.limits.max_read_bytes => {
+                Err(wasmtime::format_err!(
+                    "more than {} bytes of state read in one event (max_read_bytes)",
+                    self.limits.max_read_bytes
+                ))
+            }
             Ok(v) => Ok(v),
             Err(e) => {
                 let msg = format!("state read of {key:?} failed: {e:#}");

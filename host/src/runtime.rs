@@ -346,6 +346,7 @@ impl Runtime {
             max_value_bytes: 0,
             max_writes: 0,
             max_written_bytes: 0,
+            max_read_bytes: 0,
         };
         let data = GuestState::new("(loading)".into(), None, Arc::new(BTreeMap::new()), limits);
         let mut store = self.store(data, MANIFEST_DEADLINE);
@@ -520,7 +521,10 @@ fn describe_error(e: &wasmtime::Error, deadline: Duration) -> Failure {
             Failure::Trap("unreachable executed (a Rust guest panicked or aborted)".into())
         }
         Some(trap) => Failure::Trap(trap.to_string()),
-        None => Failure::Trap(first_line(&format!("{e:#}")).to_owned()),
+        // An error a host function returned: its own message is the root
+        // cause (the outer context is only "error while executing at wasm
+        // backtrace").
+        None => Failure::Trap(first_line(&e.root_cause().to_string()).to_owned()),
     }
 }
 

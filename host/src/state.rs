@@ -78,6 +78,8 @@ pub struct Txn {
     reads: HashMap<String, Option<Vec<u8>>>,
     /// Pending writes; `None` is a delete.
     writes: BTreeMap<String, Option<Vec<u8>>>,
+    /// Bytes of the values in `reads`.
+    read_bytes: usize,
 }
 
 impl Txn {
@@ -90,8 +92,16 @@ impl Txn {
             return Ok(seen.clone());
         }
         let value = store.get(ns, key)?;
+        self.read_bytes = self
+            .read_bytes
+            .saturating_add(value.as_ref().map_or(0, Vec::len));
         self.reads.insert(key.to_owned(), value.clone());
         Ok(value)
+    }
+
+    /// Bytes of the committed values this call has read (each key once).
+    pub fn read_bytes(&self) -> usize {
+        self.read_bytes
     }
 
     /// Buffer a write of `key`.

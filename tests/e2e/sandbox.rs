@@ -402,6 +402,28 @@ fn state_values_are_bounded_by_max_value_bytes() {
     assert_state_error(&kv_big(&h, 8, 1001, 1), "max_value_bytes");
 }
 
+/// Values read stay in the event's transaction until it commits, so the
+/// bytes one event may read are bounded too: past it the read traps the
+/// call (a failed attempt), it does not keep growing host memory.
+#[test]
+fn state_reads_per_event_are_bounded_by_max_read_bytes() {
+    let set = r#"{"action":"kv-set","key":"a","value":"1000000000"}"#;
+    let incr = r#"{"action":"kv-incr","key":"a","delta":1}"#;
+    // A 10-byte value read (by `increment`) within 10 bytes...
+    let h = chaos("[handlers.chaos]\nmax_read_bytes = 10");
+    assert_eq!(h.send("chaos", set).outcome, Outcome::Ack);
+    assert_eq!(h.send("chaos", incr).outcome, Outcome::Ack);
+    assert_eq!(h.state("chaos", "a").as_deref(), Some("1000000001"));
+    // ... and past 9: the call traps, nothing is written.
+    let h = chaos("[handlers.chaos]\nmax_read_bytes = 9");
+    assert_eq!(h.send("chaos", set).outcome, Outcome::Ack);
+    let handled = h.send("chaos", incr);
+    assert_eq!(handled.outcome, Outcome::Retry, "{handled:?}");
+    let reason = handled.reason.clone().unwrap_or_default();
+    assert!(reason.contains("max_read_bytes"), "{reason}");
+    assert_eq!(h.state("chaos", "a").as_deref(), Some("1000000000"));
+}
+
 #[test]
 fn state_writes_per_event_are_bounded_by_max_writes() {
     let h = chaos("[handlers.chaos]\ndeadline_ms = 10000");
