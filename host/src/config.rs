@@ -739,31 +739,23 @@ mod tests {
 
     #[test]
     fn state_bounds_default_and_are_configurable() -> Result<()> {
-        let s = Config::default().resolve(&manifest())?;
-        let l = &s.budget.limits;
-        assert_eq!(
+        let bounds = |s: &HandlerSettings| {
+            let l = &s.budget.limits;
             (
                 l.max_key_bytes,
                 l.max_value_bytes,
                 l.max_writes,
-                l.max_written_bytes
-            ),
-            (512, 1 << 20, 1000, 8 << 20)
-        );
+                l.max_written_bytes,
+                l.max_read_bytes,
+            )
+        };
+        let s = Config::default().resolve(&manifest())?;
+        assert_eq!(bounds(&s), (512, 1 << 20, 1000, 8 << 20, 64 << 20));
         let c = Config::parse(
-            "[defaults]\nmax_writes = 7\n[handlers.inventory]\nmax_key_bytes = 10\nmax_value_bytes = 20\nmax_written_bytes = 30",
+            "[defaults]\nmax_writes = 7\n[handlers.inventory]\nmax_key_bytes = 10\nmax_value_bytes = 20\nmax_written_bytes = 30\nmax_read_bytes = 40",
         )?;
         let s = c.resolve(&manifest())?;
-        let l = &s.budget.limits;
-        assert_eq!(
-            (
-                l.max_key_bytes,
-                l.max_value_bytes,
-                l.max_writes,
-                l.max_written_bytes
-            ),
-            (10, 20, 7, 30)
-        );
+        assert_eq!(bounds(&s), (10, 20, 7, 30, 40));
         Ok(())
     }
 
