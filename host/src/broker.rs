@@ -50,8 +50,15 @@ pub const ATTEMPTS_HEADER: &str = "x-event-host-attempts";
 /// so a publisher cannot skip the retries or pose as another exchange.
 pub const SIGNATURE_HEADER: &str = "x-event-host-signature";
 
-/// Longest AMQP short string (ids, names, content type, header names).
+/// Longest AMQP short string: exchange and queue names, routing keys,
+/// `message-id`, `correlation-id`, `content-type` and header names. lapin
+/// panics on a longer one, so nothing longer may reach it.
 pub const MAX_SHORT_STRING_BYTES: usize = 255;
+
+/// Prefix of the headers the host sets itself (attempt, original exchange,
+/// reason, signature): never shown to a guest as such, and a guest may not
+/// publish them.
+pub const HOST_HEADER_PREFIX: &str = "x-event-host-";
 
 /// Longest reason written to an `x-event-host-reason` header: a guest's
 /// reason can be any size, and a header frame over `frame_max` makes the
@@ -480,7 +487,7 @@ fn convert(d: &lapin::message::Delivery, signer: Option<(&RetrySigner, &str)>) -
                 EXCHANGE_HEADER => claimed_exchange = amqp_text(v),
                 ROUTING_KEY_HEADER => claimed_routing_key = amqp_text(v),
                 SIGNATURE_HEADER => signature = amqp_text(v),
-                name if name.starts_with("x-event-host-") => {}
+                name if name.starts_with(HOST_HEADER_PREFIX) => {}
                 name => headers.push((name.to_owned(), header_value(v))),
             }
         }

@@ -23,6 +23,7 @@ use crate::bindings::wasi::config::store as config_store;
 use crate::bindings::wasi::keyvalue::{atomics, store as kv};
 use crate::bindings::wasi::logging::logging;
 use crate::bindings::{event_host::handler::publisher, event_host::handler::types};
+use crate::broker::{HOST_HEADER_PREFIX, MAX_SHORT_STRING_BYTES};
 use crate::state::{Outgoing, StateStore, Txn};
 
 /// The handler's one bucket (its own namespace). A unit: which namespace it
@@ -35,20 +36,11 @@ pub struct Cas {
     seen: Option<Vec<u8>>,
 }
 
-/// Longest AMQP short string: exchange and queue names, routing keys,
-/// `message-id`, `correlation-id`, `content-type` and header names. lapin
-/// panics on a longer one, so nothing longer may reach it.
-pub const MAX_SHORT_STRING: usize = 255;
-
 /// Bytes of header names and values one publish may carry. A message's
 /// properties travel in one AMQP frame, and the broker closes the whole
 /// connection (every handler's) on a frame over `frame_max` (128 KiB by
 /// default): this keeps a guest's headers well under it.
 pub const MAX_PUBLISH_HEADER_BYTES: usize = 16 << 10;
-
-/// Prefix of the headers the host sets itself (attempt, original exchange,
-/// reason): a guest may not forge them.
-pub const HOST_HEADER_PREFIX: &str = "x-event-host-";
 
 /// Live resources (state buckets, CAS handles, WASI streams and pollables)
 /// one instance may hold at once. Each costs host memory until dropped,
@@ -889,8 +881,8 @@ fn check_publish(
     properties: &publisher::Properties,
 ) -> Result<(), String> {
     let short = |what: &str, value: Option<&str>| match value {
-        Some(v) if v.len() > MAX_SHORT_STRING => Err(format!(
-            "{what} is {} bytes, over the AMQP limit of {MAX_SHORT_STRING}",
+        Some(v) if v.len() > MAX_SHORT_STRING_BYTES => Err(format!(
+            "{what} is {} bytes, over the AMQP limit of {MAX_SHORT_STRING_BYTES}",
             v.len()
         )),
         _ => Ok(()),
@@ -936,8 +928,8 @@ mod tests {
 
     #[test]
     fn publishes_the_broker_cannot_carry_are_invalid() {
-        let long = "x".repeat(MAX_SHORT_STRING + 1);
-        let fits = "x".repeat(MAX_SHORT_STRING);
+        let long = "x".repeat(MAX_SHORT_STRING_BYTES + 1);
+        let fits = "x".repeat(MAX_SHORT_STRING_BYTES);
         assert!(check_publish(&fits, &fits, &props(vec![])).is_ok());
         assert!(check_publish(&long, "", &props(vec![])).is_err());
         assert!(check_publish("e", &long, &props(vec![])).is_err());

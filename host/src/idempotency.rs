@@ -25,7 +25,7 @@ use crate::handler::sha256_hex;
 /// Longest key (and derived message id) kept as it is: an AMQP short
 /// string holds 255 bytes. Longer ones are replaced by their sha256, so the
 /// same input always gives the same key.
-pub const MAX_KEY_BYTES: usize = 255;
+pub const MAX_KEY_BYTES: usize = crate::broker::MAX_SHORT_STRING_BYTES;
 
 /// Prefix of a hashed key, so it cannot be mistaken for an id a publisher
 /// chose.

@@ -315,6 +315,10 @@ fn run_batch(
     let label = Metrics::label(ns);
     let instantiations = metrics.instantiations.get_or_create(&label).clone();
     let latency = metrics.latency.get_or_create(&label).clone();
+    let keyless = metrics
+        .without_idempotency_key
+        .get_or_create(&label)
+        .clone();
     let max_payload = version.settings.broker.max_payload_bytes;
     let mut executions = Vec::new();
     let mut pending = Vec::new();
@@ -359,7 +363,7 @@ fn run_batch(
                         instantiations.inc();
                     }
                     if execution.keyless {
-                        metrics.without_idempotency_key.get_or_create(&label).inc();
+                        keyless.inc();
                     }
                     latency.observe(execution.elapsed.as_secs_f64());
                     pending.push(settled.len());

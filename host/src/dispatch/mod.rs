@@ -595,38 +595,40 @@ impl Dispatcher {
         let mut committed_any = false;
         let mut failed: Option<String> = None;
         for chunk in chunks.into_iter().filter(|c| !c.is_empty()) {
-            if let Some(fault) = &failed {
-                for (index, _, elapsed) in chunk {
-                    out[index] = Some(Committed::Done(Handled::without_effects(
-                        decide(Happened::HostFault(fault), 1, 1),
-                        elapsed,
-                    )));
-                }
-                continue;
-            }
             let (indices, commits): (Vec<(usize, Duration)>, Vec<Commit>) = chunk
                 .into_iter()
                 .map(|(index, commit, elapsed)| ((index, elapsed), commit))
                 .unzip();
-            let outcomes = match self
-                .state
-                .commit(&commits)
-                .with_context(|| format!("committing state of handler {ns}"))
-            {
+            // Once a chunk failed, the later ones are not tried: they are
+            // given back as the same host fault.
+            let committed = match &failed {
+                Some(fault) => Err(fault.clone()),
+                None => match self
+                    .state
+                    .commit(&commits)
+                    .with_context(|| format!("committing state of handler {ns}"))
+                {
+                    Ok(outcomes) => Ok(outcomes),
+                    // Nothing committed yet: the caller sees the store
+                    // failing, as for an unchunked batch.
+                    Err(e) if !committed_any => return Err(e),
+                    Err(e) => {
+                        tracing::error!("host fault while committing: {e:#}");
+                        let fault = format!("{e:#}");
+                        failed = Some(fault.clone());
+                        Err(fault)
+                    }
+                },
+            };
+            let outcomes = match committed {
                 Ok(outcomes) => outcomes,
-                // Nothing committed yet: the caller sees the store failing,
-                // as for an unchunked batch.
-                Err(e) if !committed_any => return Err(e),
-                Err(e) => {
-                    tracing::error!("host fault while committing: {e:#}");
-                    let fault = format!("{e:#}");
+                Err(fault) => {
                     for (index, elapsed) in indices {
                         out[index] = Some(Committed::Done(Handled::without_effects(
                             decide(Happened::HostFault(&fault), 1, 1),
                             elapsed,
                         )));
                     }
-                    failed = Some(fault);
                     continue;
                 }
             };
