@@ -173,11 +173,16 @@ impl GuestState {
         self.waited_past_deadline = false;
     }
 
+    /// True once the current call's wall-clock deadline has passed.
+    pub fn deadline_passed(&self) -> bool {
+        Instant::now() >= self.deadline
+    }
+
     /// True when the guest waited on a timer cut to the deadline and the
     /// deadline has passed: the call overran it even if it returned before
     /// the epoch interrupt caught it.
     pub fn overran_deadline(&self) -> bool {
-        self.waited_past_deadline && Instant::now() >= self.deadline
+        self.waited_past_deadline && self.deadline_passed()
     }
 
     /// A pollable for a guest timer of `wait`, cut to the call's deadline.

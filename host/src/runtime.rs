@@ -19,6 +19,7 @@ use serde::Deserialize;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{
     Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
+    UpdateDeadline,
 };
 
 use crate::bindings::{self, Handler, HandlerPre};
@@ -368,7 +369,19 @@ impl Runtime {
         let mut store = Store::new(&self.engine, data);
         store.limiter(|s| s.limiter());
         self.set_deadline(&mut store, deadline);
-        store.epoch_deadline_trap();
+        // The epoch is a prompt, the wall clock the judge: the ticker may
+        // lag behind (a loaded machine wakes it late), and an epoch
+        // deadline counted from a lagging epoch would fire before the
+        // event's time is up. So a call is interrupted only once its
+        // wall-clock deadline has passed; before that it runs on, checked
+        // again at the next tick.
+        store.epoch_deadline_callback(|ctx| {
+            if ctx.data().deadline_passed() {
+                Err(wasmtime::Error::new(Trap::Interrupt))
+            } else {
+                Ok(UpdateDeadline::Continue(1))
+            }
+        });
         store
     }
 
@@ -378,8 +391,8 @@ impl Runtime {
     fn set_deadline(&self, store: &mut Store<GuestState>, deadline: Duration) {
         store.data_mut().set_deadline(Instant::now() + deadline);
         let tick = self.config.epoch_tick_ms.max(1);
-        // +1: the deadline is never shorter than asked, whatever the phase
-        // of the ticker when the call starts.
+        // The first check comes at the tick after the deadline (+1 for
+        // the ticker's phase); the wall clock then decides (see `store`).
         store.set_epoch_deadline(deadline.as_millis() as u64 / tick + 1);
     }
 
