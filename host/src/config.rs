@@ -38,6 +38,9 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// How long dedupe records are kept by default: 7 days.
 pub const DEFAULT_DEDUPE_WINDOW_SECS: u64 = 7 * 24 * 3600;
 
+/// Default `state_schema`.
+pub const DEFAULT_STATE_SCHEMA: &str = "event_host";
+
 /// The host configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -51,6 +54,24 @@ pub struct Config {
     /// `normal`: survives crashes but may lose the last commits on power
     /// loss, trading that for throughput.
     pub durability: Durability,
+    /// Shared state on PostgreSQL (`postgres://user:pass@host:port/db`,
+    /// also `EVENT_HOST_STATE_URL`). Default none: embedded SQLite in
+    /// `state_path`, for one host. Set it on every host of a fleet that
+    /// shares a handler's queue; hosts on embedded state refuse a queue
+    /// another consumer is on. The password is never logged.
+    pub state_url: Option<Secret>,
+    /// PostgreSQL schema holding the state tables (also
+    /// `EVENT_HOST_STATE_SCHEMA`). Default `event_host`. One schema serves
+    /// many handlers (tables are keyed by handler); give each fleet its own
+    /// schema, or two fleets with a handler of the same name share its
+    /// state.
+    pub state_schema: String,
+    /// This host's name in a fleet (also `EVENT_HOST_HOST_ID`): shown in
+    /// `/handlers` and `/metrics`, stamped on every message it publishes
+    /// (`x-event-host-host`), and written on the outbox rows it claims.
+    /// Default `<hostname>-<pid>`. Two live hosts with one id are harmless
+    /// to correctness but make the fleet harder to read.
+    pub host_id: Option<String>,
     /// The broker. The password is never logged (see `broker::redact`).
     /// Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
     pub amqp_url: String,
@@ -104,6 +125,9 @@ impl Default for Config {
             handlers_dir: PathBuf::from("handlers"),
             state_path: PathBuf::from("state"),
             durability: Durability::default(),
+            state_url: None,
+            state_schema: DEFAULT_STATE_SCHEMA.into(),
+            host_id: None,
             amqp_url: DEFAULT_AMQP_URL.into(),
             admin_addr: "127.0.0.1:9090".into(),
             heartbeat_secs: 10,
@@ -245,7 +269,7 @@ impl Config {
     /// Apply `EVENT_HOST_*` environment overrides: `HANDLERS_DIR`,
     /// `STATE_PATH`, `AMQP_URL`, `ADMIN_ADDR`, `DURABILITY`,
     /// `HEARTBEAT_SECS`, `DRAIN_TIMEOUT_SECS`, `WATCH`, `CACHE_DIR`,
-    /// `ADMIN_TOKEN`.
+    /// `ADMIN_TOKEN`, `STATE_URL`, `STATE_SCHEMA`, `HOST_ID`.
     pub fn apply_env(&mut self) -> Result<()> {
         let var = |name: &str| {
             std::env::var(format!("EVENT_HOST_{name}"))
@@ -284,7 +308,35 @@ impl Config {
         if let Some(v) = var("ADMIN_TOKEN") {
             self.admin_token = Some(Secret(v));
         }
+        if let Some(v) = var("STATE_URL") {
+            self.state_url = Some(Secret(v));
+        }
+        if let Some(v) = var("STATE_SCHEMA") {
+            self.state_schema = v;
+        }
+        if let Some(v) = var("HOST_ID") {
+            self.host_id = Some(v);
+        }
         Ok(())
+    }
+
+    /// This host's id in a fleet: `host_id`, else `<hostname>-<pid>`
+    /// (unique among live hosts on one machine or in containers).
+    pub fn host_id(&self) -> String {
+        if let Some(id) = self.host_id.as_ref().filter(|id| !id.is_empty()) {
+            return id.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "host".into());
+        format!("{host}-{}", std::process::id())
     }
 
     /// Where compiled handlers are cached.

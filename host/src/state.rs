@@ -467,6 +467,18 @@ impl StateStore {
         })
     }
 
+    /// The backend's name, for `/handlers` and `/metrics`: `sqlite` or
+    /// `postgres`.
+    pub fn backend_name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    /// Whether other hosts can share this state (a fleet may consume one
+    /// queue). Embedded state is this process's alone.
+    pub fn is_shared(&self) -> bool {
+        false
+    }
+
     /// The database file, when on disk.
     pub fn path(&self) -> Option<&Path> {
         self.inner.path.as_deref()
