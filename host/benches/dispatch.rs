@@ -149,7 +149,7 @@ fn bench_inventory_batches(h: &support::Harness) -> Stats {
         }
         drop(warm);
         let committed = h.dispatcher.commit("inventory", executions);
-        state.unstage("inventory");
+        state.end_batch("inventory");
         for c in committed.expect("commit") {
             assert!(matches!(c, Committed::Done(ref d) if d.outcome == Outcome::Ack));
         }

@@ -24,7 +24,7 @@ use crate::bindings::wasi::keyvalue::{atomics, store as kv};
 use crate::bindings::wasi::logging::logging;
 use crate::bindings::{event_host::handler::publisher, event_host::handler::types};
 use crate::broker::{HOST_HEADER_PREFIX, MAX_SHORT_STRING_BYTES};
-use crate::state::{Outgoing, StateStore, Txn};
+use crate::state::{Contended, Outgoing, StateStore, Txn};
 
 /// The handler's one bucket (its own namespace). A unit: which namespace it
 /// is follows from the instance it lives in.
@@ -96,6 +96,10 @@ pub struct CallEffects {
     pub host_fault: Option<String>,
     /// True when the memory cap stopped the guest.
     pub memory_exceeded: bool,
+    /// Shared state lost a race with another host during the call (see
+    /// [`crate::state::Contended`]): the call trapped, and the event runs
+    /// again rather than failing.
+    pub contended: Option<String>,
 }
 
 /// Store data of one handler instance.
@@ -257,6 +261,11 @@ impl GuestState {
                 ))
             }
             Ok(v) => Ok(v),
+            Err(e) if e.downcast_ref::<Contended>().is_some() => {
+                let msg = format!("state read of {key:?}: {e:#}");
+                self.effects.contended = Some(msg.clone());
+                Err(wasmtime::format_err!("{msg}"))
+            }
             Err(e) => {
                 let msg = format!("state read of {key:?} failed: {e:#}");
                 self.effects.host_fault = Some(msg.clone());
@@ -616,6 +625,13 @@ impl kv::HostBucket for GuestState {
         // guest sees its writes in listings as it does in reads.
         let committed = match store.list_keys(&self.handler, cursor.as_deref(), PAGE) {
             Ok(keys) => keys,
+            Err(e) if e.downcast_ref::<Contended>().is_some() => {
+                // The batch's transaction is over: nothing the call does
+                // now can commit. Trap, and the event runs again.
+                let msg = format!("listing keys: {e:#}");
+                self.effects.contended = Some(msg.clone());
+                return Err(wasmtime::format_err!("{msg}"));
+            }
             Err(e) => return Ok(Err(kv::Error::Other(format!("{e:#}")))),
         };
         let full_page = committed.len() == PAGE;

@@ -21,7 +21,20 @@ use crate::metrics::Metrics;
 use crate::registry::{Entry, Lifecycle, Registry, Status};
 use crate::reload::{declare_topology, remove_stale_bindings, Reloader};
 use crate::runtime::Runtime;
-use crate::state::StateStore;
+use crate::state::{Owed, StateStore};
+
+/// How often a host on shared state looks for outbox rows that other
+/// hosts left (see [`crate::state::StateStore::orphaned_outbox`]).
+const ORPHAN_SCAN: Duration = Duration::from_secs(10);
+
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// Longest a connection handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,7 +47,16 @@ pub async fn run(
     broker::parse_url(&config.amqp_url)?;
     let config = Arc::new(config);
     let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
-    let state = StateStore::open(&config.state_path, config.durability)?;
+    // Opening PostgreSQL connects and migrates: blocking work.
+    let opening = config.clone();
+    let state = tokio::task::spawn_blocking(move || StateStore::from_config(&opening))
+        .await
+        .context("opening the state store")??;
+    tracing::info!(
+        backend = state.backend_name(),
+        host_id = %config.host_id(),
+        "state opened"
+    );
     let dispatcher = Dispatcher::new(runtime.clone(), state.clone());
     let registry = Arc::new(Registry::default());
     let metrics = Arc::new(Metrics::new());
@@ -186,7 +208,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 async fn session(
     config: &Config,
     dispatcher: &Dispatcher,
-    registry: &Registry,
+    registry: &Arc<Registry>,
     metrics: &Arc<Metrics>,
     conn_slot: &watch::Sender<Option<Arc<lapin::Connection>>>,
     stop: watch::Receiver<bool>,
@@ -207,8 +229,25 @@ async fn session(
     };
     metrics.connected.set(1);
     tracing::info!(broker = %broker::redact(&config.amqp_url), "connected");
-    amqp::relay_outbox(&conn, dispatcher, registry).await?;
+    amqp::relay_outbox(&conn, dispatcher, registry, Owed::Mine).await?;
     conn_slot.send_replace(Some(conn.clone()));
+    // On shared state, rows a host that died committed and never confirmed
+    // are this host's to publish once their claim runs out.
+    let orphans = dispatcher.state().is_shared().then(|| {
+        let (conn, dispatcher, registry) = (conn.clone(), dispatcher.clone(), registry.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            let mut every = tokio::time::interval(ORPHAN_SCAN);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if let Err(e) =
+                    amqp::relay_outbox(&conn, &dispatcher, &registry, Owed::Orphaned).await
+                {
+                    tracing::warn!("relaying outbox rows other hosts left: {e:#}");
+                }
+            }
+        }))
+    });
     let mut tasks = JoinSet::new();
     let mut serving = std::collections::HashSet::new();
     let mut added = registry.watch_added();
@@ -247,6 +286,7 @@ async fn session(
         }
     }
     conn_slot.send_replace(None);
+    drop(orphans);
     tasks.abort_all();
     // Outbox rows confirmed since the last commit wait for the next one to
     // delete them; with no next commit in this session they would be

@@ -38,7 +38,7 @@ use crate::handler::HandlerVersion;
 use crate::health::Verdict;
 use crate::metrics::Metrics;
 use crate::registry::{Entry, Lifecycle, Registry, Status};
-use crate::state::Outgoing;
+use crate::state::{Outgoing, Owed};
 
 /// Most deliveries one worker batch takes (and so one transaction holds).
 const MAX_BATCH: usize = 128;
@@ -377,7 +377,7 @@ fn run_batch(
     }
     drop(warm);
     let committed = dispatcher.commit(ns, executions);
-    dispatcher.state().unstage(ns);
+    dispatcher.state().end_batch(ns);
     match committed {
         Ok(results) => {
             for (index, result) in pending.into_iter().zip(results) {
@@ -954,15 +954,23 @@ async fn acks(mut acker: Acker, mut rx: mpsc::Receiver<Vec<Settled>>) -> Result<
 /// broker refuses goes to its handler's dead-letter exchange (dropped with
 /// an error when the handler or its dead-letter exchange is gone), so one
 /// bad row never blocks startup.
+///
+/// `owed` says whose rows: at a (re)connect everything this host owes
+/// ([`Owed::Mine`]); periodically, on shared state, what hosts that died
+/// left behind ([`Owed::Orphaned`]).
 pub async fn relay_outbox(
     conn: &Connection,
     dispatcher: &Dispatcher,
     registry: &Registry,
+    owed: Owed,
 ) -> Result<()> {
     let state = dispatcher.state().clone();
-    let pending = tokio::task::spawn_blocking(move || {
-        state.flush_confirmed_outbox()?;
-        state.pending_outbox()
+    let pending = tokio::task::spawn_blocking(move || match owed {
+        Owed::Mine => {
+            state.flush_confirmed_outbox()?;
+            state.pending_outbox()
+        }
+        Owed::Orphaned => state.orphaned_outbox(),
     })
     .await??;
     if pending.is_empty() {
@@ -1034,10 +1042,16 @@ pub async fn relay_outbox(
     let ids: Vec<i64> = pending.iter().map(|(id, _, _)| *id).collect();
     let state = dispatcher.state().clone();
     tokio::task::spawn_blocking(move || state.clear_outbox(&ids)).await??;
-    tracing::info!(
-        messages = pending.len(),
-        "released outbox messages left by a previous run"
-    );
+    match owed {
+        Owed::Mine => tracing::info!(
+            messages = pending.len(),
+            "released outbox messages left by a previous run"
+        ),
+        Owed::Orphaned => tracing::warn!(
+            messages = pending.len(),
+            "released outbox messages another host committed and left unconfirmed (it stopped or lost the broker)"
+        ),
+    }
     let _ = ch.close(200, broker::short("outbox relayed")).await;
     Ok(())
 }

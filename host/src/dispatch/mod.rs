@@ -18,7 +18,7 @@ use crate::guest::GuestState;
 use crate::handler::HandlerVersion;
 use crate::idempotency;
 use crate::runtime::{CallResult, Runtime, WarmInstance};
-use crate::state::{Commit, CommitOutcome, Outgoing, StateStore};
+use crate::state::{Commit, CommitOutcome, Contended, Outgoing, StateStore};
 
 /// One message as it arrived, in host terms (the broker adapter and replay
 /// build these).
@@ -456,9 +456,13 @@ impl Dispatcher {
     pub fn dispatch(&self, handler: &HandlerVersion, delivery: &Delivery) -> Result<Handled> {
         let mut reruns = 0;
         loop {
-            let execution = self.execute(handler, delivery)?;
-            let elapsed = execution.elapsed;
-            match self.commit(&handler.name, vec![execution])?.pop() {
+            let execution = self.execute(handler, delivery);
+            let elapsed = execution.as_ref().map(|e| e.elapsed).unwrap_or_default();
+            let committed = execution.and_then(|e| self.commit(&handler.name, vec![e]));
+            // Whatever happened, this event's batch is over (on shared
+            // state: its transaction ends, its locks go).
+            self.state.end_batch(&handler.name);
+            match committed?.pop() {
                 Some(Committed::Done(handled)) => return Ok(handled),
                 Some(Committed::Conflict(key)) if reruns < MAX_CONFLICT_RERUNS => {
                     reruns += 1;
@@ -494,7 +498,20 @@ impl Dispatcher {
         let ns = &*handler.name;
         let key = idempotency::key_for(&handler.settings.idempotency_key, delivery);
         if let Some(key) = &key {
-            if self.state.is_processed(ns, key)? {
+            let processed = match self.state.is_processed(ns, key) {
+                Err(e) if e.downcast_ref::<Contended>().is_some() => {
+                    let why = format!("{e:#}");
+                    return Ok(Execution {
+                        contended: Some(why.clone()),
+                        ..Execution::settled(
+                            decide(Happened::Conflict(&why), delivery.attempt, 1),
+                            Duration::ZERO,
+                        )
+                    });
+                }
+                processed => processed?,
+            };
+            if processed {
                 return Ok(Execution::settled(
                     decide(Happened::Duplicate, delivery.attempt, 1),
                     Duration::ZERO,
@@ -516,6 +533,17 @@ impl Dispatcher {
             });
         log_output(handler, "stdout", &call.effects.stdout);
         log_output(handler, "stderr", &call.effects.stderr);
+        if let Some(why) = call.effects.contended {
+            // Another host got there first; run it again, as a conflict.
+            return Ok(Execution {
+                instantiated: call.instantiated,
+                contended: Some(why.clone()),
+                ..Execution::settled(
+                    decide(Happened::Conflict(&why), delivery.attempt, 1),
+                    call.elapsed,
+                )
+            });
+        }
         let decision = decide(&call.result, event.attempt, handler.settings.max_attempts);
         if decision.outcome != Outcome::Ack {
             tracing::debug!(handler = %handler.name, outcome = ?decision.outcome, reason = %DisplayReason(&decision.reason), "event failed");
@@ -543,6 +571,7 @@ impl Dispatcher {
             elapsed: call.elapsed,
             instantiated: call.instantiated,
             keyless,
+            contended: None,
         })
     }
 
@@ -563,6 +592,10 @@ impl Dispatcher {
         for e in executions {
             let index = out.len();
             out.push(None);
+            if let Some(why) = e.contended {
+                out[index] = Some(Committed::Conflict(why));
+                continue;
+            }
             let Some(commit) = e.commit else {
                 let decision = Decision {
                     outcome: e.outcome,
@@ -705,6 +738,9 @@ pub struct Execution {
     /// The event had no idempotency key (nor message id): it ran at least
     /// once, a redelivery would run it again.
     pub keyless: bool,
+    /// Shared state lost a race while it ran: it runs again (see
+    /// [`crate::state::Contended`]).
+    pub contended: Option<String>,
 }
 
 impl Execution {
@@ -716,6 +752,7 @@ impl Execution {
             elapsed,
             instantiated: false,
             keyless: false,
+            contended: None,
         }
     }
 }

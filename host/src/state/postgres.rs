@@ -1,0 +1,1111 @@
+//! Shared state on PostgreSQL: one database, a fleet of hosts.
+//!
+//! A batch of one handler's events runs inside one PostgreSQL
+//! transaction, on one connection, from its first state read to its
+//! commit. Every committed key a handler reads is read `FOR UPDATE`: the
+//! row stays locked until the batch commits, so another host wanting the
+//! same key waits for this batch instead of racing it. Two hosts therefore
+//! never lose an update, and a hot key (a stock level every order
+//! touches) costs the fleet a short wait per batch, not a storm of
+//! re-runs. What a lock cannot protect — a key read as absent, which two
+//! hosts may both insert; a message id two hosts commit at once; a
+//! deadlock between two batches locking keys in opposite orders — ends
+//! the transaction with an error PostgreSQL reports by code, and the
+//! events run again (see [`Contended`]).
+//!
+//! The commit sends every statement at once (tokio-postgres pipelines the
+//! requests of one connection): the batch's net writes, its dedupe
+//! records, its outbox row and `COMMIT` cost one round trip.
+//!
+//! Nothing is cached across batches: another host may change any key
+//! between two of this host's batches.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use anyhow::{anyhow, bail, Context, Result};
+use foldhash::{HashMap, HashMapExt};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use super::{
+    decode_messages, encode_messages, new_secret, Backend, Commit, CommitOutcome, Contended, Owed,
+    PendingMessage, Plan, PRUNE_CHUNK,
+};
+
+/// How long another host's claim on its outbox rows lasts, in seconds.
+/// Rows still there after it (their host died between commit and
+/// confirm, or has been cut off from the broker that long) are claimed
+/// and published by a live host. Longer delays a dead host's messages;
+/// shorter makes a live but slow host's messages more likely to be
+/// published twice (with the same message ids).
+pub const OUTBOX_CLAIM_SECS: i64 = 30;
+
+/// How long a state read waits for a row another host's batch holds
+/// before the event is run again. Batches hold rows for their run time
+/// (bounded by the handlers' deadlines).
+const LOCK_TIMEOUT: &str = "10s";
+
+/// Longest a connection may sit in an open transaction between two
+/// statements before PostgreSQL ends it, releasing its locks: a host
+/// frozen mid-batch (SIGSTOP, a partition) must not hold a hot key for
+/// ever.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "300s";
+
+/// Idle connections kept for reuse.
+const MAX_IDLE: usize = 16;
+
+/// The schema's version history: statement `i` brings the schema from
+/// version `i` to `i + 1`. Append, never edit.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE kv (
+        ns text NOT NULL, key text NOT NULL, value bytea NOT NULL,
+        PRIMARY KEY (ns, key));
+    CREATE TABLE processed (
+        ns text NOT NULL, message_id text NOT NULL, at bigint NOT NULL,
+        PRIMARY KEY (ns, message_id));
+    CREATE INDEX processed_at ON processed (at);
+    CREATE TABLE outbox (
+        id bigserial PRIMARY KEY, ns text NOT NULL, messages bytea NOT NULL,
+        claimed_by text NOT NULL, claimed_at timestamptz NOT NULL DEFAULT now());
+"];
+
+/// `url` with its password replaced by `***` (URL and key=value forms),
+/// for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (authority, tail) = match rest.find(['/', '?']) {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let shown = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_owned()
+            };
+            let tail = redact_query(tail);
+            return format!("{scheme}://{shown}@{host}{tail}");
+        }
+        return format!("{scheme}://{authority}{}", redact_query(tail));
+    }
+    url.split_whitespace()
+        .map(|part| match part.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => part.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn redact_query(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_owned();
+    };
+    let query = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => kv.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("{path}?{query}")
+}
+
+/// A schema name that needs no quoting surprises: lowercase ASCII
+/// letters, digits and `_`, not starting with a digit, at most 63 bytes
+/// (PostgreSQL's identifier limit).
+fn check_schema(schema: &str) -> Result<()> {
+    let ok = !schema.is_empty()
+        && schema.len() <= 63
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !schema.as_bytes()[0].is_ascii_digit();
+    if !ok {
+        bail!("state_schema {schema:?}: use 1 to 63 lowercase letters, digits and _, not starting with a digit");
+    }
+    Ok(())
+}
+
+/// The hot path's SQL, in the order of [`Statements`]' fields.
+const HOT_PATH_SQL: [&str; 11] = [
+    "SELECT value FROM kv WHERE ns = $1 AND key = $2 FOR UPDATE",
+    "SELECT key, value FROM kv WHERE ns = $1 AND key = ANY($2::text[]) ORDER BY key FOR UPDATE",
+    "SELECT value FROM kv WHERE ns = $1 AND key = $2",
+    "SELECT key FROM kv WHERE ns = $1 AND key > $2 ORDER BY key LIMIT $3",
+    "SELECT 1 FROM processed WHERE ns = $1 AND message_id = $2",
+    "INSERT INTO kv (ns, key, value)
+     SELECT $1, k, v FROM unnest($2::text[], $3::bytea[]) AS u(k, v)",
+    "INSERT INTO kv (ns, key, value)
+     SELECT $1, k, v FROM unnest($2::text[], $3::bytea[]) AS u(k, v)
+     ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value",
+    "DELETE FROM kv WHERE ns = $1 AND key = ANY($2::text[])",
+    "INSERT INTO processed (ns, message_id, at)
+     SELECT $1, id, $3 FROM unnest($2::text[]) AS u(id)",
+    "INSERT INTO outbox (ns, messages, claimed_by) VALUES ($1, $2, $3) RETURNING id",
+    "DELETE FROM outbox WHERE id = ANY($1::bigint[])",
+];
+
+/// The statements of the hot path, prepared once per connection.
+struct Statements {
+    read_for_update: Statement,
+    lock_many: Statement,
+    read: Statement,
+    list: Statement,
+    processed: Statement,
+    insert_new: Statement,
+    upsert: Statement,
+    delete: Statement,
+    mark: Statement,
+    outbox_insert: Statement,
+    outbox_delete: Statement,
+}
+
+/// A connection and its prepared statements.
+struct Conn {
+    client: Client,
+    st: Statements,
+}
+
+/// One handler's batch in progress: its connection, inside a transaction
+/// once anything was read.
+struct Batch {
+    conn: Conn,
+    /// `BEGIN` was sent.
+    open: bool,
+    /// Keys read so far, locked until the batch ends, with their values
+    /// (`None`: absent — not locked, which is why inserting one is checked).
+    locked: HashMap<String, Option<Vec<u8>>>,
+    /// A statement failed: the transaction is aborted, every later read
+    /// and the commit report contention, and the events run again.
+    failed: Option<String>,
+}
+
+/// Shared state on PostgreSQL.
+pub(super) struct Postgres {
+    config: tokio_postgres::Config,
+    schema: String,
+    host_id: String,
+    /// The URL without its password, for errors.
+    shown: String,
+    /// Runs the connections' I/O. Its own, because the store is used from
+    /// plain threads (the dispatchers, `replay`) as well as from the
+    /// host's runtime; `None` only while dropping.
+    rt: Option<tokio::runtime::Runtime>,
+    idle: Mutex<Vec<Conn>>,
+    /// Open batches, by handler namespace (one batch per handler at a
+    /// time, as the dispatcher runs them).
+    batches: Mutex<HashMap<String, Batch>>,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which tokio refuses inside another
+        // runtime; the last clone of the store may go there.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Whether a failed statement means "another host got there first": the
+/// events run again instead of failing.
+fn contended(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION
+            || *c == SqlState::T_R_SERIALIZATION_FAILURE
+            || *c == SqlState::T_R_DEADLOCK_DETECTED
+            || *c == SqlState::LOCK_NOT_AVAILABLE
+            || *c == SqlState::IN_FAILED_SQL_TRANSACTION
+    )
+}
+
+/// Run a client future to completion on this thread. The connection's
+/// I/O runs on the store's runtime; the client side is plain channels,
+/// so any thread may wait on it.
+fn wait<F: Future>(f: F) -> F::Output {
+    futures_executor::block_on(f)
+}
+
+type Query<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>> + 'a>>;
+
+impl Postgres {
+    /// The store, before anything is sent to the database.
+    fn unmigrated(url: &str, schema: &str, host_id: &str) -> Result<Self> {
+        let shown = redact_url(url);
+        check_schema(schema)?;
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e| anyhow!("state_url {shown}: {e}"))?;
+        config.application_name(format!("event-host {host_id}"));
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(std::time::Duration::from_secs(10));
+        }
+        config.keepalives_idle(std::time::Duration::from_secs(30));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("state-postgres")
+            .enable_all()
+            .build()
+            .context("starting the PostgreSQL I/O thread")?;
+        Ok(Self {
+            config,
+            schema: schema.to_owned(),
+            host_id: host_id.to_owned(),
+            shown,
+            rt: Some(rt),
+            idle: Mutex::new(Vec::new()),
+            batches: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Connect, create or migrate the schema, and check the connection
+    /// works. The password never appears in an error.
+    pub(super) fn connect(url: &str, schema: &str, host_id: &str) -> Result<Self> {
+        let store = Self::unmigrated(url, schema, host_id)?;
+        store.migrate()?;
+        let conn = store.conn()?;
+        store.put(conn);
+        Ok(store)
+    }
+
+    /// A raw client, its I/O spawned on the store's runtime.
+    fn client(&self) -> Result<Client> {
+        let rt = self.rt.as_ref().context("state store is shutting down")?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let config = self.config.clone();
+        rt.spawn(async move {
+            let connected = match config.connect(NoTls).await {
+                Ok((client, connection)) => {
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::warn!("state database connection ended: {e}");
+                        }
+                    });
+                    Ok(client)
+                }
+                Err(e) => Err(e),
+            };
+            let _ = tx.send(connected);
+        });
+        let client = rx
+            .recv()
+            .map_err(|_| anyhow!("the PostgreSQL I/O thread stopped"))?
+            .with_context(|| format!("connecting to the state database {}", self.shown))?;
+        Ok(client)
+    }
+
+    /// Create the schema and its tables, or bring them up to date: once,
+    /// however many hosts start at once (an advisory lock per schema
+    /// serialises them; the second finds the work done).
+    fn migrate(&self) -> Result<()> {
+        let mut client = self.client()?;
+        let schema = &self.schema;
+        let target = MIGRATIONS.len() as i64;
+        wait(async {
+            let tx = client.transaction().await?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('event-host schema ' || $1::text))",
+                &[&schema],
+            )
+            .await?;
+            tx.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+                 SET LOCAL search_path TO \"{schema}\";
+                 CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value bytea NOT NULL);"
+            ))
+            .await?;
+            let version: i64 = match tx
+                .query_opt("SELECT value FROM meta WHERE key = 'schema_version'", &[])
+                .await?
+            {
+                Some(row) => {
+                    let raw: Vec<u8> = row.get(0);
+                    std::str::from_utf8(&raw)
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(-1)
+                }
+                None => 0,
+            };
+            if !(0..=target).contains(&version) {
+                return Ok::<_, tokio_postgres::Error>(Err(version));
+            }
+            for step in &MIGRATIONS[version as usize..] {
+                tx.batch_execute(step).await?;
+            }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', $1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                &[&target.to_string().into_bytes()],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Ok(()))
+        })
+        .with_context(|| {
+            format!(
+                "creating the state schema {schema:?} in {}",
+                self.shown
+            )
+        })?
+        .map_err(|found| {
+            anyhow!(
+                "state schema {schema:?} in {} is at version {found}, this host knows up to {target}: it was written by a newer event-host (or is not an event-host schema)",
+                self.shown
+            )
+        })
+    }
+
+    /// A connection set up for the hot path.
+    fn conn(&self) -> Result<Conn> {
+        let client = self.client()?;
+        let schema = &self.schema;
+        let st = wait(async {
+            client
+                .batch_execute(&format!(
+                    "SET search_path TO \"{schema}\";
+                     SET lock_timeout = '{LOCK_TIMEOUT}';
+                     SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}';"
+                ))
+                .await?;
+            // Prepared together: one round trip for all of them.
+            let prepared = futures_util::future::try_join_all(
+                HOT_PATH_SQL.iter().map(|sql| client.prepare(sql)),
+            )
+            .await?;
+            Ok::<_, tokio_postgres::Error>(prepared)
+        })
+        .with_context(|| format!("preparing the state database connection ({})", self.shown))?;
+        let Ok(
+            [read_for_update, lock_many, read, list, processed, insert_new, upsert, delete, mark, outbox_insert, outbox_delete],
+        ) = <[Statement; 11]>::try_from(st)
+        else {
+            bail!("prepared statements out of step");
+        };
+        let st = Statements {
+            read_for_update,
+            lock_many,
+            read,
+            list,
+            processed,
+            insert_new,
+            upsert,
+            delete,
+            mark,
+            outbox_insert,
+            outbox_delete,
+        };
+        Ok(Conn { client, st })
+    }
+    /// An idle connection, or a new one.
+    fn take(&self) -> Result<Conn> {
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            match idle {
+                Some(conn) if conn.client.is_closed() => continue,
+                Some(conn) => return Ok(conn),
+                None => return self.conn(),
+            }
+        }
+    }
+
+    /// Give a connection back (dropped when broken or when enough idle).
+    fn put(&self, conn: Conn) {
+        if conn.client.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(conn);
+        }
+    }
+
+    /// Run `f` on the open batch of `ns` (starting one: a connection in a
+    /// transaction), keeping it open for the batch's next reads.
+    fn in_batch<T>(&self, ns: &str, f: impl FnOnce(&mut Batch) -> Result<T>) -> Result<T> {
+        let existing = self
+            .batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(ns);
+        let mut batch = match existing {
+            Some(batch) => batch,
+            None => Batch {
+                conn: self.take()?,
+                open: false,
+                locked: HashMap::new(),
+                failed: None,
+            },
+        };
+        let result = f(&mut batch);
+        self.batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ns.to_owned(), batch);
+        result
+    }
+
+    /// Run one statement of the batch, sending `BEGIN` with it when it is
+    /// the batch's first.
+    fn query_in_batch(
+        &self,
+        batch: &mut Batch,
+        what: &str,
+        statement: fn(&Statements) -> &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        if let Some(why) = &batch.failed {
+            return Err(anyhow::Error::new(Contended(why.clone())));
+        }
+        let begin = !batch.open;
+        let conn = &batch.conn;
+        let query = conn.client.query(statement(&conn.st), params);
+        let result = wait(async {
+            if begin {
+                let (began, rows) =
+                    futures_util::future::join(conn.client.batch_execute("BEGIN"), query).await;
+                began?;
+                rows
+            } else {
+                query.await
+            }
+        });
+        batch.open = true;
+        match result {
+            Ok(rows) => Ok(rows),
+            Err(e) => {
+                let why = format!("{what}: {e}");
+                batch.failed = Some(why.clone());
+                if contended(&e) {
+                    Err(anyhow::Error::new(Contended(why)))
+                } else {
+                    Err(anyhow::Error::new(e).context(format!("{what} ({})", self.shown)))
+                }
+            }
+        }
+    }
+
+    /// The commit's statements, sent at once, `BEGIN` first when the batch
+    /// read nothing. The first failure is the cause (the others then fail
+    /// as "transaction aborted").
+    fn commit_in(
+        &self,
+        batch: &mut Batch,
+        ns: &str,
+        commits: &[Commit],
+        confirmed: &[i64],
+    ) -> Result<Result<Vec<CommitOutcome>, String>> {
+        if let Some(why) = &batch.failed {
+            return Ok(Err(why.clone()));
+        }
+        // Keys read but not locked by this transaction: read by an earlier
+        // chunk of the batch (its commit released them) or only ever seen
+        // staged. Lock them now, to validate against what is there.
+        let mut unlocked: Vec<&str> = commits
+            .iter()
+            .flat_map(|c| c.reads.iter().map(|(k, _)| k.as_str()))
+            .filter(|k| !batch.locked.contains_key(*k))
+            .collect();
+        unlocked.sort_unstable();
+        unlocked.dedup();
+        if !unlocked.is_empty() {
+            let rows = match self.query_in_batch(
+                batch,
+                "locking keys read",
+                |st| &st.lock_many,
+                &[&ns, &unlocked],
+            ) {
+                Ok(rows) => rows,
+                Err(e) if e.downcast_ref::<Contended>().is_some() => {
+                    return Ok(Err(format!("{e:#}")))
+                }
+                Err(e) => return Err(e),
+            };
+            for key in &unlocked {
+                batch.locked.insert((*key).to_owned(), None);
+            }
+            for row in rows {
+                batch.locked.insert(row.get(0), Some(row.get(1)));
+            }
+        }
+        let locked = &batch.locked;
+        // Dedupe against other hosts is the processed table's primary key:
+        // an id committed meanwhile fails the insert below, and the events
+        // run again (and find it).
+        let mut plan = Plan::new(
+            commits,
+            |_, _| Ok(false),
+            |_, key| Ok(locked.get(key).cloned().flatten()),
+        )?;
+        // Keys in order: two hosts' upserts lock rows in one order.
+        let mut written: Vec<(&str, Option<&[u8]>)> =
+            plan.written.iter().map(|((_, k), v)| (*k, *v)).collect();
+        written.sort_unstable_by_key(|(k, _)| *k);
+        let (mut new_keys, mut new_values) = (Vec::new(), Vec::new());
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let mut deleted = Vec::new();
+        for (key, value) in written {
+            match value {
+                // Read as absent: nothing locked it, so the insert itself
+                // is the check that no other host created it meanwhile.
+                Some(v) if matches!(locked.get(key), Some(None)) => {
+                    new_keys.push(key);
+                    new_values.push(v);
+                }
+                Some(v) => {
+                    keys.push(key);
+                    values.push(v);
+                }
+                None => deleted.push(key),
+            }
+        }
+        let marks: Vec<&str> = plan.marks.iter().map(|(_, id)| *id).collect();
+        let now = super::unix_now();
+        let encoded = plan
+            .outbox
+            .first()
+            .map(|(_, messages, _)| encode_messages(messages))
+            .transpose()?;
+        let st = &batch.conn.st;
+        let client = &batch.conn.client;
+        let host = self.host_id.as_str();
+        let p_confirmed: [&(dyn ToSql + Sync); 1] = [&confirmed];
+        let p_new: [&(dyn ToSql + Sync); 3] = [&ns, &new_keys, &new_values];
+        let p_upsert: [&(dyn ToSql + Sync); 3] = [&ns, &keys, &values];
+        let p_delete: [&(dyn ToSql + Sync); 2] = [&ns, &deleted];
+        let p_marks: [&(dyn ToSql + Sync); 3] = [&ns, &marks, &now];
+        let mut statements: Vec<Query<'_>> = Vec::new();
+        if !batch.open {
+            statements.push(Box::pin(async {
+                client.batch_execute("BEGIN").await.map(|()| Vec::new())
+            }));
+        }
+        if !confirmed.is_empty() {
+            statements.push(Box::pin(client.query(&st.outbox_delete, &p_confirmed)));
+        }
+        if !new_keys.is_empty() {
+            statements.push(Box::pin(client.query(&st.insert_new, &p_new)));
+        }
+        if !keys.is_empty() {
+            statements.push(Box::pin(client.query(&st.upsert, &p_upsert)));
+        }
+        if !deleted.is_empty() {
+            statements.push(Box::pin(client.query(&st.delete, &p_delete)));
+        }
+        if !marks.is_empty() {
+            statements.push(Box::pin(client.query(&st.mark, &p_marks)));
+        }
+        let p_outbox: Option<[&(dyn ToSql + Sync); 3]> = encoded
+            .as_ref()
+            .map(|bytes| -> [&(dyn ToSql + Sync); 3] { [&ns, bytes, &host] });
+        let outbox_at = p_outbox.as_ref().map(|params| {
+            statements.push(Box::pin(client.query(&st.outbox_insert, params)));
+            statements.len() - 1
+        });
+        statements.push(Box::pin(async {
+            client.batch_execute("COMMIT").await.map(|()| Vec::new())
+        }));
+        let results = wait(futures_util::future::join_all(statements));
+        batch.open = false;
+        batch.locked.clear();
+        if let Some(failed) = results.iter().position(Result::is_err) {
+            let Some(Err(e)) = results.into_iter().nth(failed) else {
+                bail!("commit results out of step");
+            };
+            let why = format!("committing: {e}");
+            if contended(&e) {
+                return Ok(Err(why));
+            }
+            // The connection may be broken mid-commit: whether it
+            // committed is unknown, and the events go back to the queue
+            // (their dedupe records make a committed one a duplicate).
+            batch.failed = Some(why);
+            return Err(anyhow::Error::new(e).context(format!("committing state ({})", self.shown)));
+        }
+        if let Some(at) = outbox_at {
+            let row: i64 = results[at]
+                .as_ref()
+                .ok()
+                .and_then(|rows| rows.first())
+                .map(|r| r.get(0))
+                .context("outbox insert returned no id")?;
+            plan.outbox_row(0, row);
+        }
+        Ok(Ok(plan.outcomes))
+    }
+
+    /// Run `f` on an idle connection, outside any batch.
+    fn with_conn<T>(&self, f: impl FnOnce(&Conn) -> Result<T>) -> Result<T> {
+        let conn = self.take()?;
+        let result = f(&conn);
+        self.put(conn);
+        result
+    }
+}
+
+impl Backend for Postgres {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn path(&self) -> Option<&Path> {
+        None
+    }
+
+    fn read(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        self.in_batch(ns, |batch| {
+            if let Some(v) = batch.locked.get(key) {
+                return Ok(v.clone());
+            }
+            let rows = self.query_in_batch(
+                batch,
+                &format!("reading state {ns}/{key}"),
+                |st| &st.read_for_update,
+                &[&ns, &key],
+            )?;
+            let value: Option<Vec<u8>> = rows.first().map(|r| r.get(0));
+            batch.locked.insert(key.to_owned(), value.clone());
+            Ok(value)
+        })
+    }
+
+    fn read_committed(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        self.with_conn(|c| {
+            let row = wait(c.client.query_opt(&c.st.read, &[&ns, &key]))
+                .with_context(|| format!("reading state {ns}/{key} ({})", self.shown))?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn list_keys(&self, ns: &str, after: Option<&str>, limit: usize) -> Result<Vec<String>> {
+        let after = after.unwrap_or("");
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.in_batch(ns, |batch| {
+            let rows = self.query_in_batch(
+                batch,
+                &format!("listing keys of {ns}"),
+                |st| &st.list,
+                &[&ns, &after, &limit],
+            )?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
+    fn is_processed(&self, ns: &str, message_id: &str) -> Result<bool> {
+        self.in_batch(ns, |batch| {
+            let rows = self.query_in_batch(
+                batch,
+                "reading dedupe records",
+                |st| &st.processed,
+                &[&ns, &message_id],
+            )?;
+            Ok(!rows.is_empty())
+        })
+    }
+
+    fn commit(&self, commits: &[Commit], confirmed: &[i64]) -> Result<Vec<CommitOutcome>> {
+        let Some(first) = commits.first() else {
+            if !confirmed.is_empty() {
+                self.clear_outbox(confirmed)?;
+            }
+            return Ok(Vec::new());
+        };
+        let ns = first.ns.as_str();
+        if commits.iter().any(|c| c.ns != ns) {
+            bail!("a shared-state commit holds one handler's events");
+        }
+        let committed = self.in_batch(ns, |batch| self.commit_in(batch, ns, commits, confirmed));
+        // The transaction is over either way: the connection goes back to
+        // the pool (or is dropped, broken) and the next batch starts anew.
+        self.end_batch(ns);
+        match committed? {
+            Ok(outcomes) => Ok(outcomes),
+            Err(why) => {
+                tracing::debug!(
+                    handler = ns,
+                    "shared state contended, events run again: {why}"
+                );
+                Ok(commits
+                    .iter()
+                    .map(|_| CommitOutcome::Conflict { key: why.clone() })
+                    .collect())
+            }
+        }
+    }
+
+    fn end_batch(&self, ns: &str) {
+        let batch = self
+            .batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(ns);
+        let Some(batch) = batch else { return };
+        if batch.open {
+            // Reads only, or a failed batch: release its locks now.
+            if let Err(e) = wait(batch.conn.client.batch_execute("ROLLBACK")) {
+                tracing::warn!(handler = ns, "ending a state transaction: {e}");
+                return; // the connection is dropped, ending it for sure
+            }
+        }
+        self.put(batch.conn);
+    }
+
+    fn pending_outbox(&self, owed: Owed) -> Result<Vec<PendingMessage>> {
+        // Claimed in one statement: `SKIP LOCKED` keeps two hosts claiming
+        // at once from taking the same rows.
+        let mine = owed == Owed::Mine;
+        let host = self.host_id.as_str();
+        let rows = self.with_conn(|c| {
+            wait(c.client.query(
+                "UPDATE outbox SET claimed_by = $1, claimed_at = now()
+                 WHERE id IN (
+                     SELECT id FROM outbox
+                     WHERE ($2 AND claimed_by = $1)
+                        OR (claimed_by <> $1
+                            AND claimed_at < now() - make_interval(secs => $3::bigint))
+                     ORDER BY id FOR UPDATE SKIP LOCKED)
+                 RETURNING id, ns, messages",
+                &[&host, &mine, &OUTBOX_CLAIM_SECS],
+            ))
+            .with_context(|| format!("claiming outbox rows ({})", self.shown))
+        })?;
+        let mut claimed: Vec<(i64, String, Vec<u8>)> = rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        claimed.sort_unstable_by_key(|(id, ..)| *id);
+        let mut out = Vec::new();
+        for (id, ns, messages) in claimed {
+            let messages =
+                decode_messages(&messages).with_context(|| format!("outbox row {id}"))?;
+            out.extend(messages.into_iter().map(|m| (id, ns.clone(), m)));
+        }
+        Ok(out)
+    }
+
+    fn clear_outbox(&self, ids: &[i64]) -> Result<()> {
+        self.with_conn(|c| {
+            wait(c.client.query(&c.st.outbox_delete, &[&ids]))
+                .with_context(|| format!("clearing outbox rows ({})", self.shown))?;
+            Ok(())
+        })
+    }
+
+    fn prune_processed_before(&self, cutoff: i64) -> Result<usize> {
+        let chunk = PRUNE_CHUNK as i64;
+        let mut total = 0;
+        loop {
+            let n = self.with_conn(|c| {
+                wait(c.client.execute(
+                    "DELETE FROM processed WHERE ctid = ANY(ARRAY(
+                         SELECT ctid FROM processed WHERE at < $1 LIMIT $2))",
+                    &[&cutoff, &chunk],
+                ))
+                .with_context(|| format!("pruning dedupe records ({})", self.shown))
+            })?;
+            total += n as usize;
+            if n < chunk as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    fn host_secret(&self) -> Result<[u8; 32]> {
+        let fresh = new_secret()?.to_vec();
+        let stored: Vec<u8> = self.with_conn(|c| {
+            // The first host to get here makes the fleet's secret; every
+            // other one reads it.
+            wait(async {
+                c.client
+                    .execute(
+                        "INSERT INTO meta (key, value) VALUES ('host-secret', $1)
+                         ON CONFLICT (key) DO NOTHING",
+                        &[&fresh],
+                    )
+                    .await?;
+                c.client
+                    .query_one("SELECT value FROM meta WHERE key = 'host-secret'", &[])
+                    .await
+                    .map(|r| r.get(0))
+            })
+            .with_context(|| format!("reading the fleet's host secret ({})", self.shown))
+        })?;
+        <[u8; 32]>::try_from(stored)
+            .map_err(|_| anyhow!("the host secret in the state database is not 32 bytes"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Outgoing, StateStore, Txn};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// The test database (`EVENT_HOST_TEST_POSTGRES_URL`, else the local
+    /// server with trust auth, database `test`).
+    fn url() -> String {
+        std::env::var("EVENT_HOST_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    }
+
+    /// A schema of its own, dropped when the test ends.
+    struct Schema(String);
+
+    impl Schema {
+        fn new() -> Self {
+            static N: AtomicU32 = AtomicU32::new(0);
+            Self(format!(
+                "unit_{}_{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ))
+        }
+
+        fn host(&self, id: &str) -> StateStore {
+            StateStore::postgres(&url(), &self.0, id).expect("test PostgreSQL reachable")
+        }
+
+        fn sql(&self, sql: &str) {
+            let store = Postgres::unmigrated(&url(), &self.0, "admin").expect("connect");
+            store
+                .with_conn(|c| Ok(wait(c.client.batch_execute(sql))?))
+                .expect(sql);
+        }
+    }
+
+    impl Drop for Schema {
+        fn drop(&mut self) {
+            if let Ok(store) = Postgres::unmigrated(&url(), &self.0, "cleanup") {
+                let _ = store.with_conn(|c| {
+                    Ok(wait(c.client.batch_execute(&format!(
+                        "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                        self.0
+                    )))?)
+                });
+            }
+        }
+    }
+
+    fn increment(store: &StateStore, key: &str, id: Option<&str>) -> Result<CommitOutcome> {
+        let mut txn = Txn::default();
+        let n = txn
+            .get(store, "h", key)?
+            .map(|v| String::from_utf8_lossy(&v).parse::<u64>().unwrap_or(0))
+            .unwrap_or(0);
+        txn.set(key, (n + 1).to_string().into_bytes());
+        let out = store.commit(&[txn.into_commit("h", id.map(str::to_owned), Vec::new())]);
+        store.end_batch("h");
+        Ok(out?.remove(0))
+    }
+
+    fn value(store: &StateStore, key: &str) -> Option<String> {
+        store
+            .get_committed("h", key)
+            .expect("read")
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+    }
+
+    #[test]
+    fn two_hosts_incrementing_one_key_lose_no_update() -> Result<()> {
+        let schema = Schema::new();
+        let hosts = [schema.host("a"), schema.host("b")];
+        std::thread::scope(|s| {
+            for store in &hosts {
+                s.spawn(move || {
+                    for _ in 0..150 {
+                        // A conflict (the key was inserted by the other
+                        // host first) runs the event again, as the
+                        // dispatcher does.
+                        while increment(store, "n", None).expect("increment")
+                            != (CommitOutcome::Committed { outbox_ids: vec![] })
+                        {
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(value(&hosts[0], "n").as_deref(), Some("300"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_batch_holds_what_it_read_until_it_commits() -> Result<()> {
+        let schema = Schema::new();
+        let (a, b) = (schema.host("a"), schema.host("b"));
+        assert!(matches!(
+            increment(&a, "k", None)?,
+            CommitOutcome::Committed { .. }
+        ));
+        // a's batch reads k and keeps running; b wants k meanwhile.
+        let mut txn = Txn::default();
+        assert_eq!(txn.get(&a, "h", "k")?.as_deref(), Some(&b"1"[..]));
+        let waiter = std::thread::spawn(move || increment(&b, "k", None).map(|o| (o, b)));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!waiter.is_finished(), "b must wait for a's batch");
+        txn.set("k", b"10".to_vec());
+        a.commit(&[txn.into_commit("h", None, Vec::new())])?;
+        a.end_batch("h");
+        let (outcome, _b) = waiter.join().expect("thread")?;
+        assert!(matches!(outcome, CommitOutcome::Committed { .. }));
+        assert_eq!(value(&a, "k").as_deref(), Some("11"), "b saw a's write");
+        Ok(())
+    }
+
+    #[test]
+    fn a_message_id_committed_by_one_host_is_skipped_by_every_other() -> Result<()> {
+        let schema = Schema::new();
+        let (a, b) = (schema.host("a"), schema.host("b"));
+        assert!(matches!(
+            increment(&a, "k", Some("m1"))?,
+            CommitOutcome::Committed { .. }
+        ));
+        assert!(b.is_processed("h", "m1")?);
+        b.end_batch("h");
+        // b ran it anyway (it checked before a committed): the commit
+        // does not apply it twice.
+        assert!(matches!(
+            increment(&b, "k", Some("m1"))?,
+            CommitOutcome::Conflict { .. }
+        ));
+        assert_eq!(value(&a, "k").as_deref(), Some("1"));
+        Ok(())
+    }
+
+    #[test]
+    fn hosts_starting_at_once_on_an_empty_database_all_come_up() {
+        let schema = Schema::new();
+        std::thread::scope(|s| {
+            let started: Vec<_> = (0..3)
+                .map(|i| {
+                    let name = schema.0.clone();
+                    s.spawn(move || StateStore::postgres(&url(), &name, &format!("h{i}")))
+                })
+                .collect();
+            for host in started {
+                host.join().expect("thread").expect("each host starts");
+            }
+        });
+        let a = schema.host("a");
+        assert_eq!(a.backend_name(), "postgres");
+        assert!(a.is_shared());
+        assert_eq!(a.host_secret().ok(), schema.host("b").host_secret().ok());
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let schema = Schema::new();
+        drop(schema.host("a"));
+        schema.sql("UPDATE meta SET value = '99' WHERE key = 'schema_version'");
+        let err = StateStore::postgres(&url(), &schema.0, "a")
+            .err()
+            .expect("refused");
+        assert!(format!("{err:#}").contains("newer event-host"), "{err:#}");
+    }
+
+    #[test]
+    fn outbox_rows_a_dead_host_left_are_claimed_once_by_a_live_one() -> Result<()> {
+        let schema = Schema::new();
+        let (a, b, c) = (schema.host("a"), schema.host("b"), schema.host("c"));
+        let message = Outgoing {
+            exchange: "x".into(),
+            routing_key: "k".into(),
+            payload: b"{}".to_vec(),
+            content_type: None,
+            message_id: Some("out-1".into()),
+            correlation_id: None,
+            headers: Vec::new(),
+        };
+        let commit = Txn::default().into_commit("h", None, vec![message.clone()]);
+        let out = a.commit(&[commit])?;
+        assert!(
+            matches!(&out[0], CommitOutcome::Committed { outbox_ids } if outbox_ids.len() == 1)
+        );
+        // a's claim is fresh: nobody else takes its rows.
+        assert!(b.orphaned_outbox()?.is_empty());
+        assert!(b.pending_outbox()?.is_empty(), "b owes nothing of its own");
+        // a dies; its claim runs out.
+        schema.sql("UPDATE outbox SET claimed_at = now() - interval '1 hour'");
+        let claimed = b.orphaned_outbox()?;
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].2, message, "same message, same id");
+        assert!(c.orphaned_outbox()?.is_empty(), "claimed once");
+        b.clear_outbox(&[claimed[0].0])?;
+        assert!(a.pending_outbox()?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn a_key_two_hosts_create_at_once_is_created_once() -> Result<()> {
+        let schema = Schema::new();
+        let (a, b) = (schema.host("a"), schema.host("b"));
+        // Both read "new" as absent (nothing to lock), both insert.
+        let mut ta = Txn::default();
+        let mut tb = Txn::default();
+        assert_eq!(ta.get(&a, "h", "new")?, None);
+        assert_eq!(tb.get(&b, "h", "new")?, None);
+        ta.set("new", b"a".to_vec());
+        tb.set("new", b"b".to_vec());
+        assert!(matches!(
+            a.commit(&[ta.into_commit("h", None, Vec::new())])?[0],
+            CommitOutcome::Committed { .. }
+        ));
+        a.end_batch("h");
+        assert!(matches!(
+            b.commit(&[tb.into_commit("h", None, Vec::new())])?[0],
+            CommitOutcome::Conflict { .. }
+        ));
+        b.end_batch("h");
+        assert_eq!(value(&a, "new").as_deref(), Some("a"));
+        Ok(())
+    }
+
+    #[test]
+    fn old_dedupe_records_are_pruned() -> Result<()> {
+        let schema = Schema::new();
+        let a = schema.host("a");
+        increment(&a, "k", Some("fresh"))?;
+        schema.sql("INSERT INTO processed (ns, message_id, at) VALUES ('h', 'old', 0)");
+        assert_eq!(a.prune_processed(3600)?, 1);
+        assert!(a.is_processed("h", "fresh")?);
+        a.end_batch("h");
+        Ok(())
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/state?sslmode=disable"),
+            "postgres://app:***@db:5432/state?sslmode=disable"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db/state?password=s3cret&x=1"),
+            "postgres://app@db/state?password=***&x=1"
+        );
+        assert_eq!(
+            redact_url("host=db user=app password=s3cret dbname=state"),
+            "host=db user=app password=*** dbname=state"
+        );
+        assert_eq!(redact_url("postgres://db/state"), "postgres://db/state");
+    }
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        assert!(check_schema("event_host").is_ok());
+        assert!(check_schema("fleet_2").is_ok());
+        for bad in ["", "Event", "a-b", "x\"; DROP", "1abc", &"a".repeat(64)] {
+            assert!(check_schema(bad).is_err(), "{bad:?}");
+        }
+    }
+}
