@@ -1,6 +1,7 @@
 //! The deployment files users run without us: docker-compose.yml must be
 //! valid YAML describing a broker with a healthcheck and the host wired to
-//! it; the Dockerfile must build the host and the example handlers.
+//! it; the Dockerfile must build the host and the example handlers; the
+//! fleet's example config must stay the example config on quorum queues.
 
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -88,6 +89,7 @@ fn dockerfile_builds_the_host_and_the_example_handlers() {
         "cd guests && cargo build --release",
         "inventory.wasm",
         "order_publisher.wasm",
+        "examples/fleet.toml",
         "ENTRYPOINT [\"event-host\"]",
         "CMD [\"run\"]",
     ] {
@@ -153,5 +155,34 @@ fn the_example_config_loads_the_example_handlers() {
             "/checkout_id"
         };
         assert_eq!(version.settings.idempotency_key.to_string(), key);
+    }
+}
+
+#[test]
+fn the_fleet_config_is_the_example_config_on_quorum_queues() {
+    use event_host::config::{Config, QueueType};
+    let fleet =
+        Config::load(&repo_root().join("examples/fleet.toml")).expect("examples/fleet.toml parses");
+    let single = Config::load(&repo_root().join("examples/config.toml")).unwrap();
+    // The password comes from EVENT_HOST_STATE_URL, never from the file.
+    assert!(fleet.state_url.is_none());
+    assert_eq!(fleet.defaults.queue_type, Some(QueueType::Quorum));
+    assert_eq!(
+        format!("{:?}", fleet.handlers),
+        format!("{:?}", single.handlers),
+        "the handlers are set up as in examples/config.toml"
+    );
+    let runtime = std::sync::Arc::new(
+        event_host::runtime::Runtime::new(fleet.runtime.clone()).expect("runtime"),
+    );
+    for name in ["inventory", "order-publisher"] {
+        let version =
+            event_host::handler::load_file(&runtime, &fleet, &crate::support::guest(name))
+                .unwrap_or_else(|e| panic!("{name} loads with the fleet config: {e:#}"));
+        assert_eq!(
+            version.settings.broker.queue_type,
+            QueueType::Quorum,
+            "{name}"
+        );
     }
 }
