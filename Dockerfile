@@ -17,7 +17,9 @@ COPY --from=build /src/target/release/event-host /usr/local/bin/event-host
 COPY --from=build /src/guests/target/wasm32-wasip2/release/inventory.wasm \
                   /src/guests/target/wasm32-wasip2/release/order_publisher.wasm \
                   /opt/event-host/examples/
-COPY examples/config.toml /opt/event-host/config.toml
+# config.toml is the default; fleet.toml (quorum queues, for hosts sharing
+# state in PostgreSQL) is chosen with EVENT_HOST_CONFIG.
+COPY examples/config.toml examples/fleet.toml /opt/event-host/
 USER eventhost
 ENV EVENT_HOST_CONFIG=/opt/event-host/config.toml \
     EVENT_HOST_HANDLERS_DIR=/handlers \

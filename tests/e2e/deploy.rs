@@ -1,16 +1,34 @@
 //! The deployment files users run without us: docker-compose.yml must be
 //! valid YAML describing a broker with a healthcheck and the host wired to
-//! it; the Dockerfile must build the host and the example handlers.
+//! it; docker-compose.fleet.yml three hosts on PostgreSQL and quorum
+//! queues; the Dockerfile must build the host and the example handlers;
+//! the fleet's example config must stay the example config on quorum
+//! queues.
 
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::support::repo_root;
 
 fn compose() -> Yaml {
-    let text = std::fs::read_to_string(repo_root().join("docker-compose.yml")).unwrap();
+    compose_file("docker-compose.yml")
+}
+
+fn compose_file(name: &str) -> Yaml {
+    let text = std::fs::read_to_string(repo_root().join(name)).unwrap();
     YamlLoader::load_from_str(&text)
-        .expect("docker-compose.yml is valid YAML")
+        .unwrap_or_else(|e| panic!("{name} is valid YAML: {e}"))
         .remove(0)
+}
+
+/// A mapping's field, looking through a YAML merge key (`<<: *anchor`),
+/// which yaml-rust2 leaves to its reader.
+fn merged<'a>(node: &'a Yaml, key: &str) -> &'a Yaml {
+    let own = &node[key];
+    if own.is_badvalue() {
+        &node["<<"][key]
+    } else {
+        own
+    }
 }
 
 fn env(service: &Yaml, key: &str) -> String {
@@ -88,6 +106,7 @@ fn dockerfile_builds_the_host_and_the_example_handlers() {
         "cd guests && cargo build --release",
         "inventory.wasm",
         "order_publisher.wasm",
+        "examples/fleet.toml",
         "ENTRYPOINT [\"event-host\"]",
         "CMD [\"run\"]",
     ] {
@@ -153,5 +172,122 @@ fn the_example_config_loads_the_example_handlers() {
             "/checkout_id"
         };
         assert_eq!(version.settings.idempotency_key.to_string(), key);
+    }
+}
+
+#[test]
+fn fleet_compose_runs_three_hosts_on_postgres_and_quorum_queues() {
+    let doc = compose_file("docker-compose.fleet.yml");
+    // A project of its own: its broker volume is not the single host's,
+    // whose queues are classic (the broker refuses to redeclare them).
+    assert_eq!(doc["name"].as_str(), Some("event-host-fleet"));
+    let broker = &doc["services"]["rabbitmq"]["extends"];
+    assert_eq!(broker["file"].as_str(), Some("docker-compose.yml"));
+    assert_eq!(broker["service"].as_str(), Some("rabbitmq"));
+    let single = compose();
+    let rabbit = &single["services"]["rabbitmq"];
+
+    let postgres = &doc["services"]["postgres"];
+    assert_eq!(
+        postgres["healthcheck"]["test"][1].as_str(),
+        Some("pg_isready")
+    );
+    let state_url = format!(
+        "postgres://postgres:{}@postgres:5432/{}",
+        env(postgres, "POSTGRES_PASSWORD"),
+        env(postgres, "POSTGRES_DB")
+    );
+    let amqp_url = format!(
+        "amqp://{}:{}@rabbitmq:5672/",
+        env(rabbit, "RABBITMQ_DEFAULT_USER"),
+        env(rabbit, "RABBITMQ_DEFAULT_PASS")
+    );
+
+    let mut ids = Vec::new();
+    let mut ports = Vec::new();
+    let mut caches = Vec::new();
+    for n in 1..=3 {
+        let host = &doc["services"][format!("event-host-{n}").as_str()];
+        assert_eq!(merged(host, "build").as_str(), Some("."), "host {n}");
+        for dep in ["rabbitmq", "postgres"] {
+            assert_eq!(
+                merged(host, "depends_on")[dep]["condition"].as_str(),
+                Some("service_healthy"),
+                "host {n} waits for {dep}"
+            );
+        }
+        assert!(
+            !merged(host, "healthcheck")["test"].is_badvalue(),
+            "host {n} has a healthcheck"
+        );
+        let environment = &host["environment"];
+        let var = |key: &str| {
+            merged(environment, key)
+                .as_str()
+                .unwrap_or_else(|| panic!("host {n}: environment {key}"))
+                .to_owned()
+        };
+        assert_eq!(var("EVENT_HOST_CONFIG"), "/opt/event-host/fleet.toml");
+        assert_eq!(var("EVENT_HOST_STATE_URL"), state_url, "host {n}");
+        assert!(
+            var("EVENT_HOST_AMQP_URL").starts_with(&amqp_url),
+            "host {n}"
+        );
+        assert_eq!(var("EVENT_HOST_HANDLERS_DIR"), "/handlers");
+        ids.push(var("EVENT_HOST_HOST_ID"));
+
+        let volumes: Vec<&str> = host["volumes"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .filter_map(Yaml::as_str)
+            .collect();
+        assert!(volumes.contains(&"./handlers:/handlers:ro"), "{volumes:?}");
+        let cache = volumes
+            .iter()
+            .find_map(|v| v.strip_suffix(":/state"))
+            .unwrap_or_else(|| panic!("host {n} has a /state volume: {volumes:?}"));
+        assert!(
+            !doc["volumes"][cache].is_badvalue(),
+            "named volume {cache} is declared"
+        );
+        caches.push(cache.to_owned());
+        let port = host["ports"][0].as_str().unwrap().to_owned();
+        assert!(port.starts_with("127.0.0.1:"), "{port}: loopback only");
+        ports.push(port);
+    }
+    for (what, mut list) in [("host id", ids), ("admin port", ports), ("cache", caches)] {
+        list.sort();
+        list.dedup();
+        assert_eq!(list.len(), 3, "each host has its own {what}");
+    }
+}
+
+#[test]
+fn the_fleet_config_is_the_example_config_on_quorum_queues() {
+    use event_host::config::{Config, QueueType};
+    let fleet =
+        Config::load(&repo_root().join("examples/fleet.toml")).expect("examples/fleet.toml parses");
+    let single = Config::load(&repo_root().join("examples/config.toml")).unwrap();
+    // The password comes from EVENT_HOST_STATE_URL, never from the file.
+    assert!(fleet.state_url.is_none());
+    assert_eq!(fleet.defaults.queue_type, Some(QueueType::Quorum));
+    assert_eq!(
+        format!("{:?}", fleet.handlers),
+        format!("{:?}", single.handlers),
+        "the handlers are set up as in examples/config.toml"
+    );
+    let runtime = std::sync::Arc::new(
+        event_host::runtime::Runtime::new(fleet.runtime.clone()).expect("runtime"),
+    );
+    for name in ["inventory", "order-publisher"] {
+        let version =
+            event_host::handler::load_file(&runtime, &fleet, &crate::support::guest(name))
+                .unwrap_or_else(|e| panic!("{name} loads with the fleet config: {e:#}"));
+        assert_eq!(
+            version.settings.broker.queue_type,
+            QueueType::Quorum,
+            "{name}"
+        );
     }
 }
