@@ -14,3 +14,13 @@ if [ -z "${EVENT_HOST_TEST_POSTGRES_URL:-}" ]; then
     scripts/ensure-postgres.sh
 fi
 cargo test --workspace "$@"
+
+# The end-to-end suite again with every host's state on PostgreSQL (see
+# tests/e2e/backend.rs), in a database of its own, dropped afterwards.
+base="${EVENT_HOST_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
+suite_db="event_host_suite_$$"
+psql "$base" -qAtc "CREATE DATABASE $suite_db" >/dev/null
+trap 'psql "$base" -qAtc "DROP DATABASE IF EXISTS $suite_db WITH (FORCE)" >/dev/null || true' EXIT
+EVENT_HOST_TEST_STATE=postgres \
+EVENT_HOST_TEST_POSTGRES_URL="${base%/*}/$suite_db" \
+    cargo test -p event-host --test e2e "$@"

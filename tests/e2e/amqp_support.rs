@@ -163,11 +163,12 @@ impl TestHost {
         prepare(&dir.path().join("state"));
         let admin = format!("127.0.0.1:{}", free_port());
         let text = format!(
-            "handlers_dir = {:?}\nstate_path = {:?}\namqp_url = {:?}\nadmin_addr = {:?}\ndurability = \"normal\"\n{config}",
+            "handlers_dir = {:?}\nstate_path = {:?}\namqp_url = {:?}\nadmin_addr = {:?}\ndurability = \"normal\"\n{}{config}",
             handlers.to_str().unwrap(),
             dir.path().join("state").to_str().unwrap(),
             url,
             admin,
+            crate::backend::config_lines(&dir.path().join("state")),
         );
         let config = event_host::config::Config::parse(&text).expect("test config");
         let rt = tokio::runtime::Builder::new_multi_thread()

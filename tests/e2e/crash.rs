@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use event_host::state::{Durability, StateStore};
 
 use crate::amqp_support::amqp_url;
 use crate::ledger::{all_ledger, read_applied, read_queue, Ledger, Produced, Report, HANDLER};
@@ -67,7 +66,7 @@ fn wait_settled(run: &mut Run, ledger: &Ledger) {
 
 /// Read back state, DLQ and outputs once no host runs.
 fn check(ledger: &Ledger, dir: &Path, produced: &Produced) -> Report {
-    let store = StateStore::open(&dir.join("state"), Durability::Normal).unwrap();
+    let store = crate::backend::open_state(&dir.join("state"));
     let applied = read_applied(&store);
     let pending = store.pending_outbox().unwrap().len();
     drop(store);

@@ -483,7 +483,7 @@ fn a_quorum_delay_queue_declared_by_an_older_host_is_kept_rather_than_refusing_t
 
 #[test]
 fn outbox_rows_the_broker_refuses_or_with_long_ids_never_block_startup() {
-    use event_host::state::{Commit, Durability, Outgoing, StateStore};
+    use event_host::state::{Commit, Outgoing};
     let mut client = Client::connect();
     let chaos = Chaos::new(&mut client);
     let (internal, ok) = (unique("internal"), unique("ok"));
@@ -511,7 +511,7 @@ fn outbox_rows_the_broker_refuses_or_with_long_ids_never_block_startup() {
         &chaos.config(&[&internal, &ok], ""),
         &crate::amqp_support::amqp_url(),
         |state| {
-            let store = StateStore::open(state, Durability::Normal).unwrap();
+            let store = crate::backend::open_state(state);
             let commit = Commit {
                 ns: "chaos".into(),
                 message_id: None,

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use event_host::state::{Durability, StateStore};
+use event_host::state::StateStore;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
@@ -366,7 +366,7 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
     /// the dead-letter queue and the outputs.
     pub fn check(&self, host: &mut TestHost, produced: &Produced, mix: &Mix) -> Report {
         host.stop_in_place().expect("the host stopped cleanly");
-        let store = StateStore::open(&host.state_dir(), Durability::Normal).expect("host state");
+        let store = crate::backend::open_state(&host.state_dir());
         let applied = read_applied(&store);
         let outbox_pending = store.pending_outbox().expect("outbox").len();
         drop(store);

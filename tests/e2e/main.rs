@@ -3,6 +3,7 @@
 //! are built automatically on first use.
 
 mod amqp_support;
+mod backend;
 mod support;
 
 mod boundary;

@@ -70,6 +70,9 @@ pub fn event_host(cwd: &Path) -> Command {
     cmd.env("NO_COLOR", "1")
         .env_remove("RUST_LOG")
         .current_dir(cwd);
+    // The run's state backend, for a host whose state folder is the usual
+    // `state` beside its config.
+    crate::backend::apply_env(&mut cmd, &cwd.join("state"));
     cmd
 }
 

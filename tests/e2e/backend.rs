@@ -1,0 +1,89 @@
+//! Which state backend the suite's hosts run on. The suite runs twice
+//! (`scripts/test.sh`): on embedded SQLite, and with
+//! `EVENT_HOST_TEST_STATE=postgres` on PostgreSQL — every host then gets
+//! `state_url` and a schema of its own, derived from its state folder so
+//! a restarted host (same folder) finds its state again, and the tests
+//! that read a host's state back open the same schema.
+//!
+//! The PostgreSQL run's schemas live in the database
+//! `EVENT_HOST_TEST_POSTGRES_URL` names; `scripts/test.sh` creates a
+//! database for the run and drops it afterwards.
+
+#![allow(dead_code)] // each test uses a subset
+
+use std::path::Path;
+use std::process::Command;
+
+use event_host::state::{Durability, StateStore};
+use sha2::{Digest, Sha256};
+
+/// The PostgreSQL the tests use: `EVENT_HOST_TEST_POSTGRES_URL`, else the
+/// local server (trust auth, database `test`).
+pub fn postgres_url() -> String {
+    std::env::var("EVENT_HOST_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// True when this run puts every host's state on PostgreSQL.
+pub fn on_postgres() -> bool {
+    std::env::var("EVENT_HOST_TEST_STATE").is_ok_and(|v| v == "postgres")
+}
+
+/// A stable name derived from a state folder's absolute path.
+fn derived(prefix: &str, state_dir: &Path) -> String {
+    let path = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_owned());
+    let digest = Sha256::digest(path.to_string_lossy().as_bytes());
+    format!("{prefix}{}", &hex::encode(digest)[..20])
+}
+
+/// The schema of the host whose state folder is `state_dir`.
+pub fn schema_for(state_dir: &Path) -> String {
+    derived("suite_", state_dir)
+}
+
+/// Its host id: fixed per folder, so a restarted host relays the outbox
+/// rows it claimed before (as a container keeps its hostname).
+pub fn host_id_for(state_dir: &Path) -> String {
+    derived("host-", state_dir)
+}
+
+/// Config lines that put the host with state folder `state_dir` on this
+/// run's backend (none on SQLite).
+pub fn config_lines(state_dir: &Path) -> String {
+    if !on_postgres() {
+        return String::new();
+    }
+    format!(
+        "state_url = {:?}\nstate_schema = {:?}\nhost_id = {:?}\n",
+        postgres_url(),
+        schema_for(state_dir),
+        host_id_for(state_dir)
+    )
+}
+
+/// The same for a host process, through its environment (a config file's
+/// own `state_url` would win over it).
+pub fn apply_env(cmd: &mut Command, state_dir: &Path) {
+    if on_postgres() {
+        cmd.env("EVENT_HOST_STATE_URL", postgres_url())
+            .env("EVENT_HOST_STATE_SCHEMA", schema_for(state_dir))
+            .env("EVENT_HOST_HOST_ID", host_id_for(state_dir));
+    }
+}
+
+/// The state of the host with state folder `state_dir`, as that host
+/// sees it (opened while it does not run, for embedded state).
+pub fn open_state(state_dir: &Path) -> StateStore {
+    if on_postgres() {
+        StateStore::postgres(
+            &postgres_url(),
+            &schema_for(state_dir),
+            &host_id_for(state_dir),
+        )
+        .expect("the test PostgreSQL")
+    } else {
+        StateStore::open(state_dir, Durability::Normal).expect("the host's state folder")
+    }
+}
