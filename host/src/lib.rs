@@ -9,7 +9,8 @@
 //! - [`guest`]: what a guest sees of the host — store data and the host side
 //!   of every WIT import (state, publish, logging, config).
 //! - [`state`]: the durable, transactional per-handler state store, dedupe
-//!   records and the outbox.
+//!   records and the outbox — embedded SQLite or PostgreSQL shared by a
+//!   fleet, behind one interface.
 //! - [`manifest`], [`handler`]: a handler's self-description and loading a
 //!   `.wasm` file into an immutable, ready-to-run version.
 //! - [`config`]: the TOML file and every knob, with defaults.

@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-
 use crate::amqp_support::amqp_url;
 use crate::ledger::{all_ledger, read_applied, read_queue, Ledger, Produced, Report, HANDLER};
 use crate::process::{event_host, Run};

@@ -32,7 +32,9 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use tokio::sync::{mpsc, watch};
 
-use super::{decide, Cause, Committed, Dispatcher, Handled, Happened, Outcome, Oversize, Warm};
+use super::{
+    decide, Cause, Committed, Delivery, Dispatcher, Handled, Happened, Outcome, Oversize, Warm,
+};
 use crate::broker::{self, text, KeepHeaders, RetryFacts, RetrySigner};
 use crate::handler::HandlerVersion;
 use crate::health::Verdict;
@@ -327,8 +329,12 @@ fn run_batch(
     // One instance may serve several events of the batch, when the
     // handler allows it; it never outlives the batch.
     let mut warm = Warm::default();
-    for raw in &batch {
-        let delivery = broker::to_delivery_signed(raw, signer, &version.topology.queue);
+    let deliveries: Vec<Delivery> = batch
+        .iter()
+        .map(|raw| broker::to_delivery_signed(raw, signer, &version.topology.queue))
+        .collect();
+    dispatcher.prefetch(version, &deliveries);
+    for (raw, delivery) in batch.iter().zip(deliveries) {
         let mut result = None;
         let header_bytes = broker::headers_size(&raw.properties);
         let too_large = if header_bytes > broker::MAX_HEADER_BYTES {

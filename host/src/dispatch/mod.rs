@@ -479,6 +479,21 @@ impl Dispatcher {
         }
     }
 
+    /// Read ahead what the dedupe checks of `deliveries` (a batch about to
+    /// run through `handler`) will ask: one round trip on shared state
+    /// instead of one per event.
+    pub fn prefetch(&self, handler: &HandlerVersion, deliveries: &[Delivery]) {
+        if !self.state.is_shared() {
+            return; // embedded: a point lookup is cheaper than the batching
+        }
+        let keys: Vec<String> = deliveries
+            .iter()
+            .filter_map(|d| idempotency::key_for(&handler.settings.idempotency_key, d))
+            .collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        self.state.prefetch_processed(&handler.name, &keys);
+    }
+
     /// Run `delivery` through `handler` in a fresh instance without
     /// committing: the outcome and, for a successful call, the commit that
     /// makes it durable.

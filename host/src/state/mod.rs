@@ -231,6 +231,12 @@ pub(crate) trait Backend: Send + Sync {
     fn list_keys(&self, ns: &str, after: Option<&str>, limit: usize) -> Result<Vec<String>>;
     /// Whether `message_id` already committed in `ns`.
     fn is_processed(&self, ns: &str, message_id: &str) -> Result<bool>;
+    /// The batch of `ns` about to run will ask [`Backend::is_processed`]
+    /// for these ids: a backend a round trip away asks for all of them at
+    /// once.
+    fn prefetch_processed(&self, _ns: &str, _message_ids: &[&str]) -> Result<()> {
+        Ok(())
+    }
     /// Commit `batch` in one transaction, deleting the `confirmed` outbox
     /// rows in it too.
     fn commit(&self, batch: &[Commit], confirmed: &[i64]) -> Result<Vec<CommitOutcome>>;
@@ -381,6 +387,19 @@ impl StateStore {
     /// Whether an event with `message_id` already committed in `ns`.
     pub fn is_processed(&self, ns: &str, message_id: &str) -> Result<bool> {
         self.inner.backend.is_processed(ns, message_id)
+    }
+
+    /// The batch of `ns` about to run holds these idempotency keys: on
+    /// shared state, their dedupe records are read in one round trip
+    /// rather than one per event. A failure here is left for the per-event
+    /// check to report.
+    pub fn prefetch_processed(&self, ns: &str, message_ids: &[&str]) {
+        if message_ids.is_empty() {
+            return;
+        }
+        if let Err(e) = self.inner.backend.prefetch_processed(ns, message_ids) {
+            tracing::debug!(handler = ns, "prefetching dedupe records: {e:#}");
+        }
     }
 
     /// Commit a batch of events' transactions in one database transaction

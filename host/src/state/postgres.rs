@@ -60,12 +60,17 @@ const MAX_IDLE: usize = 16;
 
 /// The schema's version history: statement `i` brings the schema from
 /// version `i` to `i + 1`. Append, never edit.
+///
+/// Keys and message ids are stored as bytes: a guest's key or a
+/// publisher's message id may hold NUL, which PostgreSQL `text` refuses,
+/// and bytes order as SQLite orders keys (bytewise, whatever the
+/// database's collation), so listings page alike on both backends.
 const MIGRATIONS: &[&str] = &["
     CREATE TABLE kv (
-        ns text NOT NULL, key text NOT NULL, value bytea NOT NULL,
+        ns text NOT NULL, key bytea NOT NULL, value bytea NOT NULL,
         PRIMARY KEY (ns, key));
     CREATE TABLE processed (
-        ns text NOT NULL, message_id text NOT NULL, at bigint NOT NULL,
+        ns text NOT NULL, message_id bytea NOT NULL, at bigint NOT NULL,
         PRIMARY KEY (ns, message_id));
     CREATE INDEX processed_at ON processed (at);
     CREATE TABLE outbox (
@@ -134,20 +139,21 @@ fn check_schema(schema: &str) -> Result<()> {
 }
 
 /// The hot path's SQL, in the order of [`Statements`]' fields.
-const HOT_PATH_SQL: [&str; 11] = [
+const HOT_PATH_SQL: [&str; 12] = [
     "SELECT value FROM kv WHERE ns = $1 AND key = $2 FOR UPDATE",
-    "SELECT key, value FROM kv WHERE ns = $1 AND key = ANY($2::text[]) ORDER BY key FOR UPDATE",
+    "SELECT key, value FROM kv WHERE ns = $1 AND key = ANY($2::bytea[]) ORDER BY key FOR UPDATE",
     "SELECT value FROM kv WHERE ns = $1 AND key = $2",
     "SELECT key FROM kv WHERE ns = $1 AND key > $2 ORDER BY key LIMIT $3",
     "SELECT 1 FROM processed WHERE ns = $1 AND message_id = $2",
+    "SELECT message_id FROM processed WHERE ns = $1 AND message_id = ANY($2::bytea[])",
     "INSERT INTO kv (ns, key, value)
-     SELECT $1, k, v FROM unnest($2::text[], $3::bytea[]) AS u(k, v)",
+     SELECT $1, k, v FROM unnest($2::bytea[], $3::bytea[]) AS u(k, v)",
     "INSERT INTO kv (ns, key, value)
-     SELECT $1, k, v FROM unnest($2::text[], $3::bytea[]) AS u(k, v)
+     SELECT $1, k, v FROM unnest($2::bytea[], $3::bytea[]) AS u(k, v)
      ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value",
-    "DELETE FROM kv WHERE ns = $1 AND key = ANY($2::text[])",
+    "DELETE FROM kv WHERE ns = $1 AND key = ANY($2::bytea[])",
     "INSERT INTO processed (ns, message_id, at)
-     SELECT $1, id, $3 FROM unnest($2::text[]) AS u(id)",
+     SELECT $1, id, $3 FROM unnest($2::bytea[]) AS u(id)",
     "INSERT INTO outbox (ns, messages, claimed_by) VALUES ($1, $2, $3) RETURNING id",
     "DELETE FROM outbox WHERE id = ANY($1::bigint[])",
 ];
@@ -159,6 +165,7 @@ struct Statements {
     read: Statement,
     list: Statement,
     processed: Statement,
+    processed_many: Statement,
     insert_new: Statement,
     upsert: Statement,
     delete: Statement,
@@ -185,6 +192,11 @@ struct Batch {
     /// A statement failed: the transaction is aborted, every later read
     /// and the commit report contention, and the events run again.
     failed: Option<String>,
+    /// Dedupe answers read ahead for the batch: message id → committed.
+    /// Read inside the transaction, as the per-event check would be;
+    /// another host committing one of them meanwhile is caught by the
+    /// processed table's key at commit.
+    processed: HashMap<String, bool>,
 }
 
 /// Shared state on PostgreSQL.
@@ -212,6 +224,12 @@ impl Drop for Postgres {
             rt.shutdown_background();
         }
     }
+}
+
+/// A key or message id read back from its `bytea` column (written from a
+/// Rust string, so UTF-8 unless someone else wrote the row).
+fn text_of(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// Whether a failed statement means "another host got there first": the
@@ -385,8 +403,8 @@ impl Postgres {
         })
         .with_context(|| format!("preparing the state database connection ({})", self.shown))?;
         let Ok(
-            [read_for_update, lock_many, read, list, processed, insert_new, upsert, delete, mark, outbox_insert, outbox_delete],
-        ) = <[Statement; 11]>::try_from(st)
+            [read_for_update, lock_many, read, list, processed, processed_many, insert_new, upsert, delete, mark, outbox_insert, outbox_delete],
+        ) = <[Statement; 12]>::try_from(st)
         else {
             bail!("prepared statements out of step");
         };
@@ -396,6 +414,7 @@ impl Postgres {
             read,
             list,
             processed,
+            processed_many,
             insert_new,
             upsert,
             delete,
@@ -443,6 +462,7 @@ impl Postgres {
                 open: false,
                 locked: HashMap::new(),
                 failed: None,
+                processed: HashMap::new(),
             },
         };
         let result = f(&mut batch);
@@ -516,12 +536,13 @@ impl Postgres {
             .collect();
         unlocked.sort_unstable();
         unlocked.dedup();
+        let unlocked_bytes: Vec<&[u8]> = unlocked.iter().map(|k| k.as_bytes()).collect();
         if !unlocked.is_empty() {
             let rows = match self.query_in_batch(
                 batch,
                 "locking keys read",
                 |st| &st.lock_many,
-                &[&ns, &unlocked],
+                &[&ns, &unlocked_bytes],
             ) {
                 Ok(rows) => rows,
                 Err(e) if e.downcast_ref::<Contended>().is_some() => {
@@ -533,7 +554,7 @@ impl Postgres {
                 batch.locked.insert((*key).to_owned(), None);
             }
             for row in rows {
-                batch.locked.insert(row.get(0), Some(row.get(1)));
+                batch.locked.insert(text_of(row.get(0)), Some(row.get(1)));
             }
         }
         let locked = &batch.locked;
@@ -557,17 +578,17 @@ impl Postgres {
                 // Read as absent: nothing locked it, so the insert itself
                 // is the check that no other host created it meanwhile.
                 Some(v) if matches!(locked.get(key), Some(None)) => {
-                    new_keys.push(key);
+                    new_keys.push(key.as_bytes());
                     new_values.push(v);
                 }
                 Some(v) => {
-                    keys.push(key);
+                    keys.push(key.as_bytes());
                     values.push(v);
                 }
-                None => deleted.push(key),
+                None => deleted.push(key.as_bytes()),
             }
         }
-        let marks: Vec<&str> = plan.marks.iter().map(|(_, id)| *id).collect();
+        let marks: Vec<&[u8]> = plan.marks.iter().map(|(_, id)| id.as_bytes()).collect();
         let now = super::unix_now();
         let encoded = plan
             .outbox
@@ -673,7 +694,7 @@ impl Backend for Postgres {
                 batch,
                 &format!("reading state {ns}/{key}"),
                 |st| &st.read_for_update,
-                &[&ns, &key],
+                &[&ns, &key.as_bytes()],
             )?;
             let value: Option<Vec<u8>> = rows.first().map(|r| r.get(0));
             batch.locked.insert(key.to_owned(), value.clone());
@@ -683,14 +704,14 @@ impl Backend for Postgres {
 
     fn read_committed(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
         self.with_conn(|c| {
-            let row = wait(c.client.query_opt(&c.st.read, &[&ns, &key]))
+            let row = wait(c.client.query_opt(&c.st.read, &[&ns, &key.as_bytes()]))
                 .with_context(|| format!("reading state {ns}/{key} ({})", self.shown))?;
             Ok(row.map(|r| r.get(0)))
         })
     }
 
     fn list_keys(&self, ns: &str, after: Option<&str>, limit: usize) -> Result<Vec<String>> {
-        let after = after.unwrap_or("");
+        let after = after.unwrap_or("").as_bytes();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.in_batch(ns, |batch| {
             let rows = self.query_in_batch(
@@ -699,17 +720,39 @@ impl Backend for Postgres {
                 |st| &st.list,
                 &[&ns, &after, &limit],
             )?;
-            Ok(rows.iter().map(|r| r.get(0)).collect())
+            Ok(rows.iter().map(|r| text_of(r.get(0))).collect())
+        })
+    }
+
+    fn prefetch_processed(&self, ns: &str, message_ids: &[&str]) -> Result<()> {
+        let ids: Vec<&[u8]> = message_ids.iter().map(|id| id.as_bytes()).collect();
+        self.in_batch(ns, |batch| {
+            let rows = self.query_in_batch(
+                batch,
+                "reading dedupe records",
+                |st| &st.processed_many,
+                &[&ns, &ids],
+            )?;
+            for id in message_ids {
+                batch.processed.insert((*id).to_owned(), false);
+            }
+            for row in rows {
+                batch.processed.insert(text_of(row.get(0)), true);
+            }
+            Ok(())
         })
     }
 
     fn is_processed(&self, ns: &str, message_id: &str) -> Result<bool> {
         self.in_batch(ns, |batch| {
+            if let Some(known) = batch.processed.get(message_id) {
+                return Ok(*known);
+            }
             let rows = self.query_in_batch(
                 batch,
                 "reading dedupe records",
                 |st| &st.processed,
-                &[&ns, &message_id],
+                &[&ns, &message_id.as_bytes()],
             )?;
             Ok(!rows.is_empty())
         })
@@ -973,6 +1016,11 @@ mod tests {
         ));
         assert!(b.is_processed("h", "m1")?);
         b.end_batch("h");
+        // Read ahead for a batch, the answers are the same.
+        b.prefetch_processed("h", &["m1", "m2"]);
+        assert!(b.is_processed("h", "m1")?);
+        assert!(!b.is_processed("h", "m2")?);
+        b.end_batch("h");
         // b ran it anyway (it checked before a committed): the commit
         // does not apply it twice.
         assert!(matches!(
@@ -1068,6 +1116,24 @@ mod tests {
         ));
         b.end_batch("h");
         assert_eq!(value(&a, "new").as_deref(), Some("a"));
+        Ok(())
+    }
+
+    #[test]
+    fn keys_and_ids_with_nul_are_stored_and_listed_in_byte_order() -> Result<()> {
+        let schema = Schema::new();
+        let a = schema.host("a");
+        let mut txn = Txn::default();
+        for key in ["b", "a\0z", "\u{e9}", "B"] {
+            txn.set(key, key.as_bytes().to_vec());
+        }
+        let out = a.commit(&[txn.into_commit("h", Some("id\0x".into()), Vec::new())])?;
+        assert!(matches!(out[0], CommitOutcome::Committed { .. }));
+        assert!(a.is_processed("h", "id\0x")?);
+        a.end_batch("h");
+        assert_eq!(a.list_keys("h", None, 10)?, ["B", "a\0z", "b", "\u{e9}"]);
+        a.end_batch("h");
+        assert_eq!(value(&a, "a\0z").as_deref(), Some("a\0z"));
         Ok(())
     }
 
