@@ -42,6 +42,9 @@ pub const REASON_HEADER: &str = "x-event-host-reason";
 pub const HANDLER_HEADER: &str = "x-event-host-handler";
 /// Handler version (sha256) that dead-lettered it.
 pub const VERSION_HEADER: &str = "x-event-host-version";
+/// Host (`host_id`) that published it: a handler's output, or a
+/// dead-letter copy.
+pub const HOST_HEADER: &str = "x-event-host-host";
 /// Attempts made before it was dead-lettered.
 pub const ATTEMPTS_HEADER: &str = "x-event-host-attempts";
 /// HMAC-SHA256 (hex) of a retry copy's attempt, original exchange and

@@ -35,9 +35,12 @@ pub async fn run(
     let config = Arc::new(config);
     let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
     let state = StateStore::open(&config.state_path, config.durability)?;
-    let dispatcher = Dispatcher::new(runtime.clone(), state.clone());
+    let host_id = config.host_id();
+    let dispatcher = Dispatcher::new(runtime.clone(), state.clone()).with_host_id(&host_id);
     let registry = Arc::new(Registry::default());
     let metrics = Arc::new(Metrics::new());
+    metrics.set_info(&host_id, state.backend_name());
+    tracing::info!(host_id = %host_id, state_backend = state.backend_name(), "state opened");
     std::fs::create_dir_all(&config.handlers_dir)
         .with_context(|| format!("creating handlers folder {}", config.handlers_dir.display()))?;
     // The live connection, for the reloader to declare a new version's
@@ -78,6 +81,7 @@ pub async fn run(
             .as_ref()
             .map(|t| t.0.clone())
             .filter(|t| !t.is_empty()),
+        host_id,
     });
     let mut admin_stop = stop_rx.clone();
     let (admin_addr, admin_task) = admin::serve(&config.admin_addr, admin_state, async move {
