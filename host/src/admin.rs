@@ -163,6 +163,7 @@ async fn handlers(State(s): State<Arc<AdminState>>) -> Json<Value> {
                 "max_attempts": v.settings.max_attempts,
                 "events_per_instance": v.settings.budget.events_per_instance,
                 "status": e.status(),
+                "status_reason": e.status_reason(),
                 "host_id": host_id,
                 "state_backend": backend,
                 "previous_version": e.previous().map(|p| p.sha256.clone()),

@@ -388,6 +388,26 @@ pub async fn exchange_exists(conn: &Connection, exchange: &str) -> Result<bool> 
     Ok(exists)
 }
 
+/// How many consumers the broker counts on `queue` (a passive declare on a
+/// throwaway channel, since a failed one closes its channel). The count
+/// includes this connection's own consumer, if it has one there.
+pub async fn consumer_count(conn: &Connection, queue: &str) -> Result<u32> {
+    let probe = conn.create_channel().await.context("opening a channel")?;
+    let declared = probe
+        .queue_declare(
+            name(queue)?,
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("counting the consumers of queue {queue:?}"))?;
+    let _ = probe.close(200, short("counted")).await;
+    Ok(declared.consumer_count())
+}
+
 /// Use an existing exchange as it is; declare it durable only when absent.
 /// A passive declare that fails closes its channel, hence a throwaway one.
 async fn ensure_exchange(

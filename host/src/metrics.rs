@@ -62,6 +62,9 @@ pub struct Metrics {
     pub breaker_trips: Family<HandlerLabel, Counter>,
     /// 1 while a handler is paused by the breaker.
     pub paused: Family<HandlerLabel, Gauge>,
+    /// 1 while a handler does not consume because other consumers are on
+    /// its queue and this host's state is embedded (see `split_guard`).
+    pub shared_queue_refused: Family<HandlerLabel, Gauge>,
     /// Always 1, labelled with the host id and state backend (see
     /// [`Metrics::set_info`]), to tell the fleet's members apart and join
     /// their other series on.
@@ -110,6 +113,7 @@ impl Metrics {
             rollbacks: Family::default(),
             breaker_trips: Family::default(),
             paused: Family::default(),
+            shared_queue_refused: Family::default(),
             info: Family::default(),
             load_failures: Counter::default(),
             broken_files: Gauge::default(),
@@ -191,6 +195,11 @@ impl Metrics {
             "handler_paused",
             "1 while the handler is paused by the crash-loop breaker",
             m.paused.clone(),
+        );
+        registry.register(
+            "handler_refused_shared_queue",
+            "1 while the handler does not consume because other consumers are on its queue and this host's state is embedded",
+            m.shared_queue_refused.clone(),
         );
         registry.register(
             "info",

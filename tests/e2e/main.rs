@@ -21,4 +21,5 @@ mod process;
 mod proxy;
 mod reload;
 mod sandbox;
+mod split;
 mod state;
