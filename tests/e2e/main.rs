@@ -19,6 +19,7 @@ mod network;
 mod node;
 mod process;
 mod proxy;
+mod quorum;
 mod reload;
 mod sandbox;
 mod split;
