@@ -32,6 +32,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// The bearer token the protected routes require, if any.
     pub token: Option<String>,
+    /// This host's id in a fleet (`Config::host_id`), shown in `/handlers`.
+    pub host_id: String,
 }
 
 /// The routes.
@@ -136,8 +138,13 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
         .into_response()
 }
 
+/// Every handler, then every refused file. Each entry names this host
+/// (`host_id`) and where its state lives (`state_backend`), so the lists
+/// of a fleet's hosts can be merged and still read: the list stays a plain
+/// array, as clients and the README's `jq '.[]'` read it.
 async fn handlers(State(s): State<Arc<AdminState>>) -> Json<Value> {
     let m = &s.metrics;
+    let (host_id, backend) = (s.host_id.as_str(), s.state.backend_name());
     let mut list: Vec<Value> = s
         .registry
         .entries()
@@ -156,6 +163,9 @@ async fn handlers(State(s): State<Arc<AdminState>>) -> Json<Value> {
                 "max_attempts": v.settings.max_attempts,
                 "events_per_instance": v.settings.budget.events_per_instance,
                 "status": e.status(),
+                "status_reason": e.status_reason(),
+                "host_id": host_id,
+                "state_backend": backend,
                 "previous_version": e.previous().map(|p| p.sha256.clone()),
                 "note": e.note(),
                 "counters": {
@@ -183,6 +193,8 @@ async fn handlers(State(s): State<Arc<AdminState>>) -> Json<Value> {
             "version": b.sha256,
             "status": "refused",
             "error": b.error,
+            "host_id": host_id,
+            "state_backend": backend,
         })
     }));
     Json(Value::Array(list))

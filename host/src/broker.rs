@@ -42,6 +42,9 @@ pub const REASON_HEADER: &str = "x-event-host-reason";
 pub const HANDLER_HEADER: &str = "x-event-host-handler";
 /// Handler version (sha256) that dead-lettered it.
 pub const VERSION_HEADER: &str = "x-event-host-version";
+/// Host (`host_id`) that published it: a handler's output, or a
+/// dead-letter copy.
+pub const HOST_HEADER: &str = "x-event-host-host";
 /// Attempts made before it was dead-lettered.
 pub const ATTEMPTS_HEADER: &str = "x-event-host-attempts";
 /// HMAC-SHA256 (hex) of a retry copy's attempt, original exchange and
@@ -383,6 +386,26 @@ pub async fn exchange_exists(conn: &Connection, exchange: &str) -> Result<bool> 
         let _ = probe.close(200, short("checked")).await;
     }
     Ok(exists)
+}
+
+/// How many consumers the broker counts on `queue` (a passive declare on a
+/// throwaway channel, since a failed one closes its channel). The count
+/// includes this connection's own consumer, if it has one there.
+pub async fn consumer_count(conn: &Connection, queue: &str) -> Result<u32> {
+    let probe = conn.create_channel().await.context("opening a channel")?;
+    let declared = probe
+        .queue_declare(
+            name(queue)?,
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("counting the consumers of queue {queue:?}"))?;
+    let _ = probe.close(200, short("counted")).await;
+    Ok(declared.consumer_count())
 }
 
 /// Use an existing exchange as it is; declare it durable only when absent.

@@ -33,6 +33,8 @@
 //!   (automatic rollback).
 //! - [`server`]: `event-host run` — reconnecting broker sessions and
 //!   graceful shutdown.
+//! - [`split_guard`]: a host on embedded state consumes a queue only
+//!   alone (no silent split of state across hosts).
 //! - [`router`], [`replay`]: AMQP routing in memory and the offline
 //!   `replay` command built on the real dispatcher.
 
@@ -54,4 +56,5 @@ pub mod replay;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod split_guard;
 pub mod state;

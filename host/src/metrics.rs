@@ -1,6 +1,7 @@
 //! Prometheus metrics: per-handler event counters, handler latency, in-flight
 //! events and instantiations, reloads, rollbacks, breaker; for the host,
-//! connection state, reconnects and refused handler files.
+//! connection state, reconnects and refused handler files; and which
+//! fleet member it is (`event_host_info`: host id and state backend).
 
 use std::sync::atomic::AtomicI64;
 
@@ -16,6 +17,15 @@ use prometheus_client::registry::Registry;
 pub struct HandlerLabel {
     /// Handler name.
     pub handler: String,
+}
+
+/// The labels of `event_host_info`: which member of a fleet this is.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InfoLabels {
+    /// This host's id (`host_id`).
+    pub host_id: String,
+    /// Where its state lives: `sqlite` (embedded) or `postgres` (shared).
+    pub state_backend: String,
 }
 
 /// All metrics of one host.
@@ -52,6 +62,13 @@ pub struct Metrics {
     pub breaker_trips: Family<HandlerLabel, Counter>,
     /// 1 while a handler is paused by the breaker.
     pub paused: Family<HandlerLabel, Gauge>,
+    /// 1 while a handler does not consume because other consumers are on
+    /// its queue and this host's state is embedded (see `split_guard`).
+    pub shared_queue_refused: Family<HandlerLabel, Gauge>,
+    /// Always 1, labelled with the host id and state backend (see
+    /// [`Metrics::set_info`]), to tell the fleet's members apart and join
+    /// their other series on.
+    pub info: Family<InfoLabels, Gauge>,
     /// Dropped files refused (garbage, wrong world, compile error, too big).
     pub load_failures: Counter,
     /// Files in the handlers folder currently refused.
@@ -96,6 +113,8 @@ impl Metrics {
             rollbacks: Family::default(),
             breaker_trips: Family::default(),
             paused: Family::default(),
+            shared_queue_refused: Family::default(),
+            info: Family::default(),
             load_failures: Counter::default(),
             broken_files: Gauge::default(),
             without_idempotency_key: Family::default(),
@@ -178,6 +197,16 @@ impl Metrics {
             m.paused.clone(),
         );
         registry.register(
+            "handler_refused_shared_queue",
+            "1 while the handler does not consume because other consumers are on its queue and this host's state is embedded",
+            m.shared_queue_refused.clone(),
+        );
+        registry.register(
+            "info",
+            "This host: its id and where its state lives (always 1)",
+            m.info.clone(),
+        );
+        registry.register(
             "handler_load_failures",
             "Dropped handler files refused",
             m.load_failures.clone(),
@@ -200,6 +229,17 @@ impl Metrics {
         Self { registry, ..m }
     }
 
+    /// Say which fleet member this is: `event_host_info{host_id,
+    /// state_backend} 1`. Set once at start.
+    pub fn set_info(&self, host_id: &str, state_backend: &str) {
+        self.info
+            .get_or_create(&InfoLabels {
+                host_id: host_id.to_owned(),
+                state_backend: state_backend.to_owned(),
+            })
+            .set(1);
+    }
+
     /// The label for `handler`.
     pub fn label(handler: &str) -> HandlerLabel {
         HandlerLabel {
@@ -213,5 +253,21 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_info_gauge_names_the_host_and_its_state_backend() {
+        let m = Metrics::new();
+        m.set_info("host-a", "sqlite");
+        let text = m.render();
+        assert!(
+            text.contains(r#"event_host_info{host_id="host-a",state_backend="sqlite"} 1"#),
+            "{text}"
+        );
     }
 }

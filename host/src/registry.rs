@@ -36,6 +36,11 @@ pub enum Status {
     Paused = 3,
     /// Its file was deleted; its queue stays and its events wait there.
     Removed = 4,
+    /// Not consuming because another consumer is on its queue and this
+    /// host's state is embedded: two hosts would each apply part of the
+    /// events to state of their own (see `split_guard`). Consumes once the
+    /// queue is its alone; events wait in the queue meanwhile.
+    RefusedSharedQueue = 5,
 }
 
 impl Status {
@@ -43,6 +48,7 @@ impl Status {
         match v {
             1 => Status::Consuming,
             2 => Status::Disconnected,
+            5 => Status::RefusedSharedQueue,
             _ => Status::Starting,
         }
     }
@@ -82,6 +88,9 @@ pub struct Entry {
     refused: Mutex<HashSet<String>>,
     /// The last thing an operator should know (a rollback, a pause).
     note: Mutex<Option<String>>,
+    /// Why the status is what it is, when the status alone does not say
+    /// (a refused shared queue: how many other consumers, what to do).
+    status_reason: Mutex<Option<String>>,
     /// Bindings a swapped-out version had and the current one dropped,
     /// still to remove at the broker (the session does it when it next
     /// declares this handler's topology).
@@ -123,6 +132,7 @@ impl Entry {
             lifecycle: watch::Sender::new(Lifecycle::Active),
             refused: Mutex::new(HashSet::new()),
             note: Mutex::new(None),
+            status_reason: Mutex::new(None),
             stale_bindings: Mutex::new(Vec::new()),
             call: Mutex::new(None),
         }
@@ -182,7 +192,25 @@ impl Entry {
 
     /// Record whether the consumer is registered.
     pub fn set_status(&self, status: Status) {
+        *lock(&self.status_reason) = None;
         self.status.store(status as u8, Ordering::Release);
+    }
+
+    /// Record that the handler does not consume from a queue other
+    /// consumers are on, and why (shown in `/handlers` and `/readyz`).
+    pub fn set_refused_shared_queue(&self, reason: String) {
+        *lock(&self.status_reason) = Some(reason);
+        self.status
+            .store(Status::RefusedSharedQueue as u8, Ordering::Release);
+    }
+
+    /// Why the status is what it is, when it needs saying (see
+    /// [`Entry::set_refused_shared_queue`]); `None` otherwise.
+    pub fn status_reason(&self) -> Option<String> {
+        match self.status() {
+            Status::RefusedSharedQueue => lock(&self.status_reason).clone(),
+            _ => None,
+        }
     }
 
     /// Current lifecycle.
@@ -444,7 +472,10 @@ impl Registry {
             .filter_map(|e| {
                 let status = e.status();
                 if !matches!(status, Status::Consuming | Status::Paused) {
-                    return Some(format!("{}: {status:?}", e.name()));
+                    return Some(match e.status_reason() {
+                        Some(reason) => format!("{}: {reason}", e.name()),
+                        None => format!("{}: {status:?}", e.name()),
+                    });
                 }
                 e.stuck(now).map(|past| {
                     format!(

@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::registry::{Entry, Lifecycle, Registry, Status};
 use crate::reload::{declare_topology, remove_stale_bindings, Reloader};
 use crate::runtime::Runtime;
+use crate::split_guard::{self, Waited};
 use crate::state::{Owed, StateStore};
 
 /// How often a host on shared state looks for outbox rows that other
@@ -52,14 +53,12 @@ pub async fn run(
     let state = tokio::task::spawn_blocking(move || StateStore::from_config(&opening))
         .await
         .context("opening the state store")??;
-    tracing::info!(
-        backend = state.backend_name(),
-        host_id = %config.host_id(),
-        "state opened"
-    );
-    let dispatcher = Dispatcher::new(runtime.clone(), state.clone());
+    let host_id = config.host_id();
+    let dispatcher = Dispatcher::new(runtime.clone(), state.clone()).with_host_id(&host_id);
     let registry = Arc::new(Registry::default());
     let metrics = Arc::new(Metrics::new());
+    metrics.set_info(&host_id, state.backend_name());
+    tracing::info!(host_id = %host_id, state_backend = state.backend_name(), "state opened");
     std::fs::create_dir_all(&config.handlers_dir)
         .with_context(|| format!("creating handlers folder {}", config.handlers_dir.display()))?;
     // The live connection, for the reloader to declare a new version's
@@ -100,6 +99,7 @@ pub async fn run(
             .as_ref()
             .map(|t| t.0.clone())
             .filter(|t| !t.is_empty()),
+        host_id,
     });
     let mut admin_stop = stop_rx.clone();
     let (admin_addr, admin_task) = admin::serve(&config.admin_addr, admin_state, async move {
@@ -307,7 +307,8 @@ async fn session(
     result
 }
 
-/// One handler on one connection: consume while it is active; sit out a
+/// One handler on one connection: consume while it is active (on embedded
+/// state, only while no other consumer is on its queue); sit out a
 /// breaker pause (resuming after the cool-off) or a removal; return when
 /// the host stops, or with the error that broke the connection.
 async fn handler_loop(
@@ -349,17 +350,54 @@ async fn handler_loop(
         }
         declare_topology(&conn, &entry.version()).await?;
         remove_stale_bindings(&conn, &entry).await;
-        amqp::serve(
+        let state = dispatcher.state();
+        let (shared, backend) = (state.is_shared(), state.backend_name());
+        // Embedded state is this host's alone: consume only a queue no one
+        // else consumes, and stop when someone else joins (see split_guard).
+        let (serve_stop, guard) = if shared {
+            (stop.clone(), None)
+        } else {
+            match split_guard::wait_alone(
+                &conn,
+                &entry,
+                backend,
+                &metrics,
+                &mut stop,
+                &mut lifecycle,
+            )
+            .await?
+            {
+                Waited::Alone => {}
+                Waited::Stopped => return Ok(()),
+                Waited::LifecycleChanged => continue,
+            }
+            let (leave, serve_stop) = watch::channel(false);
+            let guard = tokio::spawn(split_guard::watch_consumers(
+                conn.clone(),
+                entry.clone(),
+                backend,
+                metrics.clone(),
+                stop.clone(),
+                leave,
+            ));
+            (serve_stop, Some(guard))
+        };
+        let served = amqp::serve(
             conn.clone(),
             dispatcher.clone(),
             entry.clone(),
             metrics.clone(),
-            stop.clone(),
+            serve_stop,
         )
-        .await?;
+        .await;
+        if let Some(guard) = guard {
+            guard.abort();
+        }
+        served?;
         if *stop.borrow() {
             return Ok(());
         }
-        // Not active any more (paused or removed): wait for the next change.
+        // Not active any more (paused or removed), or another consumer
+        // joined the queue: look again.
     }
 }

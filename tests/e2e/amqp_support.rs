@@ -330,10 +330,16 @@ pub struct Client {
     pub ch: Channel,
     queues: Vec<String>,
     exchanges: Vec<String>,
+    url: String,
 }
 
 impl Client {
     pub fn connect() -> Self {
+        Self::connect_to(&amqp_url())
+    }
+
+    /// A client of the broker at `url` (a private node).
+    pub fn connect_to(url: &str) -> Self {
         // A worker thread of its own, so the connection answers heartbeats
         // between `block_on` calls: a test may leave its client idle for
         // longer than the broker's heartbeat timeout.
@@ -343,7 +349,7 @@ impl Client {
             .build()
             .unwrap();
         let (conn, ch) = rt.block_on(async {
-            let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            let conn = Connection::connect(url, ConnectionProperties::default())
                 .await
                 .expect("broker reachable");
             let ch = conn.create_channel().await.unwrap();
@@ -355,6 +361,7 @@ impl Client {
             ch,
             queues: Vec::new(),
             exchanges: Vec::new(),
+            url: url.to_owned(),
         }
     }
 
@@ -479,7 +486,7 @@ impl Drop for Client {
             let ch = match self.conn.create_channel().await {
                 Ok(ch) => ch,
                 Err(_) => {
-                    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+                    let conn = Connection::connect(&self.url, ConnectionProperties::default())
                         .await
                         .expect("broker reachable for cleanup");
                     self.conn = conn;

@@ -47,6 +47,16 @@ fn a_plain_client_publishing_with_no_properties_changes_stock() {
             .map(|c| c.as_str()),
         Some("application/json")
     );
+    // Which host made it: by default `<hostname>-<pid>` (the host runs in
+    // this process), the id `/handlers` shows too.
+    let made_by = header(&got[0], "x-event-host-host").unwrap_or_default();
+    assert!(
+        made_by.ends_with(&format!("-{}", std::process::id())),
+        "{made_by}"
+    );
+    let entry = host.handler("inventory");
+    assert_eq!(entry["host_id"].as_str(), Some(made_by.as_str()), "{entry}");
+    assert_eq!(entry["state_backend"], "sqlite", "{entry}");
     assert_eq!(host.get("/state/inventory/no-such-key").0, 404);
     host.stop().unwrap();
 }
@@ -218,6 +228,11 @@ fn retry_backs_off_then_dead_letters_after_exactly_max_attempts() {
     assert_eq!(
         header(&dead[0], "x-event-host-version").map(|v| v.len()),
         Some(64)
+    );
+    assert_eq!(
+        header(&dead[0], "x-event-host-host"),
+        host.handler("chaos")["host_id"].as_str().map(str::to_owned),
+        "the host that dead-lettered it"
     );
     let counters = host.counters("chaos");
     assert_eq!(

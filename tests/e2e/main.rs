@@ -20,6 +20,8 @@ mod network;
 mod node;
 mod process;
 mod proxy;
+mod quorum;
 mod reload;
 mod sandbox;
+mod split;
 mod state;

@@ -705,7 +705,12 @@ impl Acker {
                 SendKind::Retry => {
                     let reason = format!("broker refused the retry copy: {refused}");
                     tracing::warn!(handler = %s.version.name, "{}; dead-lettering the event", broker::cap_reason(&reason));
-                    let copy = dead_letter_copy(s, &reason, self.keep_headers(s));
+                    let copy = dead_letter_copy(
+                        s,
+                        &reason,
+                        self.keep_headers(s),
+                        self.dispatcher.host_id(),
+                    );
                     self.publish_dead_letter(&copy).await?;
                     self.metrics
                         .dead_lettered
@@ -779,23 +784,24 @@ fn refused_output(version: &HandlerVersion, send: &Send, reason: &str) -> Send {
 
 /// A dead-letter copy of a settled event: its body and properties (its
 /// headers unless `keep` says not, without the attempt and signature, so
-/// a message moved back from the DLQ starts afresh), plus why and by whom.
-fn dead_letter_copy(s: &Settled, reason: &str, keep: KeepHeaders) -> Send {
-    let props = broker::republish_properties(
-        &s.delivery.properties,
-        keep,
-        &[
-            (broker::REASON_HEADER, broker::reason_text(reason)),
-            (broker::HANDLER_HEADER, text(&s.version.name)),
-            (broker::VERSION_HEADER, text(&s.version.sha256)),
-            (
-                broker::ATTEMPTS_HEADER,
-                AMQPValue::LongLongInt(i64::from(s.attempt)),
-            ),
-            (broker::EXCHANGE_HEADER, text(&s.exchange)),
-            (broker::ROUTING_KEY_HEADER, text(&s.routing_key)),
-        ],
-    );
+/// a message moved back from the DLQ starts afresh), plus why and by whom
+/// (handler, version and, in a fleet, `host`).
+fn dead_letter_copy(s: &Settled, reason: &str, keep: KeepHeaders, host: Option<&str>) -> Send {
+    let mut headers = vec![
+        (broker::REASON_HEADER, broker::reason_text(reason)),
+        (broker::HANDLER_HEADER, text(&s.version.name)),
+        (broker::VERSION_HEADER, text(&s.version.sha256)),
+        (
+            broker::ATTEMPTS_HEADER,
+            AMQPValue::LongLongInt(i64::from(s.attempt)),
+        ),
+        (broker::EXCHANGE_HEADER, text(&s.exchange)),
+        (broker::ROUTING_KEY_HEADER, text(&s.routing_key)),
+    ];
+    if let Some(host) = host {
+        headers.push((broker::HOST_HEADER, text(host)));
+    }
+    let props = broker::republish_properties(&s.delivery.properties, keep, &headers);
     Send {
         from: 0,
         kind: SendKind::DeadLetter,
@@ -884,7 +890,12 @@ async fn acks(mut acker: Acker, mut rx: mpsc::Receiver<Vec<Settled>>) -> Result<
                 }
                 Outcome::Reject => {
                     let reason = reason.as_deref().unwrap_or("rejected");
-                    let mut copy = dead_letter_copy(s, reason, acker.keep_headers(s));
+                    let mut copy = dead_letter_copy(
+                        s,
+                        reason,
+                        acker.keep_headers(s),
+                        acker.dispatcher.host_id(),
+                    );
                     copy.from = index;
                     sends.push(copy);
                     if matches!(s.handled.cause(), Some(Cause::GuestReject(_))) {

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::bindings;
-use crate::broker::{self, HANDLER_HEADER, VERSION_HEADER};
+use crate::broker::{self, HANDLER_HEADER, HOST_HEADER, VERSION_HEADER};
 use crate::guest::GuestState;
 use crate::handler::HandlerVersion;
 use crate::idempotency;
@@ -431,12 +431,31 @@ fn commit_bytes(commit: &Commit) -> usize {
 pub struct Dispatcher {
     runtime: std::sync::Arc<Runtime>,
     state: StateStore,
+    /// The host id stamped on outputs (`x-event-host-host`), if any.
+    host_id: Option<std::sync::Arc<str>>,
 }
 
 impl Dispatcher {
     /// A dispatcher over this runtime and state store.
     pub fn new(runtime: std::sync::Arc<Runtime>, state: StateStore) -> Self {
-        Self { runtime, state }
+        Self {
+            runtime,
+            state,
+            host_id: None,
+        }
+    }
+
+    /// Stamp `host_id` on every message handlers publish
+    /// (`x-event-host-host`), so a fleet's outputs say which host made
+    /// them. `replay` and tests run without one.
+    pub fn with_host_id(mut self, host_id: &str) -> Self {
+        self.host_id = Some(host_id.into());
+        self
+    }
+
+    /// The host id stamped on outputs, if any.
+    pub fn host_id(&self) -> Option<&str> {
+        self.host_id.as_deref()
     }
 
     /// The state store.
@@ -567,7 +586,13 @@ impl Dispatcher {
                 ..Execution::settled(decision, call.elapsed)
             });
         }
-        let publishes = stamp_publishes(handler, delivery, key.as_deref(), call.effects.publishes);
+        let publishes = stamp_publishes(
+            handler,
+            self.host_id(),
+            delivery,
+            key.as_deref(),
+            call.effects.publishes,
+        );
         if publishes.is_empty() && key.is_none() && !call.effects.txn.has_writes() {
             // Nothing to make durable (a read-only call's reads need no
             // validation: it changed nothing based on them).
@@ -786,10 +811,12 @@ pub enum Committed {
 /// dedupe works; with no key, ids unique to this call, so identical bodies
 /// never share one), carry the input's correlation id when the guest set
 /// none, and say which handler version produced it
-/// (`x-event-host-handler`, `x-event-host-version`): after a hot reload,
-/// consumers and operators can tell the versions' output apart.
+/// (`x-event-host-handler`, `x-event-host-version`) and, in a fleet, which
+/// host (`x-event-host-host`): after a hot reload, or with hosts at
+/// different versions, consumers and operators can tell the output apart.
 fn stamp_publishes(
     handler: &HandlerVersion,
+    host_id: Option<&str>,
     delivery: &Delivery,
     key: Option<&str>,
     mut publishes: Vec<Outgoing>,
@@ -816,6 +843,9 @@ fn stamp_publishes(
             .push((HANDLER_HEADER.to_owned(), handler.name.to_string()));
         p.headers
             .push((VERSION_HEADER.to_owned(), handler.sha256.clone()));
+        if let Some(host) = host_id {
+            p.headers.push((HOST_HEADER.to_owned(), host.to_owned()));
+        }
     }
     publishes
 }
