@@ -4,6 +4,7 @@
 
 mod amqp_support;
 mod backend;
+mod pg_support;
 mod support;
 
 mod boundary;
