@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::amqp_support::amqp_url;
-use crate::ledger::{all_ledger, read_applied, read_queue, Ledger, Produced, Report, HANDLER};
+use crate::ledger::{all_ledger, Ledger, Produced, Report, HANDLER};
 use crate::process::{event_host, Run};
 use crate::support::guest;
 
@@ -66,12 +66,8 @@ fn wait_settled(run: &mut Run, ledger: &Ledger) {
 /// Read back state, DLQ and outputs once no host runs.
 fn check(ledger: &Ledger, dir: &Path, produced: &Produced) -> Report {
     let store = crate::backend::open_state(&dir.join("state"));
-    let applied = read_applied(&store);
     let pending = store.pending_outbox().unwrap().len();
-    drop(store);
-    let dlq = read_queue(&ledger.url, &ledger.dlq());
-    let outputs = read_queue(&ledger.url, &ledger.out_queue);
-    ledger.judge(produced, &all_ledger(), &applied, &dlq, &outputs, pending)
+    ledger.check_store(&store, pending, produced, &all_ledger())
 }
 
 fn assert_exactly_once(report: &Report) {
@@ -80,6 +76,7 @@ fn assert_exactly_once(report: &Report) {
     assert!(report.unexpected.is_empty(), "unexpected: {report}");
     assert_eq!(report.applied_once, report.confirmed, "{report}");
     assert!(report.outputs_missing.is_empty(), "{report}");
+    assert!(report.outputs_reissued.is_empty(), "{report}");
 }
 
 #[test]

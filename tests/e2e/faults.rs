@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::amqp_support::{amqp_url, TestHost};
-use crate::ledger::{all_ledger, census, Kind, Ledger, Mix, Producer, HANDLER};
+use crate::ledger::{all_ledger, census, Cleanup, Kind, Ledger, Mix, Producer, HANDLER};
 use crate::node::PrivateBroker;
 
 /// Prefetch the host is configured with, to tell "restored" from the
@@ -177,16 +177,6 @@ impl Drop for RssPeak {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-/// Deletes a ledger run's queues and exchanges on the shared broker, also
-/// when the test fails.
-struct Cleanup<'a>(&'a Ledger);
-
-impl Drop for Cleanup<'_> {
-    fn drop(&mut self) {
-        self.0.delete();
     }
 }
 

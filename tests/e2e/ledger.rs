@@ -15,7 +15,10 @@
 //! Order Service does, and the handler's `idempotency_key` (the body's
 //! `id`) is under test instead.
 //! Mixed into the stream, hostile events (`loop`, `alloc`, `panic`, …)
-//! must end in the dead-letter queue instead.
+//! must end in the dead-letter queue instead. A ledger made
+//! [`Ledger::with_counter`] has every healthy event increment one shared
+//! key as well — a hot key, like the stock level every order updates — so
+//! that key ends at exactly the number of events applied.
 
 #![allow(dead_code)] // each test uses a subset
 
@@ -52,6 +55,16 @@ pub enum Kind {
     /// A chaos action that fails every attempt (`loop`, `alloc`, `panic`,
     /// …): must reach the dead-letter queue, with no effect.
     Hostile(&'static str),
+}
+
+/// Deletes a ledger run's queues and exchanges on the shared broker when
+/// dropped, also when the test fails.
+pub struct Cleanup<'a>(pub &'a Ledger);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        self.0.delete();
+    }
 }
 
 /// Which kind each sequence number is.
@@ -99,6 +112,8 @@ pub struct Ledger {
     pub retry_base_ms: u64,
     /// Whether events carry a `message-id` (default true).
     pub message_ids: bool,
+    /// A state key every healthy event increments too (default none).
+    pub counter: Option<String>,
 }
 
 impl Ledger {
@@ -115,6 +130,16 @@ impl Ledger {
             max_attempts,
             retry_base_ms,
             message_ids: true,
+            counter: None,
+        }
+    }
+
+    /// The same ledger with every healthy event also incrementing state
+    /// key `key` of the handler: it ends at the number of events applied.
+    pub fn with_counter(self, key: &str) -> Self {
+        Self {
+            counter: Some(key.to_owned()),
+            ..self
         }
     }
 
@@ -185,7 +210,12 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
     pub fn body(&self, seq: u64, kind: Kind) -> Vec<u8> {
         let id = self.id(seq);
         match kind {
-            Kind::Ledger => serde_json::json!({"action": "ledger", "id": id}),
+            Kind::Ledger => match &self.counter {
+                Some(counter) => {
+                    serde_json::json!({"action": "ledger", "id": id, "counter": counter})
+                }
+                None => serde_json::json!({"action": "ledger", "id": id}),
+            },
             Kind::Hostile(action) => serde_json::json!({"action": action, "id": id}),
         }
         .to_string()
@@ -367,9 +397,24 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
     pub fn check(&self, host: &mut TestHost, produced: &Produced, mix: &Mix) -> Report {
         host.stop_in_place().expect("the host stopped cleanly");
         let store = crate::backend::open_state(&host.state_dir());
-        let applied = read_applied(&store);
         let outbox_pending = store.pending_outbox().expect("outbox").len();
-        drop(store);
+        self.check_store(&store, outbox_pending, produced, mix)
+    }
+
+    /// Read back what the hosts did, once none runs: the state in `store`
+    /// (either backend: a host's SQLite folder, or the schema a fleet
+    /// shares), the dead-letter queue and the outputs. `outbox_pending`:
+    /// outbox rows left unpublished, as the caller counts them (on shared
+    /// state `pending_outbox` shows only one host id's rows — and claims
+    /// them — so a fleet's check asks the table).
+    pub fn check_store(
+        &self,
+        store: &StateStore,
+        outbox_pending: usize,
+        produced: &Produced,
+        mix: &Mix,
+    ) -> Report {
+        let applied = read_applied(store);
         let dlq = read_queue(&self.url, &self.dlq());
         let outputs = read_queue(&self.url, &self.out_queue);
         self.judge(produced, mix, &applied, &dlq, &outputs, outbox_pending)
@@ -467,7 +512,10 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
             .iter()
             .filter(|s| !produced.confirmed.contains(s))
             .count();
-        let mut out_ids = BTreeSet::new();
+        // Per applied event, the message ids its outputs carried: one, however
+        // often it was published (an outbox relayed again after a crash
+        // repeats the id, and downstream dedupes on it).
+        let mut out_ids: BTreeMap<u64, BTreeSet<Option<String>>> = BTreeMap::new();
         for m in outputs {
             r.outputs_raw += 1;
             let id = serde_json::from_slice::<Value>(&m.body)
@@ -476,7 +524,7 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
                 .unwrap_or_default();
             match self.seq_of(&id) {
                 Some(seq) if applied_seqs.contains(&seq) => {
-                    out_ids.insert(seq);
+                    out_ids.entry(seq).or_default().insert(m.message_id.clone());
                 }
                 _ => r.unexpected.push(format!(
                     "output {:?} for an event not applied",
@@ -485,7 +533,16 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
             }
         }
         r.outputs_distinct = out_ids.len();
-        r.outputs_missing = applied_seqs.difference(&out_ids).copied().collect();
+        r.outputs_missing = applied_seqs
+            .iter()
+            .filter(|seq| !out_ids.contains_key(seq))
+            .copied()
+            .collect();
+        for (seq, ids) in out_ids {
+            if ids.len() > 1 || ids.contains(&None) {
+                r.outputs_reissued.push((seq, ids.into_iter().collect()));
+            }
+        }
         r
     }
 }
@@ -773,8 +830,16 @@ async fn produce(spec: Spec, progress: &Progress) -> Result<Produced, String> {
     Ok(produced)
 }
 
-/// `applied.<id>` → count, from the host's committed state.
+/// `applied.<id>` → count, from the committed state (either backend).
 pub fn read_applied(store: &StateStore) -> BTreeMap<String, i64> {
+    let applied = read_applied_keys(store);
+    // Listing keys runs in a batch on shared state: end it, releasing its
+    // connection.
+    store.end_batch(HANDLER);
+    applied
+}
+
+fn read_applied_keys(store: &StateStore) -> BTreeMap<String, i64> {
     let mut out = BTreeMap::new();
     let mut after = "applied.".to_owned();
     loop {
@@ -919,18 +984,23 @@ pub struct Report {
     pub outputs_raw: usize,
     /// Applied events with no output.
     pub outputs_missing: Vec<u64>,
+    /// Events whose output was published under more than one message id,
+    /// or under none: (seq, the ids). Downstream cannot tell such a
+    /// repeat from a new message.
+    pub outputs_reissued: Vec<(u64, Vec<Option<String>>)>,
     /// Outbox rows left unpublished when the host stopped.
     pub outbox_pending: usize,
 }
 
 impl Report {
     /// Nothing lost, nothing applied twice, nothing unexpected, an output
-    /// for every applied event.
+    /// for every applied event, each under one message id.
     pub fn clean(&self) -> bool {
         self.lost.is_empty()
             && self.duplicated.is_empty()
             && self.unexpected.is_empty()
             && self.outputs_missing.is_empty()
+            && self.outputs_reissued.is_empty()
     }
 }
 
@@ -958,7 +1028,8 @@ impl fmt::Display for Report {
             "run {}: sent {}, confirmed {} (re-published {}), applied once {}, \
              lost {}{}, duplicated {}{}, unexpected {}{}, dead-lettered {} ({} messages), \
              applied though unconfirmed {}, outputs {} distinct ({} messages), \
-             outputs missing {}{}, outbox rows left {}",
+             outputs missing {}{}, outputs under several message ids {}{}, \
+             outbox rows left {}",
             self.run,
             self.sent,
             self.confirmed,
@@ -977,6 +1048,8 @@ impl fmt::Display for Report {
             self.outputs_raw,
             self.outputs_missing.len(),
             first(&self.outputs_missing),
+            self.outputs_reissued.len(),
+            first(&self.outputs_reissued),
             self.outbox_pending,
         )
     }

@@ -95,7 +95,10 @@ fn publish_n(v: &Value) -> Result<(), HandleError> {
 /// atomically, so an event applied twice shows as 2 — and publish one
 /// output carrying the id, so a checker can read back both effects. The id
 /// is the payload's `id`, else the message id; the output goes to the
-/// payload's `exchange`, else the config key `ledger-exchange`.
+/// payload's `exchange`, else the config key `ledger-exchange`. With a
+/// `counter` in the payload, that key is incremented by 1 too: one key
+/// every event of the stream updates (as every order updates a stock
+/// level), so a lost update or a double application shows in its total.
 fn ledger(v: &Value, event: &Event) -> Result<(), HandleError> {
     let id = match text(v, "id") {
         "" => event.message_id.clone().unwrap_or_default(),
@@ -104,8 +107,13 @@ fn ledger(v: &Value, event: &Event) -> Result<(), HandleError> {
     if id.is_empty() {
         return Err(HandleError::Reject("ledger event without an id".into()));
     }
-    atomics::increment(&bucket()?, &format!("applied.{id}"), 1)
+    let bucket = bucket()?;
+    atomics::increment(&bucket, &format!("applied.{id}"), 1)
         .map_err(|e| HandleError::Retry(format!("state error: {e:?}")))?;
+    if let Some(counter) = maybe_text(v, "counter") {
+        atomics::increment(&bucket, &counter, 1)
+            .map_err(|e| HandleError::Retry(format!("state error: {e:?}")))?;
+    }
     let exchange = match text(v, "exchange") {
         "" => config::get("ledger-exchange")
             .ok()
