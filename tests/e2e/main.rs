@@ -15,6 +15,7 @@ mod crash;
 mod credentials;
 mod deploy;
 mod faults;
+mod fleet;
 mod hostile;
 mod ledger;
 mod network;

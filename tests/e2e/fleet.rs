@@ -1,0 +1,696 @@
+//! A fleet: several hosts — separate processes of the real binary — on
+//! one handler queue and one PostgreSQL schema, against the real
+//! PostgreSQL and RabbitMQ. The "Scale out" issue's list of what must
+//! hold:
+//!
+//! - three hosts on one quorum queue through a 20k-event stream from an
+//!   at-least-once producer, one host SIGKILLed and restarted, the broker
+//!   restarted: every event applied once (the ledger, `ledger.rs`, reading
+//!   the shared state), a key every event updates ends exactly 20k higher,
+//!   every output published under one message id, the outbox empty;
+//! - three hosts starting at once on an empty schema all come up, and the
+//!   schema is made once;
+//! - the two-sidecar story: the example inventory on two hosts, 1000
+//!   Laptops, 100 orders: both hosts' `/state` say 900;
+//! - two hosts hammering one key lose no update.
+//!
+//! Each test has a schema of its own (`pg_support::TestSchema`, dropped at
+//! the end) and its own queue and exchange names, deleted at the end; the
+//! test that restarts the broker does it to a node of its own (`node.rs`).
+//! Each host has a folder of its own (handlers, compiled-code cache, log),
+//! kept when a test fails so the logs can be read.
+//!
+//! Run them: `cargo test -p event-host --test e2e fleet -- --nocapture`
+//! (`--nocapture` shows the figures).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Confirmation};
+use serde_json::Value;
+
+use crate::amqp_support::{amqp_url, http_get, Client, Inventory};
+use crate::ledger::{all_ledger, Cleanup, Ledger, HANDLER};
+use crate::node::PrivateBroker;
+use crate::pg_support::{postgres_url, TestSchema};
+use crate::process::{event_host, http_status, Run};
+use crate::support::{guest, repo_root};
+
+/// The key every ledger event increments too: the stream's hot key, as a
+/// stock level is for orders.
+const HOT_KEY: &str = "hot";
+
+/// Folders of a test's hosts; kept, and named on stderr, when the test
+/// fails (a failure message points at a host's log).
+struct Workspace(Option<tempfile::TempDir>);
+
+impl Workspace {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("evh-fleet-")
+            .tempdir()
+            .expect("a temporary folder");
+        Self(Some(dir))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.as_ref().expect("workspace").path()
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(dir) = self.0.take() {
+                eprintln!(
+                    "fleet test failed: host folders and logs kept in {}",
+                    dir.keep().display()
+                );
+            }
+        }
+    }
+}
+
+/// One host of a fleet: a folder of its own (handlers, compiled-code
+/// cache, log), a config, and the shared state it names.
+struct Member {
+    name: &'static str,
+    dir: PathBuf,
+    config: PathBuf,
+    schema: String,
+}
+
+impl Member {
+    /// Host `name` in `root/name`, with copies of `guests`, on the broker
+    /// at `amqp` and the state in `schema`, running the handlers of
+    /// `sections` (their TOML sections).
+    fn new(
+        root: &Path,
+        name: &'static str,
+        guests: &[&str],
+        amqp: &str,
+        schema: &TestSchema,
+        sections: &str,
+    ) -> Self {
+        let dir = root.join(name);
+        let handlers = dir.join("handlers");
+        std::fs::create_dir_all(&handlers).expect("creating a host folder");
+        for g in guests {
+            std::fs::copy(guest(g), handlers.join(format!("{g}.wasm"))).expect("copying a guest");
+        }
+        let config = dir.join("host.toml");
+        let text = format!(
+            "handlers_dir = {:?}\nstate_path = {:?}\namqp_url = {amqp:?}\ndrain_timeout_secs = 30\n{sections}",
+            handlers.to_str().expect("utf-8 path"),
+            dir.join("state").to_str().expect("utf-8 path"),
+        );
+        std::fs::write(&config, text).expect("writing a host config");
+        Self {
+            name,
+            dir,
+            config,
+            schema: schema.name().to_owned(),
+        }
+    }
+
+    /// `event-host run` as this host. The shared state is named in the
+    /// environment, as the fleet compose file does (the URL may hold a
+    /// password); the host id is the member's name, stable across
+    /// restarts, so a restarted host relays its own unconfirmed outbox
+    /// rows at once. These override what `event_host` sets for a run of
+    /// the suite on PostgreSQL (a schema per host folder).
+    /// `EVENT_HOST_TEST_LOG` sets the hosts' log filter (as for in-process
+    /// hosts, `amqp_support.rs`), e.g. `event_host=debug`.
+    fn command(&self) -> Command {
+        let mut cmd = event_host(&self.dir);
+        if let Ok(filter) = std::env::var("EVENT_HOST_TEST_LOG") {
+            cmd.env("EVENT_HOST_LOG", filter);
+        }
+        cmd.env("EVENT_HOST_STATE_URL", postgres_url())
+            .env("EVENT_HOST_STATE_SCHEMA", &self.schema)
+            .env("EVENT_HOST_HOST_ID", self.name)
+            .args(["run", "--config", self.config.to_str().expect("utf-8 path")]);
+        cmd
+    }
+
+    /// Start it (not waiting for it to be ready); its log is `log`.log in
+    /// its folder.
+    fn spawn(&self, log: &'static str) -> Run {
+        Run::start(log, &self.dir, self.command())
+    }
+}
+
+/// Start every member at once, then wait until each is ready.
+fn start_all(members: &[Member]) -> Vec<Run> {
+    let mut hosts: Vec<Run> = members.iter().map(|m| m.spawn(m.name)).collect();
+    for host in &mut hosts {
+        host.wait_ready();
+    }
+    hosts
+}
+
+/// `counter` of `handler`, summed over `hosts`.
+fn total(hosts: &[Run], handler: &str, counter: &str) -> u64 {
+    hosts
+        .iter()
+        .map(|h| h.counters(handler)[counter].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Wait until the fleet's `handler` has acked `n` events in all.
+fn wait_total(hosts: &mut [Run], handler: &str, counter: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while total(hosts, handler, counter) < n {
+        for host in hosts.iter_mut() {
+            host.assert_running();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fleet's {handler}.{counter} never reached {n}: {}",
+            total(hosts, handler, counter)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait until the fleet has nothing left to do: `backlog` (messages ready
+/// in the handler's work and retry queues) is 0 and no host's counters
+/// moved for a second — crash.rs's test for one host, over all of them.
+/// It never waits for a figure the checker judges, so a lost event shows
+/// in the report rather than as a timeout.
+fn wait_settled(hosts: &mut [Run], handler: &str, backlog: impl Fn() -> Option<u64>) -> Duration {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(120);
+    let mut last = (String::new(), Instant::now());
+    loop {
+        let now: Vec<String> = hosts
+            .iter()
+            .map(|h| h.counters(handler).to_string())
+            .collect();
+        let now = now.join(" ");
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        if last.1.elapsed() >= Duration::from_secs(1) && backlog() == Some(0) {
+            return start.elapsed();
+        }
+        for host in hosts.iter_mut() {
+            host.assert_running();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fleet never settled: backlog {:?}, counters {}",
+            backlog(),
+            last.0
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Consumers on `queue` at the broker at `url` (a passive declare; `None`
+/// while it cannot be asked).
+fn consumers(url: &str, queue: &str) -> Option<u32> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .ok()?;
+        let ch = conn.create_channel().await.ok()?;
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok();
+        let _ = conn.close(200, "probe".into()).await;
+        q.map(|q| q.consumer_count())
+    })
+}
+
+/// Wait until `n` consumers (one per host) are on `queue`: only then does
+/// the broker share out what is published next.
+fn wait_consumers(url: &str, queue: &str, n: u32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = consumers(url, queue);
+        if found == Some(n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{queue} has {found:?} consumers, want {n}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Outbox rows left in `schema`, by the host that claimed them.
+fn outbox_rows(schema: &TestSchema) -> Vec<(String, i64)> {
+    schema
+        .query(
+            "SELECT claimed_by, count(*) FROM outbox GROUP BY claimed_by ORDER BY claimed_by",
+            &[],
+        )
+        .expect("reading the outbox table")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// A state value of `handler` as an integer, read from the shared state
+/// (`None` when absent or not an integer).
+fn read_int(schema: &TestSchema, handler: &str, key: &str) -> Option<i64> {
+    let store = schema.store("fleet-checker").expect("shared state");
+    let value = store
+        .get_committed(handler, key)
+        .expect("reading shared state")?;
+    std::str::from_utf8(&value).ok()?.trim().parse().ok()
+}
+
+/// Log lines of `run` containing `needle`.
+fn log_lines(run: &Run, needle: &str) -> usize {
+    std::fs::read_to_string(&run.log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+#[test]
+fn three_hosts_on_one_quorum_queue_apply_20k_events_once_through_a_sigkill_and_a_broker_restart() {
+    const N: u64 = 20_000;
+    const RATE: f64 = 1_000.0;
+    let started = Instant::now();
+    let work = Workspace::new();
+    let mut broker = PrivateBroker::start();
+    let schema = TestSchema::new("fleet");
+    let ledger = Ledger::new(&broker.url(), 5, 100).with_counter(HOT_KEY);
+    ledger.declare_outputs();
+    let sections = ledger.config("queue_type = \"quorum\"");
+    let members: Vec<Member> = ["fleet-1", "fleet-2", "fleet-3"]
+        .into_iter()
+        .map(|name| {
+            Member::new(
+                work.path(),
+                name,
+                &[HANDLER],
+                &broker.url(),
+                &schema,
+                &sections,
+            )
+        })
+        .collect();
+    let mut hosts = start_all(&members);
+    wait_consumers(&broker.url(), &ledger.queue, 3);
+    let up = started.elapsed();
+    let mix = all_ledger();
+    let producer = ledger.produce(N, RATE, mix.clone());
+
+    // A quarter in: SIGKILL one host, mid-batch, with deliveries in hand
+    // and outbox rows unconfirmed; start it again under the same host id.
+    wait_total(&mut hosts, HANDLER, "acked", N / 4);
+    let killed_at = total(&hosts, HANDLER, "acked");
+    hosts.remove(1).kill();
+    let mut restarted = members[1].spawn("fleet-2-restarted");
+    restarted.wait_ready();
+    hosts.insert(1, restarted);
+
+    // Half the stream confirmed: restart the broker under everyone.
+    producer.wait_confirmed(N / 2, Duration::from_secs(120));
+    assert!(!producer.done(), "the broker restart must hit mid-stream");
+    let restart_at = (producer.confirmed(), total(&hosts, HANDLER, "acked"));
+    broker.stop_app();
+    for host in &mut hosts {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_status(&host.admin, "/readyz") == 200 {
+            assert!(
+                Instant::now() < deadline,
+                "{}: /readyz stayed 200 with the broker stopped",
+                host.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    broker.start_app();
+    for host in &mut hosts {
+        host.wait_ready();
+    }
+
+    let produced = producer.join();
+    let settle = wait_settled(&mut hosts, HANDLER, || ledger.backlog());
+    let counters: Vec<Value> = hosts.iter().map(|h| h.counters(HANDLER)).collect();
+    let relayed_own: usize = hosts
+        .iter()
+        .map(|h| log_lines(h, "released outbox messages left by a previous run"))
+        .sum();
+    let relayed_orphans: usize = hosts
+        .iter()
+        .map(|h| log_lines(h, "released outbox messages another host committed"))
+        .sum();
+    for host in hosts {
+        host.terminate();
+    }
+
+    let store = schema.store("fleet-checker").expect("shared state");
+    let outbox = outbox_rows(&schema);
+    let left: i64 = outbox.iter().map(|(_, n)| n).sum();
+    let report = ledger.check_store(&store, left as usize, &produced, &mix);
+    let hot = read_int(&schema, HANDLER, HOT_KEY);
+    eprintln!(
+        "fleet::20k: 3 hosts up in {up:.1?}; {N} events at {RATE}/s, producer done in {:.1?} \
+         ({} reconnects, {} re-published); SIGKILL of fleet-2 at {killed_at} acked; broker \
+         restart at {restart_at:?} (confirmed, acked); settled {settle:.1?} after the stream; \
+         outbox relayed at reconnect {relayed_own}×, orphans taken over {relayed_orphans}×; \
+         counters {counters:?}\n  {report}\n  {HOT_KEY} = {hot:?}; outbox rows left {outbox:?}\n  total {:.1?}",
+        produced.elapsed,
+        produced.reconnects,
+        produced.republished,
+        started.elapsed()
+    );
+    assert_eq!(produced.confirmed.len() as u64, N, "every event confirmed");
+    assert!(report.lost.is_empty(), "lost: {report}");
+    assert!(report.duplicated.is_empty(), "duplicated: {report}");
+    assert!(report.unexpected.is_empty(), "unexpected: {report}");
+    assert_eq!(
+        report.applied_once as u64, N,
+        "applied exactly once: {report}"
+    );
+    assert_eq!(report.dead_lettered, 0, "{report}");
+    // The stock-level check: N events, each applied once, each added one.
+    assert_eq!(hot, Some(N as i64), "{HOT_KEY} after {N} events: {report}");
+    // Output: one per event, under one message id however often the
+    // outbox relayed it after the SIGKILL or the restart (as crash.rs).
+    assert_eq!(report.outputs_distinct as u64, N, "{report}");
+    assert!(report.outputs_missing.is_empty(), "{report}");
+    assert!(report.outputs_reissued.is_empty(), "{report}");
+    assert!(
+        outbox.is_empty(),
+        "outbox rows left (claimed by): {outbox:?}"
+    );
+    for (c, name) in counters
+        .iter()
+        .zip(["fleet-1", "fleet-2 (restarted)", "fleet-3"])
+    {
+        assert!(
+            c["acked"].as_u64().unwrap_or(0) > 0,
+            "{name} took no part: {counters:?}"
+        );
+    }
+    // Deliveries the dead connections took with them were redelivered,
+    // not held: nothing is in flight.
+    for c in &counters {
+        assert_eq!(c["in_flight"], 0, "{counters:?}");
+    }
+    drop(broker);
+}
+
+#[test]
+fn three_hosts_starting_at_once_on_an_empty_schema_all_become_ready_and_make_it_once() {
+    let work = Workspace::new();
+    let schema = TestSchema::new("fleet_start");
+    let exists = |schema: &TestSchema| {
+        schema
+            .query(
+                "SELECT count(*) FROM information_schema.schemata WHERE schema_name = $1",
+                &[&schema.name()],
+            )
+            .expect("listing schemas")[0]
+            .get::<_, i64>(0)
+    };
+    assert_eq!(exists(&schema), 0, "the schema starts out absent");
+    let names = Inventory::new();
+    let mut client = Client::connect();
+    client.cleanup_handler(&names.queue, 50, &[&names.orders, &names.events]);
+    let sections = names.config("queue_type = \"quorum\"");
+    let members: Vec<Member> = ["start-1", "start-2", "start-3"]
+        .into_iter()
+        .map(|name| {
+            Member::new(
+                work.path(),
+                name,
+                &["inventory"],
+                &amqp_url(),
+                &schema,
+                &sections,
+            )
+        })
+        .collect();
+    // Spawned back to back: each opens (and migrates) the state before it
+    // compiles anything, so the three reach the empty schema together.
+    let hosts = start_all(&members);
+    wait_consumers(&amqp_url(), &names.queue, 3);
+
+    assert_eq!(exists(&schema), 1, "one schema");
+    let tables: Vec<String> = schema
+        .query(
+            "SELECT table_name::text FROM information_schema.tables
+             WHERE table_schema = $1 ORDER BY table_name",
+            &[&schema.name()],
+        )
+        .expect("listing tables")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tables, ["kv", "meta", "outbox", "processed"]);
+    let version: Vec<u8> = schema
+        .query("SELECT value FROM meta WHERE key = 'schema_version'", &[])
+        .expect("reading the schema version")
+        .first()
+        .map(|r| r.get(0))
+        .expect("a schema version");
+    assert_eq!(
+        String::from_utf8_lossy(&version),
+        "1",
+        "migrated once, to 1"
+    );
+    for host in &hosts {
+        let opened = std::fs::read_to_string(&host.log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("state opened") && l.contains("postgres"));
+        assert!(
+            opened,
+            "{}: no 'state opened' on postgres in {}",
+            host.name,
+            host.log.display()
+        );
+    }
+    for host in hosts {
+        host.terminate();
+    }
+}
+
+/// The example config (`examples/config.toml`) as a user would deploy it
+/// on shared state, with the test's own exchange and queue names and
+/// `stock` Laptops.
+fn example_inventory(names: &Inventory, stock: u64) -> String {
+    let path = repo_root().join("examples/config.toml");
+    let text = std::fs::read_to_string(&path).expect("reading examples/config.toml");
+    let mut config: toml::Table = text.parse().expect("examples/config.toml parses");
+    // The member writes these itself.
+    for key in ["handlers_dir", "state_path"] {
+        config.remove(key);
+    }
+    let inventory = config
+        .get_mut("handlers")
+        .and_then(toml::Value::as_table_mut)
+        .and_then(|h| h.get_mut("inventory"))
+        .and_then(toml::Value::as_table_mut)
+        .expect("examples/config.toml configures inventory");
+    let overrides: toml::Table = format!(
+        r#"
+queue = "{q}"
+subscriptions = [{{ exchange = "{o}", kind = "fanout" }}]
+publishes_to = [{{ exchange = "{e}", kind = "topic" }}]
+"#,
+        q = names.queue,
+        o = names.orders,
+        e = names.events,
+    )
+    .parse()
+    .expect("overrides parse");
+    inventory.extend(overrides);
+    let settings = inventory
+        .get_mut("config")
+        .and_then(toml::Value::as_table_mut)
+        .expect("inventory has a config table");
+    settings.insert("stock.Laptop".into(), stock.to_string().into());
+    settings.insert("inventory-exchange".into(), names.events.clone().into());
+    toml::to_string(&config).expect("config serialises")
+}
+
+/// Publish `bodies` to `exchange` with no properties (as the seed's Order
+/// Service does), waiting for the broker's confirms; each must be routed.
+fn publish_confirmed(client: &Client, exchange: &str, bodies: &[Vec<u8>]) {
+    client.rt.block_on(async {
+        let ch = client.conn.create_channel().await.expect("a channel");
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("publisher confirms");
+        let mut confirms = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            let confirm = ch
+                .basic_publish(
+                    exchange.into(),
+                    "".into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    BasicProperties::default(),
+                )
+                .await
+                .expect("publishing");
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            match confirm.await.expect("a confirm") {
+                Confirmation::Ack(None) => {}
+                other => panic!("publish to {exchange} not routed: {other:?}"),
+            }
+        }
+        let _ = ch.close(200, "published".into()).await;
+    });
+}
+
+#[test]
+fn two_sidecars_selling_from_one_stock_of_1000_laptops_both_end_at_900() {
+    const ORDERS: u64 = 100;
+    let work = Workspace::new();
+    let schema = TestSchema::new("story");
+    let names = Inventory::new();
+    let mut client = Client::connect();
+    // The example config keeps the default retry delays (1 s base).
+    client.cleanup_handler(&names.queue, 1000, &[&names.orders, &names.events]);
+    let sections = example_inventory(&names, 1000);
+    let members: Vec<Member> = ["sidecar-1", "sidecar-2"]
+        .into_iter()
+        .map(|name| {
+            Member::new(
+                work.path(),
+                name,
+                &["inventory"],
+                &amqp_url(),
+                &schema,
+                &sections,
+            )
+        })
+        .collect();
+    let mut hosts = start_all(&members);
+    wait_consumers(&amqp_url(), &names.queue, 2);
+    let reserved = client.bind_probe(&names.events, "inventory.reserved");
+
+    let orders: Vec<Vec<u8>> = (1..=ORDERS)
+        .map(|id| format!(r#"{{"id": {id}, "item": "Laptop", "quantity": 1}}"#).into_bytes())
+        .collect();
+    publish_confirmed(&client, &names.orders, &orders);
+    let queues: Vec<String> = std::iter::once(names.queue.clone())
+        .chain((0..4).map(|n| format!("{}.retry.{}ms", names.queue, 1000u64 << n)))
+        .collect();
+    wait_settled(&mut hosts, "inventory", || {
+        Some(queues.iter().map(|q| u64::from(client.depth(q))).sum())
+    });
+
+    let counters: Vec<Value> = hosts.iter().map(|h| h.counters("inventory")).collect();
+    let stock: Vec<(u16, String)> = hosts
+        .iter()
+        .map(|h| http_get(&h.admin, "/state/inventory/stock.Laptop"))
+        .collect();
+    eprintln!("fleet::story: counters {counters:?}; /state/inventory/stock.Laptop {stock:?}");
+    for (host, (status, body)) in hosts.iter().zip(&stock) {
+        assert_eq!(*status, 200, "{}: {body}", host.name);
+        let value: Value = serde_json::from_str(body).expect("JSON from /state");
+        assert_eq!(value["value"], 900, "{}: {body}", host.name);
+    }
+    for (host, c) in hosts.iter().zip(&counters) {
+        assert!(
+            c["acked"].as_u64().unwrap_or(0) > 0,
+            "{} sold nothing: both hosts must share the queue ({counters:?})",
+            host.name
+        );
+    }
+    // Every order reserved once, announced once: the reservations are all
+    // published before their orders are acked, so they are there now.
+    assert_eq!(u64::from(client.depth(&reserved)), ORDERS, "reservations");
+    let announced = client.take(&reserved, ORDERS as usize, Duration::from_secs(10));
+    let mut order_ids: Vec<i64> = announced
+        .iter()
+        .map(|m| {
+            let body: Value = serde_json::from_slice(&m.delivery.data).expect("JSON reservation");
+            body["order_id"].as_i64().expect("an order id")
+        })
+        .collect();
+    order_ids.sort_unstable();
+    assert_eq!(order_ids, (1..=ORDERS as i64).collect::<Vec<_>>());
+    for host in hosts {
+        host.terminate();
+    }
+}
+
+#[test]
+fn two_hosts_hammering_one_key_lose_no_update() {
+    const N: u64 = 3_000;
+    let work = Workspace::new();
+    let schema = TestSchema::new("hot_key");
+    let ledger = Ledger::new(&amqp_url(), 5, 50).with_counter(HOT_KEY);
+    let _cleanup = Cleanup(&ledger);
+    ledger.declare_outputs();
+    let sections = ledger.config("queue_type = \"quorum\"");
+    let members: Vec<Member> = ["hammer-1", "hammer-2"]
+        .into_iter()
+        .map(|name| {
+            Member::new(
+                work.path(),
+                name,
+                &[HANDLER],
+                &amqp_url(),
+                &schema,
+                &sections,
+            )
+        })
+        .collect();
+    let mut hosts = start_all(&members);
+    wait_consumers(&amqp_url(), &ledger.queue, 2);
+
+    let mix = all_ledger();
+    let produced = ledger.produce(N, 2_000.0, mix.clone()).join();
+    let settle = wait_settled(&mut hosts, HANDLER, || ledger.backlog());
+    let counters: Vec<Value> = hosts.iter().map(|h| h.counters(HANDLER)).collect();
+    for host in hosts {
+        host.terminate();
+    }
+    let store = schema.store("fleet-checker").expect("shared state");
+    let left: i64 = outbox_rows(&schema).iter().map(|(_, n)| n).sum();
+    let report = ledger.check_store(&store, left as usize, &produced, &mix);
+    let hot = read_int(&schema, HANDLER, HOT_KEY);
+    eprintln!(
+        "fleet::hot-key: {N} events; settled {settle:.1?} after the stream; counters {counters:?}\n  \
+         {report}\n  {HOT_KEY} = {hot:?}"
+    );
+    assert_eq!(produced.confirmed.len() as u64, N);
+    assert_eq!(
+        hot,
+        Some(N as i64),
+        "{HOT_KEY} after {N} increments from two hosts"
+    );
+    assert!(report.clean(), "{report}");
+    assert_eq!(report.applied_once as u64, N, "{report}");
+    for c in &counters {
+        assert!(
+            c["acked"].as_u64().unwrap_or(0) > 0,
+            "both hosts must take part: {counters:?}"
+        );
+    }
+}
