@@ -780,6 +780,13 @@ impl Backend for Postgres {
                     handler = ns,
                     "shared state contended, events run again: {why}"
                 );
+                // The deletes of the confirmed rows rolled back with the
+                // rest: delete them on their own, or they would be
+                // published again (at this host's next reconnect, or by
+                // another host once it is gone).
+                if !confirmed.is_empty() {
+                    self.clear_outbox(confirmed)?;
+                }
                 Ok(commits
                     .iter()
                     .map(|_| CommitOutcome::Conflict { key: why.clone() })
@@ -1091,6 +1098,45 @@ mod tests {
         assert!(c.orphaned_outbox()?.is_empty(), "claimed once");
         b.clear_outbox(&[claimed[0].0])?;
         assert!(a.pending_outbox()?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn outbox_rows_confirmed_before_a_contended_commit_are_deleted_all_the_same() -> Result<()> {
+        let schema = Schema::new();
+        let (a, b) = (schema.host("a"), schema.host("b"));
+        let message = Outgoing {
+            exchange: "x".into(),
+            routing_key: "k".into(),
+            payload: b"{}".to_vec(),
+            content_type: None,
+            message_id: Some("out-1".into()),
+            correlation_id: None,
+            headers: Vec::new(),
+        };
+        let out = b.commit(&[Txn::default().into_commit("h", None, vec![message])])?;
+        let CommitOutcome::Committed { outbox_ids } = &out[0] else {
+            panic!("{out:?}")
+        };
+        // The broker confirmed it: b's next commit deletes the row.
+        b.forget_outbox_later(outbox_ids.clone());
+        // That commit loses a race with a (both create "new").
+        let mut ta = Txn::default();
+        let mut tb = Txn::default();
+        assert_eq!(ta.get(&a, "h", "new")?, None);
+        assert_eq!(tb.get(&b, "h", "new")?, None);
+        ta.set("new", b"a".to_vec());
+        tb.set("new", b"b".to_vec());
+        a.commit(&[ta.into_commit("h", None, Vec::new())])?;
+        a.end_batch("h");
+        assert!(matches!(
+            b.commit(&[tb.into_commit("h", None, Vec::new())])?[0],
+            CommitOutcome::Conflict { .. }
+        ));
+        b.end_batch("h");
+        // The row went all the same: b's next reconnect (or, once b is
+        // gone, another host) does not publish it again.
+        assert!(b.pending_outbox()?.is_empty(), "confirmed row left behind");
         Ok(())
     }
 
