@@ -17,14 +17,7 @@ use std::process::Command;
 use event_host::state::{Durability, StateStore};
 use sha2::{Digest, Sha256};
 
-/// The PostgreSQL the tests use: `EVENT_HOST_TEST_POSTGRES_URL`, else the
-/// local server (trust auth, database `test`).
-pub fn postgres_url() -> String {
-    std::env::var("EVENT_HOST_TEST_POSTGRES_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
-}
+pub use crate::pg_support::postgres_url;
 
 /// True when this run puts every host's state on PostgreSQL.
 pub fn on_postgres() -> bool {
