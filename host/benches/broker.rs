@@ -39,6 +39,13 @@ mod support;
 #[path = "../../tests/e2e/amqp_support.rs"]
 mod amqp_support;
 
+// amqp_support puts hosts on the suite's state backend.
+#[path = "../../tests/e2e/backend.rs"]
+mod backend;
+
+#[path = "../../tests/e2e/pg_support.rs"]
+mod pg_support;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -21,6 +21,13 @@ mod support;
 #[path = "../../tests/e2e/amqp_support.rs"]
 mod amqp_support;
 
+// amqp_support puts hosts on the suite's state backend.
+#[path = "../../tests/e2e/backend.rs"]
+mod backend;
+
+#[path = "../../tests/e2e/pg_support.rs"]
+mod pg_support;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
