@@ -23,6 +23,7 @@
 //! Run them: `cargo test -p event-host --test e2e fleet -- --nocapture`
 //! (`--nocapture` shows the figures).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -32,7 +33,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation};
 use serde_json::Value;
 
-use crate::amqp_support::{amqp_url, http_get, Client, Inventory};
+use crate::amqp_support::{amqp_url, header, http_get, Client, Inventory};
 use crate::ledger::{all_ledger, Cleanup, Ledger, HANDLER};
 use crate::node::PrivateBroker;
 use crate::pg_support::{postgres_url, TestSchema};
@@ -80,19 +81,20 @@ struct Member {
     name: &'static str,
     dir: PathBuf,
     config: PathBuf,
-    schema: String,
+    /// The shared state's schema; `None`: embedded state in the folder.
+    schema: Option<String>,
 }
 
 impl Member {
     /// Host `name` in `root/name`, with copies of `guests`, on the broker
-    /// at `amqp` and the state in `schema`, running the handlers of
-    /// `sections` (their TOML sections).
+    /// at `amqp` and the state in `schema` (`None`: embedded, its own),
+    /// running the handlers of `sections` (their TOML sections).
     fn new(
         root: &Path,
         name: &'static str,
         guests: &[&str],
         amqp: &str,
-        schema: &TestSchema,
+        schema: Option<&TestSchema>,
         sections: &str,
     ) -> Self {
         let dir = root.join(name);
@@ -112,7 +114,7 @@ impl Member {
             name,
             dir,
             config,
-            schema: schema.name().to_owned(),
+            schema: schema.map(|s| s.name().to_owned()),
         }
     }
 
@@ -120,7 +122,7 @@ impl Member {
     /// environment, as the fleet compose file does (the URL may hold a
     /// password); the host id is the member's name, stable across
     /// restarts, so a restarted host relays its own unconfirmed outbox
-    /// rows at once. These override what `event_host` sets for a run of
+    /// rows at once. These replace what `event_host` sets for a run of
     /// the suite on PostgreSQL (a schema per host folder).
     /// `EVENT_HOST_TEST_LOG` sets the hosts' log filter (as for in-process
     /// hosts, `amqp_support.rs`), e.g. `event_host=debug`.
@@ -129,10 +131,19 @@ impl Member {
         if let Ok(filter) = std::env::var("EVENT_HOST_TEST_LOG") {
             cmd.env("EVENT_HOST_LOG", filter);
         }
-        cmd.env("EVENT_HOST_STATE_URL", postgres_url())
-            .env("EVENT_HOST_STATE_SCHEMA", &self.schema)
-            .env("EVENT_HOST_HOST_ID", self.name)
-            .args(["run", "--config", self.config.to_str().expect("utf-8 path")]);
+        match &self.schema {
+            Some(schema) => cmd
+                .env("EVENT_HOST_STATE_URL", postgres_url())
+                .env("EVENT_HOST_STATE_SCHEMA", schema),
+            None => cmd
+                .env_remove("EVENT_HOST_STATE_URL")
+                .env_remove("EVENT_HOST_STATE_SCHEMA"),
+        };
+        cmd.env("EVENT_HOST_HOST_ID", self.name).args([
+            "run",
+            "--config",
+            self.config.to_str().expect("utf-8 path"),
+        ]);
         cmd
     }
 
@@ -306,7 +317,7 @@ fn three_hosts_on_one_quorum_queue_apply_20k_events_once_through_a_sigkill_and_a
                 name,
                 &[HANDLER],
                 &broker.url(),
-                &schema,
+                Some(&schema),
                 &sections,
             )
         })
@@ -441,7 +452,7 @@ fn three_hosts_starting_at_once_on_an_empty_schema_all_become_ready_and_make_it_
                 name,
                 &["inventory"],
                 &amqp_url(),
-                &schema,
+                Some(&schema),
                 &sections,
             )
         })
@@ -474,17 +485,12 @@ fn three_hosts_starting_at_once_on_an_empty_schema_all_become_ready_and_make_it_
         version.parse::<u32>().is_ok_and(|v| v >= 1),
         "a schema version: {version:?}"
     );
+    // Each says who it is and where its state is.
     for host in &hosts {
-        let opened = std::fs::read_to_string(&host.log)
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.contains("state opened") && l.contains("postgres"));
-        assert!(
-            opened,
-            "{}: no 'state opened' on postgres in {}",
-            host.name,
-            host.log.display()
-        );
+        let entry = handler_entry(&host.admin, "inventory");
+        assert_eq!(entry["host_id"], host.name, "{entry}");
+        assert_eq!(entry["state_backend"], "postgres", "{entry}");
+        assert_eq!(entry["status"], "consuming", "{entry}");
     }
     for host in hosts {
         host.terminate();
@@ -565,11 +571,25 @@ fn publish_confirmed(client: &Client, exchange: &str, bodies: &[Vec<u8>]) {
     });
 }
 
-#[test]
-fn two_sidecars_selling_from_one_stock_of_1000_laptops_both_end_at_900() {
+/// Where the story's two sidecars keep their state.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Backend {
+    /// One PostgreSQL schema for both.
+    Shared,
+    /// Each its own state folder (embedded SQLite), as in the issue.
+    Embedded,
+}
+
+/// The issue's story: two sidecars beside two replicas, on one RabbitMQ,
+/// each with the example inventory handler (examples/config.toml), 1000
+/// Laptops, 100 orders of one Laptop. On shared state they share the
+/// queue and both say 900; on embedded state the second refuses the queue
+/// (rather than selling the same stock again) and the first sells all 100.
+fn two_sidecars(backend: Backend) {
     const ORDERS: u64 = 100;
     let work = Workspace::new();
     let schema = TestSchema::new("story");
+    let shared = (backend == Backend::Shared).then_some(&schema);
     let names = Inventory::new();
     let mut client = Client::connect();
     // The example config keeps the default retry delays (1 s base).
@@ -583,13 +603,35 @@ fn two_sidecars_selling_from_one_stock_of_1000_laptops_both_end_at_900() {
                 name,
                 &["inventory"],
                 &amqp_url(),
-                &schema,
+                shared,
                 &sections,
             )
         })
         .collect();
-    let mut hosts = start_all(&members);
-    wait_consumers(&amqp_url(), &names.queue, 2);
+    let mut hosts = match backend {
+        Backend::Shared => {
+            let hosts = start_all(&members);
+            wait_consumers(&amqp_url(), &names.queue, 2);
+            hosts
+        }
+        Backend::Embedded => {
+            // One after the other: the second finds the first consuming.
+            let mut first = members[0].spawn(members[0].name);
+            first.wait_ready();
+            let mut second = members[1].spawn(members[1].name);
+            let refused = wait_handler_status(&mut second, "inventory", "refused_shared_queue");
+            assert!(
+                refused["status_reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("state_url")),
+                "{refused}"
+            );
+            let (status, body) = http_get(&second.admin, "/readyz");
+            assert_eq!(status, 503, "{body}");
+            wait_consumers(&amqp_url(), &names.queue, 1);
+            vec![first, second]
+        }
+    };
     let reserved = client.bind_probe(&names.events, "inventory.reserved");
 
     let orders: Vec<Vec<u8>> = (1..=ORDERS)
@@ -608,35 +650,101 @@ fn two_sidecars_selling_from_one_stock_of_1000_laptops_both_end_at_900() {
         .iter()
         .map(|h| http_get(&h.admin, "/state/inventory/stock.Laptop"))
         .collect();
-    eprintln!("fleet::story: counters {counters:?}; /state/inventory/stock.Laptop {stock:?}");
-    for (host, (status, body)) in hosts.iter().zip(&stock) {
-        assert_eq!(*status, 200, "{}: {body}", host.name);
-        let value: Value = serde_json::from_str(body).expect("JSON from /state");
-        assert_eq!(value["value"], 900, "{}: {body}", host.name);
+    eprintln!(
+        "fleet::story ({backend:?}): counters {counters:?}; /state/inventory/stock.Laptop {stock:?}"
+    );
+    let sold: Vec<u64> = counters
+        .iter()
+        .map(|c| c["acked"].as_u64().unwrap_or(0))
+        .collect();
+    match backend {
+        Backend::Shared => {
+            for (host, (status, body)) in hosts.iter().zip(&stock) {
+                assert_eq!(*status, 200, "{}: {body}", host.name);
+                let value: Value = serde_json::from_str(body).expect("JSON from /state");
+                assert_eq!(value["value"], 900, "{}: {body}", host.name);
+            }
+            assert!(
+                sold.iter().all(|&n| n > 0),
+                "both hosts must share the queue: {counters:?}"
+            );
+        }
+        Backend::Embedded => {
+            let value: Value = serde_json::from_str(&stock[0].1).expect("JSON from /state");
+            assert_eq!(value["value"], 900, "sidecar-1: {stock:?}");
+            assert_eq!(sold, [ORDERS, 0], "sidecar-2 sold nothing: {counters:?}");
+            // Its own stock was never touched (seeded on a first order).
+            assert_eq!(stock[1].0, 404, "sidecar-2: {stock:?}");
+            let entry = handler_entry(&hosts[1].admin, "inventory");
+            assert_eq!(entry["status"], "refused_shared_queue", "{entry}");
+        }
     }
-    for (host, c) in hosts.iter().zip(&counters) {
-        assert!(
-            c["acked"].as_u64().unwrap_or(0) > 0,
-            "{} sold nothing: both hosts must share the queue ({counters:?})",
-            host.name
-        );
-    }
-    // Every order reserved once, announced once: the reservations are all
-    // published before their orders are acked, so they are there now.
+    // Every order reserved once, announced once, by the host that sold
+    // it: reservations are published before their orders are acked, so
+    // they are all there now.
     assert_eq!(u64::from(client.depth(&reserved)), ORDERS, "reservations");
     let announced = client.take(&reserved, ORDERS as usize, Duration::from_secs(10));
-    let mut order_ids: Vec<i64> = announced
-        .iter()
-        .map(|m| {
-            let body: Value = serde_json::from_slice(&m.delivery.data).expect("JSON reservation");
-            body["order_id"].as_i64().expect("an order id")
-        })
-        .collect();
+    let mut order_ids: Vec<i64> = Vec::new();
+    let mut by_host: BTreeMap<String, u64> = BTreeMap::new();
+    for m in &announced {
+        let body: Value = serde_json::from_slice(&m.delivery.data).expect("JSON reservation");
+        order_ids.push(body["order_id"].as_i64().expect("an order id"));
+        *by_host
+            .entry(header(m, "x-event-host-host").unwrap_or_default())
+            .or_default() += 1;
+    }
     order_ids.sort_unstable();
     assert_eq!(order_ids, (1..=ORDERS as i64).collect::<Vec<_>>());
+    let expected: BTreeMap<String, u64> = hosts
+        .iter()
+        .zip(&sold)
+        .filter(|(_, &n)| n > 0)
+        .map(|(h, &n)| (h.name.to_owned(), n))
+        .collect();
+    assert_eq!(by_host, expected, "reservations by x-event-host-host");
     for host in hosts {
         host.terminate();
     }
+}
+
+/// `handler`'s entry in the `/handlers` of the host at `admin` (`Null`
+/// when absent).
+fn handler_entry(admin: &str, handler: &str) -> Value {
+    let (_, body) = http_get(admin, "/handlers");
+    serde_json::from_str::<Vec<Value>>(&body)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|h| h["name"] == handler)
+        .unwrap_or(Value::Null)
+}
+
+/// Poll `run`'s `/handlers` until `handler` has `status`: its entry.
+fn wait_handler_status(run: &mut Run, handler: &str, status: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let entry = handler_entry(&run.admin, handler);
+        if entry["status"] == status {
+            return entry;
+        }
+        run.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "{}: {handler} never {status}: {entry}; log: {}",
+            run.name,
+            run.log.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn two_sidecars_on_shared_state_selling_1000_laptops_both_end_at_900() {
+    two_sidecars(Backend::Shared);
+}
+
+#[test]
+fn two_sidecars_on_embedded_state_the_second_refuses_the_queue_and_the_first_ends_at_900() {
+    two_sidecars(Backend::Embedded);
 }
 
 #[test]
@@ -656,7 +764,7 @@ fn two_hosts_hammering_one_key_lose_no_update() {
                 name,
                 &[HANDLER],
                 &amqp_url(),
-                &schema,
+                Some(&schema),
                 &sections,
             )
         })
