@@ -802,3 +802,58 @@ fn two_hosts_hammering_one_key_lose_no_update() {
         );
     }
 }
+
+/// Hosts waiting for each other's lock on a hot key should cost them
+/// time, not attempts: a trivial handler with a 100 ms deadline never
+/// exceeds it on one host, yet on three hosts sharing the key it does —
+/// a batch holds the key until it commits, and a call of another host
+/// blocked on it is charged the wait. Known, not fixed here: whether a
+/// lock wait should count against the guest's deadline (and what
+/// `/readyz` says meanwhile) is a design choice for the state backend.
+/// Measured (2 cores): one host on PostgreSQL, 0 retries in 5000 events;
+/// three hosts, 25–32 retries "deadline of 100 ms exceeded", and in two
+/// runs of three a healthy event dead-lettered (2 attempts). Run it with
+/// `--ignored`.
+#[test]
+#[ignore = "known: a lock wait on shared state counts against the guest's deadline"]
+fn hosts_waiting_for_a_hot_key_spend_no_attempts() {
+    const N: u64 = 5_000;
+    let work = Workspace::new();
+    let schema = TestSchema::new("lock_wait");
+    let ledger = Ledger::new(&amqp_url(), 2, 50).with_counter(HOT_KEY);
+    let _cleanup = Cleanup(&ledger);
+    ledger.declare_outputs();
+    let sections = ledger.config("deadline_ms = 100\nbreaker_failures = 100000");
+    let members: Vec<Member> = ["wait-1", "wait-2", "wait-3"]
+        .into_iter()
+        .map(|name| {
+            Member::new(
+                work.path(),
+                name,
+                &[HANDLER],
+                &amqp_url(),
+                Some(&schema),
+                &sections,
+            )
+        })
+        .collect();
+    let mut hosts = start_all(&members);
+    wait_consumers(&amqp_url(), &ledger.queue, 3);
+    let mix = all_ledger();
+    // All at once: a backlog, so every host runs full batches.
+    let produced = ledger.produce(N, 20_000.0, mix.clone()).join();
+    wait_settled(&mut hosts, HANDLER, || ledger.backlog());
+    let retried = total(&hosts, HANDLER, "retried");
+    for host in hosts {
+        host.terminate();
+    }
+    let store = schema.store("fleet-checker").expect("shared state");
+    let left: i64 = outbox_rows(&schema).iter().map(|(_, n)| n).sum();
+    let report = ledger.check_store(&store, left as usize, &produced, &mix);
+    eprintln!("fleet::lock-wait: {retried} retried\n  {report}");
+    assert!(report.clean(), "{report}");
+    assert_eq!(
+        retried, 0,
+        "attempts spent waiting for other hosts: {report}"
+    );
+}
