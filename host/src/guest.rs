@@ -131,8 +131,21 @@ pub struct GuestState {
     /// Whether a timer was cut to the deadline during this call: the guest
     /// asked to wait past it, so returning after it is a timeout.
     waited_past_deadline: bool,
+    /// How far the deadline was moved for waits on other hosts' locks this
+    /// call (see [`GuestState::read`]); bounded by [`MAX_LOCK_WAIT_CREDIT`].
+    lock_wait_credit: Duration,
     effects: CallEffects,
 }
+
+/// A state read slower than this waited on a row another host's batch
+/// holds (a plain read is a round trip, well under it): the wait is the
+/// fleet's, not the guest's, and does not count against its deadline.
+const LOCK_WAIT: Duration = Duration::from_millis(2);
+
+/// The most a call's deadline moves for such waits: as long as one read
+/// may wait for a lock (PostgreSQL `lock_timeout`, 10 s). A guest reading
+/// key after key cannot stretch its deadline further than that.
+const MAX_LOCK_WAIT_CREDIT: Duration = Duration::from_secs(10);
 
 impl GuestState {
     /// Fresh store data for one instance.
@@ -167,6 +180,7 @@ impl GuestState {
             // The runtime sets the real one before the guest runs.
             deadline: Instant::now(),
             waited_past_deadline: false,
+            lock_wait_credit: Duration::ZERO,
             effects: CallEffects::default(),
         }
     }
@@ -175,6 +189,7 @@ impl GuestState {
     pub fn set_deadline(&mut self, deadline: Instant) {
         self.deadline = deadline;
         self.waited_past_deadline = false;
+        self.lock_wait_credit = Duration::ZERO;
     }
 
     /// True once the current call's wall-clock deadline has passed.
@@ -250,7 +265,17 @@ impl GuestState {
         let Some(store) = &self.state else {
             return Err(wasmtime::format_err!("state is not available here"));
         };
-        match self.effects.txn.get(store, &self.handler, key) {
+        let started = Instant::now();
+        let read = self.effects.txn.get(store, &self.handler, key);
+        let took = started.elapsed();
+        if took > LOCK_WAIT && store.is_shared() {
+            // Waiting for another host's batch to release the key: give
+            // the time back, up to the credit.
+            let credit = took.min(MAX_LOCK_WAIT_CREDIT.saturating_sub(self.lock_wait_credit));
+            self.lock_wait_credit += credit;
+            self.deadline += credit;
+        }
+        match read {
             // Every value read stays in the transaction until commit: a
             // guest reading key after key of large values would otherwise
             // grow host memory without bound.
