@@ -361,14 +361,7 @@ fn stream_through_faults(fault: Fault, message_ids: bool) {
         started.elapsed()
     );
     assert_eq!(produced.confirmed.len() as u64, N, "every event confirmed");
-    assert!(report.lost.is_empty(), "lost: {report}");
-    assert!(report.duplicated.is_empty(), "duplicated: {report}");
-    assert!(report.unexpected.is_empty(), "unexpected: {report}");
-    assert_eq!(
-        report.applied_once as u64, N,
-        "applied exactly once: {report}"
-    );
-    assert_eq!(report.dead_lettered, 0, "{report}");
+    report.assert_all_applied_once(N);
     assert_eq!(
         report.outputs_distinct as u64, N,
         "one output (distinct message) per event: {report}"

@@ -154,6 +154,25 @@ impl Member {
     }
 }
 
+/// Hosts `names` running the ledger's handler (`sections`) on the broker
+/// at `amqp` and one schema, started at once, each ready and consuming.
+fn ledger_fleet(
+    work: &Workspace,
+    amqp: &str,
+    schema: &TestSchema,
+    ledger: &Ledger,
+    names: &[&'static str],
+    sections: &str,
+) -> (Vec<Member>, Vec<Run>) {
+    let members: Vec<Member> = names
+        .iter()
+        .map(|name| Member::new(work.path(), name, &[HANDLER], amqp, Some(schema), sections))
+        .collect();
+    let hosts = start_all(&members);
+    wait_consumers(amqp, &ledger.queue, names.len() as u32);
+    (members, hosts)
+}
+
 /// Start every member at once, then wait until each is ready.
 fn start_all(members: &[Member]) -> Vec<Run> {
     let mut hosts: Vec<Run> = members.iter().map(|m| m.spawn(m.name)).collect();
@@ -309,21 +328,14 @@ fn three_hosts_on_one_quorum_queue_apply_20k_events_once_through_a_sigkill_and_a
     let ledger = Ledger::new(&broker.url(), 5, 100).with_counter(HOT_KEY);
     ledger.declare_outputs();
     let sections = ledger.config("queue_type = \"quorum\"");
-    let members: Vec<Member> = ["fleet-1", "fleet-2", "fleet-3"]
-        .into_iter()
-        .map(|name| {
-            Member::new(
-                work.path(),
-                name,
-                &[HANDLER],
-                &broker.url(),
-                Some(&schema),
-                &sections,
-            )
-        })
-        .collect();
-    let mut hosts = start_all(&members);
-    wait_consumers(&broker.url(), &ledger.queue, 3);
+    let (members, mut hosts) = ledger_fleet(
+        &work,
+        &broker.url(),
+        &schema,
+        &ledger,
+        &["fleet-1", "fleet-2", "fleet-3"],
+        &sections,
+    );
     let up = started.elapsed();
     let mix = all_ledger();
     let producer = ledger.produce(N, RATE, mix.clone());
@@ -390,14 +402,7 @@ fn three_hosts_on_one_quorum_queue_apply_20k_events_once_through_a_sigkill_and_a
         started.elapsed()
     );
     assert_eq!(produced.confirmed.len() as u64, N, "every event confirmed");
-    assert!(report.lost.is_empty(), "lost: {report}");
-    assert!(report.duplicated.is_empty(), "duplicated: {report}");
-    assert!(report.unexpected.is_empty(), "unexpected: {report}");
-    assert_eq!(
-        report.applied_once as u64, N,
-        "applied exactly once: {report}"
-    );
-    assert_eq!(report.dead_lettered, 0, "{report}");
+    report.assert_all_applied_once(N);
     // The stock-level check: N events, each applied once, each added one.
     assert_eq!(hot, Some(N as i64), "{HOT_KEY} after {N} events: {report}");
     // Output: one per event, under one message id however often the
@@ -756,21 +761,14 @@ fn two_hosts_hammering_one_key_lose_no_update() {
     let _cleanup = Cleanup(&ledger);
     ledger.declare_outputs();
     let sections = ledger.config("queue_type = \"quorum\"");
-    let members: Vec<Member> = ["hammer-1", "hammer-2"]
-        .into_iter()
-        .map(|name| {
-            Member::new(
-                work.path(),
-                name,
-                &[HANDLER],
-                &amqp_url(),
-                Some(&schema),
-                &sections,
-            )
-        })
-        .collect();
-    let mut hosts = start_all(&members);
-    wait_consumers(&amqp_url(), &ledger.queue, 2);
+    let (_members, mut hosts) = ledger_fleet(
+        &work,
+        &amqp_url(),
+        &schema,
+        &ledger,
+        &["hammer-1", "hammer-2"],
+        &sections,
+    );
 
     let mix = all_ledger();
     let produced = ledger.produce(N, 2_000.0, mix.clone()).join();
@@ -819,21 +817,14 @@ fn hosts_waiting_for_a_hot_key_spend_no_attempts() {
     let _cleanup = Cleanup(&ledger);
     ledger.declare_outputs();
     let sections = ledger.config("deadline_ms = 100\nbreaker_failures = 100000");
-    let members: Vec<Member> = ["wait-1", "wait-2", "wait-3"]
-        .into_iter()
-        .map(|name| {
-            Member::new(
-                work.path(),
-                name,
-                &[HANDLER],
-                &amqp_url(),
-                Some(&schema),
-                &sections,
-            )
-        })
-        .collect();
-    let mut hosts = start_all(&members);
-    wait_consumers(&amqp_url(), &ledger.queue, 3);
+    let (_members, mut hosts) = ledger_fleet(
+        &work,
+        &amqp_url(),
+        &schema,
+        &ledger,
+        &["wait-1", "wait-2", "wait-3"],
+        &sections,
+    );
     let mix = all_ledger();
     // All at once: a backlog, so every host runs full batches.
     let produced = ledger.produce(N, 20_000.0, mix.clone()).join();

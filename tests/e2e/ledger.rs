@@ -993,6 +993,20 @@ pub struct Report {
 }
 
 impl Report {
+    /// The verdict of a stream of `n` healthy events through faults: every
+    /// one confirmed, applied exactly once, none lost, repeated,
+    /// unexpected or dead-lettered.
+    pub fn assert_all_applied_once(&self, n: u64) {
+        assert_eq!(self.confirmed as u64, n, "every event confirmed: {self}");
+        assert!(self.lost.is_empty(), "lost: {self}");
+        assert!(self.duplicated.is_empty(), "duplicated: {self}");
+        assert!(self.unexpected.is_empty(), "unexpected: {self}");
+        assert_eq!(self.applied_once as u64, n, "applied exactly once: {self}");
+        assert_eq!(self.dead_lettered, 0, "{self}");
+    }
+}
+
+impl Report {
     /// Nothing lost, nothing applied twice, nothing unexpected, an output
     /// for every applied event, each under one message id.
     pub fn clean(&self) -> bool {
