@@ -196,6 +196,18 @@ impl Entry {
         self.status.store(status as u8, Ordering::Release);
     }
 
+    /// Its consumer ended: `Disconnected`, unless the status already says
+    /// more (a guard that stopped it records why first, and `/readyz`
+    /// must not show a bare `Disconnected` in between).
+    pub fn consumer_ended(&self) {
+        let _ = self.status.compare_exchange(
+            Status::Consuming as u8,
+            Status::Disconnected as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
     /// Record that the handler does not consume from a queue other
     /// consumers are on, and why (shown in `/handlers` and `/readyz`).
     pub fn set_refused_shared_queue(&self, reason: String) {

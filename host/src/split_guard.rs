@@ -126,8 +126,9 @@ pub async fn wait_alone(
                         handler = entry.name(),
                         queue = %queue,
                         other_consumers = others,
-                        "not consuming: the queue has another consumer, and hosts sharing a queue need shared state (set state_url); this host's state is embedded ({backend}). Checking again every {} s",
-                        RECHECK.as_secs()
+                        "not consuming: the queue has another consumer, and hosts sharing a queue need shared state (set state_url); this host's state is embedded ({backend}). Checking again every {}-{} s",
+                        RECHECK.as_secs(),
+                        (RECHECK + RECHECK_JITTER).as_secs()
                     );
                     refused_before = true;
                 }

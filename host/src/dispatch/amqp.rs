@@ -154,7 +154,7 @@ pub async fn serve(
             };
         }
     }
-    entry.set_status(Status::Disconnected);
+    entry.consumer_ended();
     if failure.is_some() {
         // The worker may be waiting for deliveries that will never be
         // acked now: closing the channel ends its consumer.
