@@ -69,8 +69,12 @@ pub struct Config {
     /// This host's name in a fleet (also `EVENT_HOST_HOST_ID`): shown in
     /// `/handlers` and `/metrics`, stamped on every message it publishes
     /// (`x-event-host-host`), and written on the outbox rows it claims.
-    /// Default `<hostname>-<pid>`. Two live hosts with one id are harmless
-    /// to correctness but make the fleet harder to read.
+    /// Default `<hostname>-<pid>`; at most 128 bytes. Keep it stable across
+    /// restarts (a container's hostname is) so a restarted host publishes
+    /// its own unconfirmed outbox rows at once rather than after the claim
+    /// runs out. Two live hosts with one id lose nothing, but at a
+    /// reconnect one may publish again what the other has in flight (same
+    /// message ids).
     pub host_id: Option<String>,
     /// The broker. The password is never logged (see `broker::redact`).
     /// Default `amqp://guest:guest@127.0.0.1:5672/%2f`.

@@ -37,6 +37,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Longest `host_id` accepted.
+const MAX_HOST_ID_BYTES: usize = 128;
+
 /// Longest a connection handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -54,6 +57,14 @@ pub async fn run(
         .await
         .context("opening the state store")??;
     let host_id = config.host_id();
+    // It goes into every published message's headers and into metric
+    // labels: a short string keeps both well inside their bounds.
+    if host_id.len() > MAX_HOST_ID_BYTES {
+        anyhow::bail!(
+            "host_id is {} bytes; at most {MAX_HOST_ID_BYTES}",
+            host_id.len()
+        );
+    }
     let dispatcher = Dispatcher::new(runtime.clone(), state.clone()).with_host_id(&host_id);
     let registry = Arc::new(Registry::default());
     let metrics = Arc::new(Metrics::new());
