@@ -1213,6 +1213,22 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_connection_names_the_database_without_its_password() {
+        // Port 1: nothing listens. Wrong password on the real server:
+        // refused by authentication (trust auth accepts it, so only the
+        // unreachable case is certain to fail here).
+        let err = StateStore::postgres("postgres://app:pw-s3cret@127.0.0.1:1/state", "s", "h")
+            .err()
+            .expect("nothing listens on port 1");
+        let text = format!("{err:#} {err:?}");
+        assert!(!text.contains("pw-s3cret"), "{text}");
+        assert!(
+            text.contains("postgres://app:***@127.0.0.1:1/state"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn schema_names_are_plain_identifiers() {
         assert!(check_schema("event_host").is_ok());
         assert!(check_schema("fleet_2").is_ok());
