@@ -149,6 +149,22 @@ impl TestHost {
         url: &str,
         prepare: impl FnOnce(&std::path::Path),
     ) -> Self {
+        Self::start_on(guests, config, url, prepare, true)
+    }
+
+    /// [`TestHost::start`] on embedded state whatever backend the run
+    /// uses: for what only embedded state does (refusing a shared queue).
+    pub fn start_embedded(guests: &[&str], config: &str) -> Self {
+        Self::start_on(guests, config, &amqp_url(), |_| {}, false)
+    }
+
+    fn start_on(
+        guests: &[&str],
+        config: &str,
+        url: &str,
+        prepare: impl FnOnce(&std::path::Path),
+        run_backend: bool,
+    ) -> Self {
         // Host logs show up with a failing test's output.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(std::env::var("EVENT_HOST_TEST_LOG").unwrap_or_else(|_| "info".into()))
@@ -168,7 +184,11 @@ impl TestHost {
             dir.path().join("state").to_str().unwrap(),
             url,
             admin,
-            crate::backend::config_lines(&dir.path().join("state")),
+            if run_backend {
+                crate::backend::config_lines(&dir.path().join("state"))
+            } else {
+                String::new()
+            },
         );
         let config = event_host::config::Config::parse(&text).expect("test config");
         let rt = tokio::runtime::Builder::new_multi_thread()

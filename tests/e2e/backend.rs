@@ -56,13 +56,25 @@ pub fn config_lines(state_dir: &Path) -> String {
     )
 }
 
-/// The same for a host process, through its environment (a config file's
-/// own `state_url` would win over it).
+/// The same for a host process, through its environment (which wins
+/// over its config file, as `EVENT_HOST_*` settings do).
 pub fn apply_env(cmd: &mut Command, state_dir: &Path) {
     if on_postgres() {
         cmd.env("EVENT_HOST_STATE_URL", postgres_url())
             .env("EVENT_HOST_STATE_SCHEMA", schema_for(state_dir))
             .env("EVENT_HOST_HOST_ID", host_id_for(state_dir));
+    }
+}
+
+/// Keep a host process on embedded state whatever the run's backend: for
+/// what only embedded state does.
+pub fn embedded(cmd: &mut Command) {
+    for name in [
+        "EVENT_HOST_STATE_URL",
+        "EVENT_HOST_STATE_SCHEMA",
+        "EVENT_HOST_HOST_ID",
+    ] {
+        cmd.env_remove(name);
     }
 }
 

@@ -87,6 +87,8 @@ fn deploy(dir: &Path, host_id: &str, inv: &Inventory) -> PathBuf {
 
 fn start(name: &'static str, dir: &Path, config: &Path) -> Run {
     let mut cmd = event_host(dir);
+    // The guard is embedded state's: on shared state both would consume.
+    crate::backend::embedded(&mut cmd);
     cmd.args(["run", "--config", config.to_str().unwrap()]);
     Run::start(name, dir, cmd)
 }
@@ -214,7 +216,7 @@ fn steps_back_and_returns(queue_type: &str) {
     let inv = Inventory::new();
     let mut client = Client::connect();
     inv.cleanup(&mut client);
-    let host = TestHost::start(
+    let host = TestHost::start_embedded(
         &["inventory"],
         &format!(
             "host_id = \"solo\"\n{}",
