@@ -46,237 +46,19 @@ mod backend;
 #[path = "../../tests/e2e/pg_support.rs"]
 mod pg_support;
 
+mod drain;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use amqp_support::{unique, Client, TestHost};
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
+use drain::{
+    declare_queue, events, lapin_drain, median, median_of, order, prefill, rounds, Cpu, Drain,
+    Servers, ACK_EVERY, PREFETCH,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::BasicProperties;
-
-const PREFETCH: u16 = 256;
-const ACK_EVERY: u64 = 30;
-
-fn events() -> usize {
-    std::env::var("BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000)
-}
-
-fn order(i: usize) -> Vec<u8> {
-    format!(r#"{{"id": {i}, "item": "Laptop", "quantity": 1}}"#).into_bytes()
-}
-
-/// Publish `n` orders to `exchange` with confirms, pipelined in windows.
-fn prefill(client: &Client, exchange: &str, routing_key: &str, n: usize) {
-    client.rt.block_on(async {
-        let ch = client.conn.create_channel().await.unwrap();
-        ch.confirm_select(Default::default()).await.unwrap();
-        for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
-            let mut confirms = Vec::with_capacity(chunk.len());
-            for &i in chunk {
-                confirms.push(
-                    ch.basic_publish(
-                        exchange.into(),
-                        routing_key.into(),
-                        BasicPublishOptions::default(),
-                        &order(i),
-                        BasicProperties::default(),
-                    )
-                    .await
-                    .unwrap(),
-                );
-            }
-            for c in confirms {
-                assert!(c.await.unwrap().is_ack());
-            }
-        }
-    });
-}
-
-fn declare_queue(client: &Client, queue: &str) {
-    client.rt.block_on(async {
-        client
-            .ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-    });
-}
-
-/// The plain lapin consumer: parse, ack multiple every ACK_EVERY. With
-/// `announce` (an exchange), it also does what the example deployment
-/// does per order: publish a persistent JSON reservation with a message id,
-/// and ack a window only once the broker has confirmed its publishes —
-/// windows pipelined two deep, so it does not stall a round trip per window.
-fn lapin_drain(client: &Client, queue: &str, n: usize, announce: Option<&str>) -> f64 {
-    client.rt.block_on(async {
-        let ch = client.conn.create_channel().await.unwrap();
-        ch.basic_qos(PREFETCH, BasicQosOptions::default())
-            .await
-            .unwrap();
-        let publish_ch = client.conn.create_channel().await.unwrap();
-        publish_ch.confirm_select(Default::default()).await.unwrap();
-        let mut consumer = ch
-            .basic_consume(
-                queue.into(),
-                "bench".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let mut start = None;
-        let mut seen = 0usize;
-        let mut remaining = 1_000_000_000_000i64;
-        // Windows whose publishes are out: (last delivery tag, confirms).
-        let mut windows = std::collections::VecDeque::new();
-        let mut confirms = Vec::new();
-        while let Some(Ok(d)) = consumer.next().await {
-            start.get_or_insert_with(Instant::now);
-            let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
-            let quantity = v["quantity"].as_i64().unwrap();
-            assert!(quantity > 0);
-            if let Some(exchange) = announce {
-                remaining -= quantity;
-                let body = serde_json::to_vec(&serde_json::json!({
-                    "order_id": v["id"], "item": v["item"],
-                    "quantity": quantity, "remaining": remaining,
-                }))
-                .unwrap();
-                let mut headers = FieldTable::default();
-                headers.insert("x-handler".into(), AMQPValue::LongString("bench".into()));
-                let props = BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into())
-                    .with_message_id(format!("bench:{}:0", v["id"]).into())
-                    .with_headers(headers);
-                confirms.push(
-                    publish_ch
-                        .basic_publish(
-                            exchange.into(),
-                            "inventory.reserved".into(),
-                            BasicPublishOptions::default(),
-                            &body,
-                            props,
-                        )
-                        .await
-                        .unwrap(),
-                );
-            }
-            seen += 1;
-            if (seen as u64).is_multiple_of(ACK_EVERY) || seen == n {
-                windows.push_back((d.delivery_tag, std::mem::take(&mut confirms)));
-                while windows.len() > 2 || (seen == n && !windows.is_empty()) {
-                    let (tag, confirms) = windows.pop_front().unwrap();
-                    for c in confirms {
-                        assert!(c.await.unwrap().is_ack());
-                    }
-                    ch.basic_ack(tag, BasicAckOptions { multiple: true })
-                        .await
-                        .unwrap();
-                }
-            }
-            if seen == n {
-                break;
-            }
-        }
-        n as f64 / start.unwrap().elapsed().as_secs_f64()
-    })
-}
-
-/// CPU seconds used so far: by this process, by its waited-for children,
-/// and by the local broker (`beam.smp`) when it runs on this machine.
-#[derive(Clone, Copy)]
-struct Cpu {
-    own: f64,
-    children: f64,
-    broker: Option<f64>,
-}
-
-impl Cpu {
-    fn now(broker: Option<u32>) -> Self {
-        let own = proc_cpu("self");
-        Self {
-            own: own.map_or(0.0, |(own, _)| own),
-            children: own.map_or(0.0, |(_, children)| children),
-            broker: broker
-                .and_then(|pid| proc_cpu(&pid.to_string()))
-                .map(|(own, _)| own),
-        }
-    }
-
-    /// µs of CPU per event since `start`: (consumer, broker). `child`: the
-    /// consumer was a child process.
-    fn per_event(start: Self, end: Self, n: usize, child: bool) -> (f64, Option<f64>) {
-        let per = |s: f64| s * 1e6 / n as f64;
-        let consumer = if child {
-            end.children - start.children
-        } else {
-            end.own - start.own
-        };
-        let broker = end.broker.zip(start.broker).map(|(e, s)| per(e - s));
-        (per(consumer), broker)
-    }
-}
-
-/// (own, waited-for children) CPU seconds of a process, from
-/// `/proc/<pid>/stat` (utime + stime, cutime + cstime).
-fn proc_cpu(pid: &str) -> Option<(f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces): state is 0,
-    // utime 11, stime 12, cutime 13, cstime 14.
-    let fields: Vec<f64> = stat
-        .rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .skip(11)
-        .take(4)
-        .map(|f| f.parse().unwrap_or(0.0))
-        .collect();
-    let tick = clock_ticks();
-    Some((
-        (fields[0] + fields[1]) / tick,
-        (fields[2] + fields[3]) / tick,
-    ))
-}
-
-fn clock_ticks() -> f64 {
-    static TICK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICK.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
-/// The local RabbitMQ's Erlang VM: the `beam.smp` that has used the most
-/// CPU (short-lived ones, such as `rabbitmqctl`, have used little).
-fn broker_pid() -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "beam.smp")
-        })
-        .max_by(|a, b| {
-            let cpu = |p: &u32| proc_cpu(&p.to_string()).map_or(0.0, |(own, _)| own);
-            cpu(a).total_cmp(&cpu(b))
-        })
-}
 
 fn pika_drain(queue: &str, n: usize) -> f64 {
     let out = std::process::Command::new("python3")
@@ -354,40 +136,6 @@ const HOST_VARIANTS: [HostVariant; 3] = [
     },
 ];
 
-/// `BENCH_ROUNDS` overrides how many times every consumer drains (default 3).
-fn rounds() -> usize {
-    std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
-        .max(1)
-}
-
-/// One timed drain.
-struct Drain {
-    rate: f64,
-    /// CPU µs per event: the consumer's own, and the broker's.
-    own: f64,
-    broker: Option<f64>,
-}
-
-impl Drain {
-    fn new(rate: f64, start: Cpu, end: Cpu, n: usize, child: bool) -> Self {
-        let (own, broker) = Cpu::per_event(start, end, n, child);
-        Self { rate, own, broker }
-    }
-}
-
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 fn main() {
     // Inventory logs every reservation at info; a log line per event on
     // stderr would measure the terminal, not the host. Operators who want
@@ -443,7 +191,11 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
         )
     };
 
-    let broker = broker_pid();
+    // Only the broker: this benchmark's state is embedded.
+    let broker = Servers {
+        postgres: None,
+        ..Servers::find()
+    };
 
     // event-host: start once to declare its topology; then, per round,
     // each host variant and each baseline drains the same prefilled count.
@@ -601,11 +353,7 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
             }
             None => Default::default(),
         };
-        let broker_cpu = if runs.iter().all(|d| d.broker.is_some()) {
-            format!("{:.1}", median(runs.iter().filter_map(|d| d.broker)))
-        } else {
-            "-".into()
-        };
+        let broker_cpu = median_of(runs, |d| d.broker);
         println!(
             "{what:<62} {:>9.0} {x_lapin:>8} {x_pika:>7} {x_same:>11} {:>14.1} {broker_cpu:>12}",
             median(runs.iter().map(|d| d.rate)),
