@@ -156,23 +156,7 @@ fn main() {
     let probe = unique("bench-probe");
     client.cleanup_handler(&host_queue, 1000, &[&orders, &out]);
     client.cleanup(&[&lapin_q, &pika_q, &lapin_pub_q, &probe], &[]);
-    client.rt.block_on(async {
-        for (name, kind) in [
-            (&orders, lapin::ExchangeKind::Fanout),
-            (&out, lapin::ExchangeKind::Topic),
-        ] {
-            client
-                .ch
-                .exchange_declare(
-                    name.as_str().into(),
-                    kind,
-                    Default::default(),
-                    Default::default(),
-                )
-                .await
-                .unwrap();
-        }
-    });
+    drain::declare_order_exchanges(&client, &orders, &out);
     let config = |variant: &HostVariant| {
         format!(
             r#"

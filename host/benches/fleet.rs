@@ -203,23 +203,7 @@ fn main() {
     let lapin_q = unique("fleet-lapin");
     client.cleanup_handler(&host_queue, 1000, &[&orders, &out]);
     client.cleanup(&[&lapin_q], &[]);
-    client.rt.block_on(async {
-        for (name, kind) in [
-            (&orders, lapin::ExchangeKind::Fanout),
-            (&out, lapin::ExchangeKind::Topic),
-        ] {
-            client
-                .ch
-                .exchange_declare(
-                    name.as_str().into(),
-                    kind,
-                    Default::default(),
-                    Default::default(),
-                )
-                .await
-                .unwrap();
-        }
-    });
+    drain::declare_order_exchanges(&client, &orders, &out);
     // One compiled-code cache for every host of the run.
     let cache = tempfile::tempdir().unwrap();
     let pid = std::process::id();

@@ -69,6 +69,23 @@ pub fn prefill(client: &Client, exchange: &str, routing_key: &str, n: usize) {
     });
 }
 
+/// The example deployment's two exchanges: `orders` (fanout, where orders
+/// come in) and inventory's topic `out`.
+pub fn declare_order_exchanges(client: &Client, orders: &str, out: &str) {
+    client.rt.block_on(async {
+        for (name, kind) in [
+            (orders, lapin::ExchangeKind::Fanout),
+            (out, lapin::ExchangeKind::Topic),
+        ] {
+            client
+                .ch
+                .exchange_declare(name.into(), kind, Default::default(), Default::default())
+                .await
+                .unwrap();
+        }
+    });
+}
+
 pub fn declare_queue(client: &Client, queue: &str) {
     client.rt.block_on(async {
         client
