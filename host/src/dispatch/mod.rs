@@ -534,14 +534,11 @@ impl Dispatcher {
         if let Some(key) = &key {
             let processed = match self.state.is_processed(ns, key) {
                 Err(e) if e.downcast_ref::<Contended>().is_some() => {
-                    let why = format!("{e:#}");
-                    return Ok(Execution {
-                        contended: Some(why.clone()),
-                        ..Execution::settled(
-                            decide(Happened::Conflict(&why), delivery.attempt, 1),
-                            Duration::ZERO,
-                        )
-                    });
+                    return Ok(Execution::contended(
+                        format!("{e:#}"),
+                        delivery,
+                        Duration::ZERO,
+                    ));
                 }
                 processed => processed?,
             };
@@ -571,11 +568,7 @@ impl Dispatcher {
             // Another host got there first; run it again, as a conflict.
             return Ok(Execution {
                 instantiated: call.instantiated,
-                contended: Some(why.clone()),
-                ..Execution::settled(
-                    decide(Happened::Conflict(&why), delivery.attempt, 1),
-                    call.elapsed,
-                )
+                ..Execution::contended(why, delivery, call.elapsed)
             });
         }
         let decision = decide(&call.result, event.attempt, handler.settings.max_attempts);
@@ -793,6 +786,18 @@ impl Execution {
             instantiated: false,
             keyless: false,
             contended: None,
+        }
+    }
+
+    /// Shared state lost a race while `delivery` ran: it runs again (its
+    /// fallback outcome, should the re-runs run out, is a conflict's).
+    fn contended(why: String, delivery: &Delivery, elapsed: Duration) -> Self {
+        Self {
+            contended: Some(why.clone()),
+            ..Self::settled(
+                decide(Happened::Conflict(&why), delivery.attempt, 1),
+                elapsed,
+            )
         }
     }
 }
