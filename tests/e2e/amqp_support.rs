@@ -24,6 +24,20 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| event_host::config::DEFAULT_AMQP_URL.to_owned())
 }
 
+/// Ask the broker about `queue` without declaring it (a passive declare:
+/// its message and consumer counts; an error when it does not exist).
+pub async fn passive_declare(ch: &lapin::Channel, queue: &str) -> lapin::Result<lapin::Queue> {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
 /// A name no other test (or concurrent run) uses.
 pub fn unique(what: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -456,17 +470,7 @@ impl Client {
     pub fn depth(&self, queue: &str) -> u32 {
         self.rt.block_on(async {
             let ch = self.conn.create_channel().await.unwrap();
-            let q = ch
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
+            let q = passive_declare(&ch, queue).await.unwrap();
             let _ = ch.close(200, "probe".into()).await;
             q.message_count()
         })

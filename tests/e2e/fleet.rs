@@ -28,8 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation};
 use serde_json::Value;
 
@@ -252,17 +251,7 @@ fn consumers(url: &str, queue: &str) -> Option<u32> {
             .await
             .ok()?;
         let ch = conn.create_channel().await.ok()?;
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok();
+        let q = crate::amqp_support::passive_declare(&ch, queue).await.ok();
         let _ = conn.close(200, "probe".into()).await;
         q.map(|q| q.consumer_count())
     })

@@ -327,16 +327,7 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
             let mut total = 0u64;
             for q in &queues {
                 let ch = conn.create_channel().await.ok()?;
-                let declared = ch
-                    .queue_declare(
-                        q.as_str().into(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await;
+                let declared = crate::amqp_support::passive_declare(&ch, q.as_str()).await;
                 match declared {
                     Ok(queue) => total += u64::from(queue.message_count()),
                     // A retry queue not declared yet holds nothing.
@@ -882,15 +873,7 @@ pub fn read_queue(url: &str, queue: &str) -> Vec<Message> {
     rt().block_on(async {
         let conn = connect(url, "ledger-checker").await.expect("broker");
         let ch = conn.create_channel().await.unwrap();
-        let depth = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        let depth = crate::amqp_support::passive_declare(&ch, queue)
             .await
             .map(|q| q.message_count())
             .unwrap_or(0);
