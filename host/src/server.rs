@@ -50,21 +50,22 @@ pub async fn run(
 ) -> Result<()> {
     broker::parse_url(&config.amqp_url)?;
     let config = Arc::new(config);
-    let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
-    // Opening PostgreSQL connects and migrates: blocking work.
-    let opening = config.clone();
-    let state = tokio::task::spawn_blocking(move || StateStore::from_config(&opening))
-        .await
-        .context("opening the state store")??;
     let host_id = config.host_id();
     // It goes into every published message's headers and into metric
-    // labels: a short string keeps both well inside their bounds.
+    // labels (and PostgreSQL's application_name): checked before anything
+    // is opened with it.
     if host_id.len() > MAX_HOST_ID_BYTES {
         anyhow::bail!(
             "host_id is {} bytes; at most {MAX_HOST_ID_BYTES}",
             host_id.len()
         );
     }
+    let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
+    // Opening PostgreSQL connects and migrates: blocking work.
+    let opening = config.clone();
+    let state = tokio::task::spawn_blocking(move || StateStore::from_config(&opening))
+        .await
+        .context("opening the state store")??;
     let dispatcher = Dispatcher::new(runtime.clone(), state.clone()).with_host_id(&host_id);
     let registry = Arc::new(Registry::default());
     let metrics = Arc::new(Metrics::new());
