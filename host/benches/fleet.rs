@@ -9,13 +9,16 @@
 //! `postgres://postgres@127.0.0.1:5432/test`). `BENCH_EVENTS` (default
 //! 200000) and `BENCH_ROUNDS` (default 3) as in the broker benchmark;
 //! `BENCH_HOSTS` the largest fleet (default 3); `BENCH_CASES` picks cases
-//! (`lapin,sqlite,pg1,pg3`: for profiling one); `BENCH_IDEMPOTENCY_KEY`
+//! (`lapin,sqlite,pg1-per-read,pg1,pg3`: for profiling one);
+//! `BENCH_IDEMPOTENCY_KEY`
 //! gives inventory an `idempotency_key` (e.g. `/id`, as the example
 //! deployment has it: one dedupe check and one dedupe record per event).
 //!
 //! Every drain takes the same number of prefilled order events, and each
 //! host drain starts from fresh state (a new state folder, or a new
-//! schema dropped afterwards). The host work is the broker benchmark's
+//! schema dropped afterwards). Hosts declare inventory's keys in
+//! `read_ahead`, as the example fleet does (one case runs without, to
+//! show what that costs). The host work is the broker benchmark's
 //! like-for-like row: inventory with stock updates only (no per-order
 //! publish), one instance per batch — consume, parse, update state
 //! durably, ack, as the lapin consumer does without the state.
@@ -73,7 +76,8 @@ fn max_hosts() -> usize {
 }
 
 /// The cases to run: `BENCH_CASES` (comma-separated, of `lapin`,
-/// `sqlite`, `pg1`, `pg2`, …; for profiling one), else lapin, SQLite and
+/// `sqlite`, `pg1-per-read`, `pg1`, `pg2`, …; for profiling one), else
+/// lapin, SQLite, one host on PostgreSQL without `read_ahead`, and
 /// 1 to [`max_hosts`] hosts on PostgreSQL.
 fn cases() -> Vec<Case> {
     match std::env::var("BENCH_CASES") {
@@ -82,6 +86,7 @@ fn cases() -> Vec<Case> {
             .map(|c| match c.trim() {
                 "lapin" => Case::Lapin,
                 "sqlite" => Case::Sqlite,
+                "pg1-per-read" => Case::PostgresPerRead,
                 pg => Case::Postgres(
                     pg.strip_prefix("pg")
                         .and_then(|n| n.parse().ok())
@@ -90,7 +95,7 @@ fn cases() -> Vec<Case> {
                 ),
             })
             .collect(),
-        _ => [Case::Lapin, Case::Sqlite]
+        _ => [Case::Lapin, Case::Sqlite, Case::PostgresPerRead]
             .into_iter()
             .chain((1..=max_hosts()).map(Case::Postgres))
             .collect(),
@@ -104,6 +109,9 @@ enum Case {
     Sqlite,
     /// This many hosts on one PostgreSQL schema.
     Postgres(usize),
+    /// One host on PostgreSQL without `read_ahead`: a round trip per
+    /// state read, while the guest waits.
+    PostgresPerRead,
 }
 
 impl Case {
@@ -112,6 +120,7 @@ impl Case {
             Case::Lapin => "plain lapin (JSON parse, multiple ack every 30)".into(),
             Case::Sqlite => "1 host, SQLite (embedded, synchronous=normal)".into(),
             Case::Postgres(1) => "1 host, PostgreSQL".into(),
+            Case::PostgresPerRead => "1 host, PostgreSQL, no read_ahead".into(),
             Case::Postgres(n) => format!("{n} hosts, PostgreSQL, sharing the queue"),
         }
     }
@@ -209,7 +218,7 @@ fn main() {
     let pid = std::process::id();
     let config = |case: Case, host: usize, schema: &str| {
         let state = match case {
-            Case::Postgres(_) => format!(
+            Case::Postgres(_) | Case::PostgresPerRead => format!(
                 "state_url = {url:?}\nstate_schema = {schema:?}\nhost_id = \"bench-{host}\"\n"
             ),
             _ => String::new(),
@@ -218,6 +227,12 @@ fn main() {
             .as_ref()
             .map(|k| format!("idempotency_key = {k:?}"))
             .unwrap_or_default();
+        // The example fleet's declaration (ignored on embedded state).
+        let read_ahead = if case == Case::PostgresPerRead {
+            ""
+        } else {
+            r#"read_ahead = ["order.{/id}", "stock.{/item}"]"#
+        };
         format!(
             r#"cache_dir = {cache:?}
 {state}
@@ -226,6 +241,7 @@ queue = "{host_queue}"
 prefetch = {PREFETCH}
 events_per_instance = 128
 {key}
+{read_ahead}
 subscriptions = [{{ exchange = "{orders}", kind = "fanout" }}]
 publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
 [handlers.inventory.config]
@@ -266,7 +282,7 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
                 Case::Postgres(hosts) => hosts,
                 _ => 1,
             };
-            let schema = format!("bench_{pid}_r{round}_{hosts}");
+            let schema = format!("bench_{pid}_r{round}_{i}");
             prefill(&client, &orders, "", n);
             let transactions = pg.transactions();
             let fleet: Vec<TestHost> = std::thread::scope(|s| {
@@ -321,7 +337,7 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
                 requeued,
                 ..Extra::default()
             };
-            if let Case::Postgres(_) = case {
+            if let Case::Postgres(_) | Case::PostgresPerRead = case {
                 // The backends report their counters when they end (the
                 // hosts' connections closed with them) or within a second.
                 std::thread::sleep(Duration::from_millis(1500));
@@ -383,7 +399,10 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
             _ => String::new(),
         };
         let x_lapin = x(lapin, case != Case::Lapin);
-        let x_sqlite = x(sqlite, matches!(case, Case::Postgres(_)));
+        let x_sqlite = x(
+            sqlite,
+            matches!(case, Case::Postgres(_) | Case::PostgresPerRead),
+        );
         let x_pg = x(one_pg, matches!(case, Case::Postgres(h) if h > 1));
         let total = median(
             runs.iter()

@@ -18,6 +18,7 @@ use crate::health::HealthSettings;
 use crate::idempotency::IdempotencyKey;
 pub use crate::manifest::OutputExchange;
 use crate::manifest::{Manifest, Subscription};
+use crate::read_ahead::KeyTemplate;
 use crate::runtime::{CallBudget, RuntimeConfig};
 use crate::state::Durability;
 
@@ -115,6 +116,12 @@ pub struct Config {
     /// Default none: the endpoint is open to whoever can reach
     /// `admin_addr`, and shows every handler's state. Never logged.
     pub admin_token: Option<Secret>,
+    /// How the host declares exchanges it finds absent, by name
+    /// (`[exchanges.orders]`). An exchange that exists is always used as
+    /// it is; these settings only matter to whoever declares it first, and
+    /// must then match what the other clients of the exchange declare —
+    /// RabbitMQ refuses a second declaration with other attributes.
+    pub exchanges: BTreeMap<String, ExchangeOptions>,
     /// Engine-wide limits.
     pub runtime: RuntimeConfig,
     /// Settings applied to every handler unless its own section overrides.
@@ -142,6 +149,7 @@ impl Default for Config {
             cache_dir: None,
             dedupe_window_secs: DEFAULT_DEDUPE_WINDOW_SECS,
             admin_token: None,
+            exchanges: BTreeMap::new(),
             runtime: RuntimeConfig::default(),
             defaults: HandlerConfig::default(),
             handlers: BTreeMap::new(),
@@ -215,6 +223,15 @@ pub struct HandlerConfig {
     /// different events share) makes the second one a "duplicate": it is
     /// acked without running.
     pub idempotency_key: Option<IdempotencyKey>,
+    /// State keys the handler's events read, named from their bodies:
+    /// text with JSON pointers in braces, e.g. `["order.{/id}",
+    /// "stock.{/item}"]` (at most 16). On shared state (`state_url`) the
+    /// keys of a whole batch are read and locked in one round trip before
+    /// its first event runs, instead of one round trip per read while the
+    /// guest waits. A hint only: a key named but not read is locked
+    /// early, a key read but not named is read as usual. Ignored on
+    /// embedded state. Only the handler's own section counts.
+    pub read_ahead: Option<Vec<KeyTemplate>>,
     /// Replace the manifest's subscriptions (pin the topology).
     pub subscriptions: Option<Vec<Subscription>>,
     /// Exchanges the handler may publish to, besides those its manifest
@@ -363,6 +380,38 @@ impl Config {
         for name in config.handlers.keys() {
             crate::manifest::validate_name(name)?;
         }
+        for (name, options) in &config.exchanges {
+            if name.is_empty() || name.len() > 255 || name.starts_with("amq.") {
+                bail!("[exchanges.{name:?}]: name an exchange of 1 to 255 bytes; the default exchange and amq.* are the broker's own");
+            }
+            for (key, value) in &options.arguments {
+                if !matches!(
+                    value,
+                    toml::Value::String(_)
+                        | toml::Value::Integer(_)
+                        | toml::Value::Float(_)
+                        | toml::Value::Boolean(_)
+                ) {
+                    bail!(
+                        "[exchanges.{name:?}] argument {key:?}: use a string, number or boolean, not {}",
+                        value.type_str()
+                    );
+                }
+            }
+        }
+        // Settings that name one handler's own things: in `[defaults]`
+        // they would be ignored, silently.
+        let d = &config.defaults;
+        for (set, key) in [
+            (d.subscriptions.is_some(), "subscriptions"),
+            (d.publishes_to.is_some(), "publishes_to"),
+            (d.queue.is_some(), "queue"),
+            (d.read_ahead.is_some(), "read_ahead"),
+        ] {
+            if set {
+                bail!("[defaults] sets `{key}`, which only a handler's own section ([handlers.NAME]) may set");
+            }
+        }
         Ok(config)
     }
 
@@ -435,6 +484,7 @@ impl Config {
                 << 10,
             // The manifest's and the config's, merged below.
             publishes_to: Vec::new(),
+            exchanges: Arc::new(self.exchanges.clone()),
         };
         let configured = own.and_then(|c| c.publishes_to.clone()).unwrap_or_default();
         for out in &configured {
@@ -448,6 +498,11 @@ impl Config {
                 )?;
             }
         }
+        let read_ahead: Arc<[KeyTemplate]> = own
+            .and_then(|c| c.read_ahead.clone())
+            .unwrap_or_default()
+            .into();
+        crate::read_ahead::validate(&manifest.name, &read_ahead).map_err(anyhow::Error::msg)?;
         let (allowed, declared) = outputs(&manifest.publishes, &configured);
         broker.publishes_to = declared;
 
@@ -517,6 +572,7 @@ impl Config {
                 .and_then(|c| c.idempotency_key.clone())
                 .or_else(|| self.defaults.idempotency_key.clone())
                 .unwrap_or_default(),
+            read_ahead,
         })
     }
 }
@@ -598,6 +654,36 @@ pub struct BrokerSettings {
     pub max_payload_bytes: usize,
     /// Exchanges declared for what the handler publishes.
     pub publishes_to: Vec<OutputExchange>,
+    /// How exchanges are declared when absent, by name (`[exchanges]`).
+    pub exchanges: Arc<BTreeMap<String, ExchangeOptions>>,
+}
+
+/// How the host declares one exchange when it is absent
+/// (`[exchanges.NAME]`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExchangeOptions {
+    /// Kept across a broker restart. Default true. A non-durable exchange
+    /// is gone after a restart until a client declares it again (the host
+    /// does when it reconnects); what is published to it meanwhile is
+    /// unroutable.
+    pub durable: bool,
+    /// Deleted by the broker once its last binding is removed. Default
+    /// false.
+    pub auto_delete: bool,
+    /// Declaration arguments (`alternate-exchange = "unrouted"`, …):
+    /// strings, integers, floats or booleans.
+    pub arguments: BTreeMap<String, toml::Value>,
+}
+
+impl Default for ExchangeOptions {
+    fn default() -> Self {
+        Self {
+            durable: true,
+            auto_delete: false,
+            arguments: BTreeMap::new(),
+        }
+    }
 }
 
 /// A handler's effective settings: manifest with overrides applied, limits,
@@ -618,6 +704,8 @@ pub struct HandlerSettings {
     pub health: HealthSettings,
     /// Where its events carry the key they are deduplicated on.
     pub idempotency_key: IdempotencyKey,
+    /// State keys read ahead per batch on shared state.
+    pub read_ahead: Arc<[KeyTemplate]>,
 }
 
 #[cfg(test)]
@@ -724,6 +812,52 @@ mod tests {
         )
         .is_err());
         Ok(())
+    }
+
+    #[test]
+    fn read_ahead_is_a_handler_s_own_list_of_key_templates() -> Result<()> {
+        let c =
+            Config::parse("[handlers.inventory]\nread_ahead = ['order.{/id}', 'stock.{/item}']")?;
+        let keys: Vec<String> = c
+            .resolve(&manifest())?
+            .read_ahead
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(keys, ["order.{/id}", "stock.{/item}"]);
+        assert!(c
+            .resolve(&Manifest {
+                name: "other".into(),
+                ..manifest()
+            })?
+            .read_ahead
+            .is_empty());
+        let err = Config::parse("[handlers.inventory]\nread_ahead = ['stock.{item}']").unwrap_err();
+        assert!(format!("{err:#}").contains("JSON pointer"), "{err:#}");
+        let many = (0..17)
+            .map(|i| format!("'k{i}'"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let c = Config::parse(&format!("[handlers.inventory]\nread_ahead = [{many}]"))?;
+        assert!(format!("{:#}", c.resolve(&manifest()).unwrap_err()).contains("at most 16"));
+        Ok(())
+    }
+
+    #[test]
+    fn defaults_cannot_set_what_names_one_handler_s_own_things() {
+        for line in [
+            "queue = 'q'",
+            "read_ahead = ['k']",
+            "publishes_to = [{ exchange = 'x', kind = 'topic' }]",
+            "subscriptions = [{ exchange = 'x', kind = 'fanout' }]",
+        ] {
+            let err = Config::parse(&format!("[defaults]\n{line}")).unwrap_err();
+            assert!(
+                err.to_string().contains("only a handler's own section"),
+                "{line}: {err}"
+            );
+            Config::parse(&format!("[handlers.inventory]\n{line}")).expect(line);
+        }
     }
 
     #[test]

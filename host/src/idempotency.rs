@@ -137,6 +137,12 @@ pub fn unique_id() -> String {
 /// (no JSON, no such field, another type, an empty string) is no key.
 fn pointer_value(payload: &[u8], pointer: &str) -> Option<String> {
     let body: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    scalar_at(&body, pointer)
+}
+
+/// The non-empty string or the number at `pointer` in `body`, as text (a
+/// number as JSON writes it): how a field of a body becomes part of a key.
+pub(crate) fn scalar_at(body: &serde_json::Value, pointer: &str) -> Option<String> {
     match body.pointer(pointer)? {
         serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
         serde_json::Value::Number(n) => Some(n.to_string()),

@@ -18,6 +18,9 @@
 //!   handler call, state commit, one ack decision ([`dispatch::decide`]).
 //! - [`idempotency`]: which key an event is deduplicated on (message id,
 //!   a body field, a header).
+//! - [`read_ahead`]: the state keys a batch's events will read, named by
+//!   the operator from their bodies, read in one round trip on shared
+//!   state.
 //! - [`cli`]: argument parsing and the commands; `main` only calls it.
 //! - [`broker`]: the AMQP side — connection (password redacted), each
 //!   handler's topology (queue, retry delay queues, dead-letter queue),
@@ -37,6 +40,8 @@
 //!   alone (no silent split of state across hosts).
 //! - [`router`], [`replay`]: AMQP routing in memory and the offline
 //!   `replay` command built on the real dispatcher.
+//! - [`scaffold`]: `event-host new`, a handler project in Rust or Python
+//!   with the WIT this binary implements.
 
 pub mod admin;
 pub mod bindings;
@@ -50,11 +55,13 @@ pub mod health;
 pub mod idempotency;
 pub mod manifest;
 pub mod metrics;
+pub mod read_ahead;
 pub mod registry;
 pub mod reload;
 pub mod replay;
 pub mod router;
 pub mod runtime;
+pub mod scaffold;
 pub mod server;
 pub mod split_guard;
 pub mod state;

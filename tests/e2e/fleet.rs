@@ -316,7 +316,10 @@ fn three_hosts_on_one_quorum_queue_apply_20k_events_once_through_a_sigkill_and_a
     let schema = TestSchema::new("fleet");
     let ledger = Ledger::new(&broker.url(), 5, 100).with_counter(HOT_KEY);
     ledger.declare_outputs();
-    let sections = ledger.config("queue_type = \"quorum\"");
+    // The keys each event reads, read ahead per batch (the hammering test
+    // below runs without, a round trip per read).
+    let sections =
+        ledger.config("queue_type = \"quorum\"\nread_ahead = [\"applied.{/id}\", \"{/counter}\"]");
     let (members, mut hosts) = ledger_fleet(
         &work,
         &broker.url(),

@@ -17,6 +17,7 @@ use crate::broker::{self, HANDLER_HEADER, HOST_HEADER, VERSION_HEADER};
 use crate::guest::GuestState;
 use crate::handler::HandlerVersion;
 use crate::idempotency;
+use crate::read_ahead;
 use crate::runtime::{CallResult, Runtime, WarmInstance};
 use crate::state::{Commit, CommitOutcome, Contended, Outgoing, StateStore};
 
@@ -498,19 +499,32 @@ impl Dispatcher {
         }
     }
 
-    /// Read ahead what the dedupe checks of `deliveries` (a batch about to
-    /// run through `handler`) will ask: one round trip on shared state
-    /// instead of one per event.
+    /// Read ahead what `deliveries` (a batch about to run through
+    /// `handler`) will ask of shared state: their dedupe records and the
+    /// keys the handler's `read_ahead` names, in one round trip instead of
+    /// one per event and read.
     pub fn prefetch(&self, handler: &HandlerVersion, deliveries: &[Delivery]) {
         if !self.state.is_shared() {
             return; // embedded: a point lookup is cheaper than the batching
         }
-        let keys: Vec<String> = deliveries
+        let settings = &handler.settings;
+        let ids: Vec<String> = deliveries
             .iter()
-            .filter_map(|d| idempotency::key_for(&handler.settings.idempotency_key, d))
+            .filter_map(|d| idempotency::key_for(&settings.idempotency_key, d))
             .collect();
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        self.state.prefetch_processed(&handler.name, &keys);
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        // Bodies over the payload cap are dead-lettered unread: not parsed
+        // here either.
+        let bodies = deliveries
+            .iter()
+            .map(|d| d.payload.as_slice())
+            .filter(|body| body.len() <= settings.broker.max_payload_bytes);
+        let keys = read_ahead::keys(
+            &settings.read_ahead,
+            bodies,
+            settings.budget.limits.max_key_bytes,
+        );
+        self.state.prefetch(&handler.name, &ids, &keys);
     }
 
     /// Run `delivery` through `handler` in a fresh instance without

@@ -232,9 +232,9 @@ pub(crate) trait Backend: Send + Sync {
     /// Whether `message_id` already committed in `ns`.
     fn is_processed(&self, ns: &str, message_id: &str) -> Result<bool>;
     /// The batch of `ns` about to run will ask [`Backend::is_processed`]
-    /// for these ids: a backend a round trip away asks for all of them at
-    /// once.
-    fn prefetch_processed(&self, _ns: &str, _message_ids: &[&str]) -> Result<()> {
+    /// for these ids and will likely [`Backend::read`] these keys (sorted):
+    /// a backend a round trip away asks for all of them at once.
+    fn prefetch(&self, _ns: &str, _message_ids: &[&str], _keys: &[String]) -> Result<()> {
         Ok(())
     }
     /// Commit `batch` in one transaction, deleting the `confirmed` outbox
@@ -389,16 +389,18 @@ impl StateStore {
         self.inner.backend.is_processed(ns, message_id)
     }
 
-    /// The batch of `ns` about to run holds these idempotency keys: on
-    /// shared state, their dedupe records are read in one round trip
-    /// rather than one per event. A failure here is left for the per-event
-    /// check to report.
-    pub fn prefetch_processed(&self, ns: &str, message_ids: &[&str]) {
-        if message_ids.is_empty() {
+    /// The batch of `ns` about to run holds these idempotency keys and
+    /// will likely read these state keys (sorted, see
+    /// [`crate::read_ahead`]): on shared state, the dedupe records and the
+    /// keys (locked for the batch) are read in one round trip rather than
+    /// one per event and read. A failure here is left for the per-event
+    /// reads to report.
+    pub fn prefetch(&self, ns: &str, message_ids: &[&str], keys: &[String]) {
+        if message_ids.is_empty() && keys.is_empty() {
             return;
         }
-        if let Err(e) = self.inner.backend.prefetch_processed(ns, message_ids) {
-            tracing::debug!(handler = ns, "prefetching dedupe records: {e:#}");
+        if let Err(e) = self.inner.backend.prefetch(ns, message_ids, keys) {
+            tracing::debug!(handler = ns, "reading ahead for a batch: {e:#}");
         }
     }
 

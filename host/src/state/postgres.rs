@@ -58,6 +58,12 @@ const IDLE_IN_TRANSACTION_TIMEOUT: &str = "300s";
 /// Idle connections kept for reuse.
 const MAX_IDLE: usize = 16;
 
+/// Largest value a batch's read-ahead keeps in memory for its guests
+/// (`read_ahead`); a larger one is locked with the rest but read when a
+/// guest asks. With [`crate::read_ahead::MAX_KEYS_PER_BATCH`] it bounds
+/// what one batch holds on a hint: 512 × 16 KiB = 8 MiB.
+const READ_AHEAD_VALUE_BYTES: i32 = 16 * 1024;
+
 /// The schema's version history: statement `i` brings the schema from
 /// version `i` to `i + 1`. Append, never edit.
 ///
@@ -65,7 +71,8 @@ const MAX_IDLE: usize = 16;
 /// publisher's message id may hold NUL, which PostgreSQL `text` refuses,
 /// and bytes order as SQLite orders keys (bytewise, whatever the
 /// database's collation), so listings page alike on both backends.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE kv (
         ns text NOT NULL, key bytea NOT NULL, value bytea NOT NULL,
         PRIMARY KEY (ns, key));
@@ -76,7 +83,18 @@ const MIGRATIONS: &[&str] = &["
     CREATE TABLE outbox (
         id bigserial PRIMARY KEY, ns text NOT NULL, messages bytea NOT NULL,
         claimed_by text NOT NULL, claimed_at timestamptz NOT NULL DEFAULT now());
-"];
+",
+    "
+    CREATE FUNCTION still_absent(p_ns text, p_keys bytea[]) RETURNS void
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        IF EXISTS (SELECT 1 FROM kv WHERE ns = p_ns AND key = ANY(p_keys)) THEN
+            RAISE EXCEPTION 'a key read as absent was created by another host'
+                USING ERRCODE = 'serialization_failure';
+        END IF;
+    END $$;
+",
+];
 
 /// `url` with its password replaced by `***` (URL and key=value forms),
 /// for logs and errors.
@@ -139,13 +157,16 @@ fn check_schema(schema: &str) -> Result<()> {
 }
 
 /// The hot path's SQL, in the order of [`Statements`]' fields.
-const HOT_PATH_SQL: [&str; 12] = [
+const HOT_PATH_SQL: [&str; 14] = [
     "SELECT value FROM kv WHERE ns = $1 AND key = $2 FOR UPDATE",
     "SELECT key, value FROM kv WHERE ns = $1 AND key = ANY($2::bytea[]) ORDER BY key FOR UPDATE",
+    "SELECT key, CASE WHEN octet_length(value) <= $3 THEN value END, octet_length(value) <= $3
+     FROM kv WHERE ns = $1 AND key = ANY($2::bytea[]) ORDER BY key FOR UPDATE",
     "SELECT value FROM kv WHERE ns = $1 AND key = $2",
     "SELECT key FROM kv WHERE ns = $1 AND key > $2 ORDER BY key LIMIT $3",
     "SELECT 1 FROM processed WHERE ns = $1 AND message_id = $2",
     "SELECT message_id FROM processed WHERE ns = $1 AND message_id = ANY($2::bytea[])",
+    "SELECT still_absent($1, $2::bytea[])",
     "INSERT INTO kv (ns, key, value)
      SELECT $1, k, v FROM unnest($2::bytea[], $3::bytea[]) AS u(k, v)",
     "INSERT INTO kv (ns, key, value)
@@ -162,10 +183,12 @@ const HOT_PATH_SQL: [&str; 12] = [
 struct Statements {
     read_for_update: Statement,
     lock_many: Statement,
+    read_ahead: Statement,
     read: Statement,
     list: Statement,
     processed: Statement,
     processed_many: Statement,
+    still_absent: Statement,
     insert_new: Statement,
     upsert: Statement,
     delete: Statement,
@@ -251,6 +274,9 @@ fn contended(e: &tokio_postgres::Error) -> bool {
 fn wait<F: Future>(f: F) -> F::Output {
     futures_executor::block_on(f)
 }
+
+/// Picks one of a connection's prepared statements.
+type StatementOf = fn(&Statements) -> &Statement;
 
 type Query<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>> + 'a>>;
@@ -403,18 +429,20 @@ impl Postgres {
         })
         .with_context(|| format!("preparing the state database connection ({})", self.shown))?;
         let Ok(
-            [read_for_update, lock_many, read, list, processed, processed_many, insert_new, upsert, delete, mark, outbox_insert, outbox_delete],
-        ) = <[Statement; 12]>::try_from(st)
+            [read_for_update, lock_many, read_ahead, read, list, processed, processed_many, still_absent, insert_new, upsert, delete, mark, outbox_insert, outbox_delete],
+        ) = <[Statement; 14]>::try_from(st)
         else {
             bail!("prepared statements out of step");
         };
         let st = Statements {
             read_for_update,
             lock_many,
+            read_ahead,
             read,
             list,
             processed,
             processed_many,
+            still_absent,
             insert_new,
             upsert,
             delete,
@@ -479,24 +507,42 @@ impl Postgres {
         &self,
         batch: &mut Batch,
         what: &str,
-        statement: fn(&Statements) -> &Statement,
+        statement: StatementOf,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>> {
+        let mut rows = self.queries_in_batch(batch, what, &[(statement, params)])?;
+        Ok(rows.pop().unwrap_or_default())
+    }
+
+    /// Run statements of the batch in one round trip (pipelined, `BEGIN`
+    /// first when the batch has not begun), their rows in order. The
+    /// first failure is the cause; it fails the batch.
+    fn queries_in_batch(
+        &self,
+        batch: &mut Batch,
+        what: &str,
+        queries: &[(StatementOf, &[&(dyn ToSql + Sync)])],
+    ) -> Result<Vec<Vec<tokio_postgres::Row>>> {
         if let Some(why) = &batch.failed {
             return Err(anyhow::Error::new(Contended(why.clone())));
         }
         let begin = !batch.open;
         let conn = &batch.conn;
-        let query = conn.client.query(statement(&conn.st), params);
+        let sent = futures_util::future::join_all(
+            queries
+                .iter()
+                .map(|(statement, params)| conn.client.query(statement(&conn.st), params)),
+        );
         let result = wait(async {
-            if begin {
-                let (began, rows) =
-                    futures_util::future::join(conn.client.batch_execute("BEGIN"), query).await;
+            let all = if begin {
+                let (began, all) =
+                    futures_util::future::join(conn.client.batch_execute("BEGIN"), sent).await;
                 began?;
-                rows
+                all
             } else {
-                query.await
-            }
+                sent.await
+            };
+            all.into_iter().collect::<Result<Vec<_>, _>>()
         });
         batch.open = true;
         match result {
@@ -588,6 +634,20 @@ impl Postgres {
                 None => deleted.push(key.as_bytes()),
             }
         }
+        // Keys read as absent and not created here: nothing locked them
+        // either, so check at commit that no other host created one
+        // meanwhile (a handler that decides on a key's absence without
+        // writing it). Failing, it aborts the transaction as contention.
+        let created: std::collections::HashSet<&[u8]> = new_keys.iter().copied().collect();
+        let mut absent: Vec<&[u8]> = commits
+            .iter()
+            .flat_map(|c| c.reads.iter())
+            .filter(|(k, _)| matches!(locked.get(k.as_str()), Some(None)))
+            .map(|(k, _)| k.as_bytes())
+            .filter(|k| !created.contains(k))
+            .collect();
+        absent.sort_unstable();
+        absent.dedup();
         let marks: Vec<&[u8]> = plan.marks.iter().map(|(_, id)| id.as_bytes()).collect();
         let now = super::unix_now();
         let encoded = plan
@@ -602,6 +662,7 @@ impl Postgres {
         let p_new: [&(dyn ToSql + Sync); 3] = [&ns, &new_keys, &new_values];
         let p_upsert: [&(dyn ToSql + Sync); 3] = [&ns, &keys, &values];
         let p_delete: [&(dyn ToSql + Sync); 2] = [&ns, &deleted];
+        let p_absent: [&(dyn ToSql + Sync); 2] = [&ns, &absent];
         let p_marks: [&(dyn ToSql + Sync); 3] = [&ns, &marks, &now];
         let mut statements: Vec<Query<'_>> = Vec::new();
         if !batch.open {
@@ -611,6 +672,9 @@ impl Postgres {
         }
         if !confirmed.is_empty() {
             statements.push(Box::pin(client.query(&st.outbox_delete, &p_confirmed)));
+        }
+        if !absent.is_empty() {
+            statements.push(Box::pin(client.query(&st.still_absent, &p_absent)));
         }
         if !new_keys.is_empty() {
             statements.push(Box::pin(client.query(&st.insert_new, &p_new)));
@@ -724,20 +788,51 @@ impl Backend for Postgres {
         })
     }
 
-    fn prefetch_processed(&self, ns: &str, message_ids: &[&str]) -> Result<()> {
+    fn prefetch(&self, ns: &str, message_ids: &[&str], keys: &[String]) -> Result<()> {
         let ids: Vec<&[u8]> = message_ids.iter().map(|id| id.as_bytes()).collect();
+        let key_bytes: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+        let cap = READ_AHEAD_VALUE_BYTES;
+        let dedupe: [&(dyn ToSql + Sync); 2] = [&ns, &ids];
+        let state: [&(dyn ToSql + Sync); 3] = [&ns, &key_bytes, &cap];
+        let mut queries: Vec<(StatementOf, &[&(dyn ToSql + Sync)])> = Vec::new();
+        if !ids.is_empty() {
+            queries.push((|st| &st.processed_many, &dedupe));
+        }
+        if !keys.is_empty() {
+            queries.push((|st| &st.read_ahead, &state));
+        }
+        if queries.is_empty() {
+            return Ok(());
+        }
         self.in_batch(ns, |batch| {
-            let rows = self.query_in_batch(
-                batch,
-                "reading dedupe records",
-                |st| &st.processed_many,
-                &[&ns, &ids],
-            )?;
-            for id in message_ids {
-                batch.processed.insert((*id).to_owned(), false);
+            let mut answers = self
+                .queries_in_batch(batch, "reading ahead for the batch", &queries)?
+                .into_iter();
+            if !ids.is_empty() {
+                for id in message_ids {
+                    batch.processed.insert((*id).to_owned(), false);
+                }
+                for row in answers.next().unwrap_or_default() {
+                    batch.processed.insert(text_of(row.get(0)), true);
+                }
             }
-            for row in rows {
-                batch.processed.insert(text_of(row.get(0)), true);
+            if !keys.is_empty() {
+                // Every key is locked now, present or not; absent ones
+                // are remembered as absent (inserting one is checked at
+                // commit, as for any read).
+                for key in keys {
+                    batch.locked.insert(key.clone(), None);
+                }
+                for row in answers.next().unwrap_or_default() {
+                    let key = text_of(row.get(0));
+                    if row.get::<_, bool>(2) {
+                        batch.locked.insert(key, Some(row.get(1)));
+                    } else {
+                        // Too large to hold for the whole batch on a
+                        // hint: locked, but read again when asked for.
+                        batch.locked.remove(&key);
+                    }
+                }
             }
             Ok(())
         })
@@ -1024,7 +1119,7 @@ mod tests {
         assert!(b.is_processed("h", "m1")?);
         b.end_batch("h");
         // Read ahead for a batch, the answers are the same.
-        b.prefetch_processed("h", &["m1", "m2"]);
+        b.prefetch("h", &["m1", "m2"], &[]);
         assert!(b.is_processed("h", "m1")?);
         assert!(!b.is_processed("h", "m2")?);
         b.end_batch("h");
@@ -1137,6 +1232,98 @@ mod tests {
         // The row went all the same: b's next reconnect (or, once b is
         // gone, another host) does not publish it again.
         assert!(b.pending_outbox()?.is_empty(), "confirmed row left behind");
+        Ok(())
+    }
+
+    #[test]
+    fn keys_read_ahead_are_locked_for_the_batch_and_answered_from_memory() -> Result<()> {
+        let schema = Schema::new();
+        let (a, b) = (schema.host("a"), schema.host("b"));
+        assert!(matches!(
+            increment(&a, "k", None)?,
+            CommitOutcome::Committed { .. }
+        ));
+        let big = vec![b'x'; READ_AHEAD_VALUE_BYTES as usize + 1];
+        let mut txn = Txn::default();
+        txn.set("big", big.clone());
+        a.commit(&[txn.into_commit("h", None, Vec::new())])?;
+        a.end_batch("h");
+
+        // a's batch reads ahead k (present), big (over the cap kept in
+        // memory) and absent (no row).
+        a.prefetch("h", &[], &["absent".into(), "big".into(), "k".into()]);
+        // Present keys are locked from now on: b waits for a's batch.
+        let waiter = std::thread::spawn(move || increment(&b, "k", None).map(|o| (o, b)));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            !waiter.is_finished(),
+            "b must wait for the keys a read ahead"
+        );
+        // An absent key locks nothing: another host may create it, and
+        // the batch still answers from what it read ahead (it did not ask
+        // again)...
+        let c = schema.host("c");
+        let mut tc = Txn::default();
+        tc.set("absent", b"c".to_vec());
+        c.commit(&[tc.into_commit("h", None, Vec::new())])?;
+        c.end_batch("h");
+        let mut txn = Txn::default();
+        assert_eq!(
+            txn.get(&a, "h", "absent")?,
+            None,
+            "answered from the read-ahead"
+        );
+        assert_eq!(txn.get(&a, "h", "k")?.as_deref(), Some(&b"1"[..]));
+        assert_eq!(
+            txn.get(&a, "h", "big")?,
+            Some(big),
+            "a large value is read when asked"
+        );
+        // ...and creating it too is caught at commit: c's write stays.
+        txn.set("absent", b"a".to_vec());
+        txn.set("k", b"10".to_vec());
+        assert!(matches!(
+            a.commit(&[txn.into_commit("h", None, Vec::new())])?[0],
+            CommitOutcome::Conflict { .. }
+        ));
+        a.end_batch("h");
+        assert_eq!(value(&a, "absent").as_deref(), Some("c"));
+        // The failed batch released k: b's increment goes through.
+        let (outcome, _b) = waiter.join().expect("thread")?;
+        assert!(matches!(outcome, CommitOutcome::Committed { .. }));
+        assert_eq!(value(&a, "k").as_deref(), Some("2"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_key_read_as_absent_that_another_host_creates_meanwhile_fails_the_batch() -> Result<()> {
+        let schema = Schema::new();
+        // A schema as the first version left it (no absence check) is
+        // brought up to date by the next host to start.
+        drop(schema.host("old"));
+        schema.sql(
+            "DROP FUNCTION still_absent(text, bytea[]);
+             UPDATE meta SET value = '1' WHERE key = 'schema_version'",
+        );
+        let (a, c) = (schema.host("a"), schema.host("c"));
+        let mut txn = Txn::default();
+        assert_eq!(txn.get(&a, "h", "flag")?, None);
+        // c creates the key while a's batch goes on its absence...
+        let mut tc = Txn::default();
+        tc.set("flag", b"on".to_vec());
+        c.commit(&[tc.into_commit("h", None, Vec::new())])?;
+        c.end_batch("h");
+        // ...and writes another key on that basis: the batch runs again.
+        txn.set("other", b"1".to_vec());
+        assert!(matches!(
+            a.commit(&[txn.into_commit("h", None, Vec::new())])?[0],
+            CommitOutcome::Conflict { .. }
+        ));
+        a.end_batch("h");
+        assert_eq!(value(&a, "other"), None);
+        let mut txn = Txn::default();
+        assert_eq!(txn.get(&a, "h", "flag")?.as_deref(), Some(&b"on"[..]));
+        a.end_batch("h");
         Ok(())
     }
 
