@@ -248,6 +248,50 @@ fn display_value(bytes: &[u8]) -> Value {
     }
 }
 
+/// Ask a running host's admin endpoint at `addr` for `path` (`/readyz`,
+/// `/healthz`): the status code and body. For `event-host health`, the
+/// container healthcheck, where a slim image has no curl. A wildcard
+/// listen address (`0.0.0.0`, `[::]`) is asked on loopback.
+pub fn probe(addr: &str, path: &str, timeout: std::time::Duration) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+
+    let mut target: SocketAddr = addr
+        .to_socket_addrs()
+        .with_context(|| format!("admin address {addr:?}"))?
+        .next()
+        .with_context(|| format!("admin address {addr:?} resolves to nothing"))?;
+    if target.ip().is_unspecified() {
+        target.set_ip(match target {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)
+        .with_context(|| format!("connecting to the admin endpoint at {target}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+    )
+    .with_context(|| format!("asking {target}{path}"))?;
+    let mut response = Vec::new();
+    // The probes' answers are a few lines; a host that says more is cut.
+    stream
+        .take(64 * 1024)
+        .read_to_end(&mut response)
+        .with_context(|| format!("reading the answer of {target}{path}"))?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("{target}{path} did not answer HTTP"))?;
+    Ok((status, body.trim().to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

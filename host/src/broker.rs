@@ -25,7 +25,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use sha2::{Digest, Sha256};
 
-use crate::config::{BrokerSettings, QueueType};
+use crate::config::{BrokerSettings, ExchangeOptions, QueueType};
 use crate::dispatch::{Delivery, HeaderValue};
 use crate::manifest::{ExchangeKind, Subscription};
 use crate::state::Outgoing;
@@ -195,6 +195,23 @@ fn lapin_kind(kind: ExchangeKind) -> lapin::ExchangeKind {
     }
 }
 
+/// An `[exchanges]` section's arguments as AMQP values (checked to be
+/// scalars when the config was read; anything else is left out).
+fn declare_arguments(arguments: &std::collections::BTreeMap<String, toml::Value>) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in arguments {
+        let value = match value {
+            toml::Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+            toml::Value::Integer(i) => AMQPValue::LongLongInt(*i),
+            toml::Value::Float(f) => AMQPValue::Double(*f),
+            toml::Value::Boolean(b) => AMQPValue::Boolean(*b),
+            _ => continue,
+        };
+        table.insert(short(key), value);
+    }
+    table
+}
+
 fn durable_queue_args(queue_type: QueueType) -> FieldTable {
     let mut args = FieldTable::default();
     if queue_type == QueueType::Quorum {
@@ -224,10 +241,10 @@ pub async fn declare(
     settings: &BrokerSettings,
 ) -> Result<()> {
     for sub in subs {
-        ensure_exchange(conn, &sub.exchange, sub.kind, settings.passive).await?;
+        ensure_exchange(conn, &sub.exchange, sub.kind, settings).await?;
     }
     for out in &settings.publishes_to {
-        ensure_exchange(conn, &out.exchange, out.kind, settings.passive).await?;
+        ensure_exchange(conn, &out.exchange, out.kind, settings).await?;
     }
     let mut ch = conn.create_channel().await.context("opening a channel")?;
     let passive = QueueDeclareOptions {
@@ -408,32 +425,43 @@ pub async fn consumer_count(conn: &Connection, queue: &str) -> Result<u32> {
     Ok(declared.consumer_count())
 }
 
-/// Use an existing exchange as it is; declare it durable only when absent.
-/// A passive declare that fails closes its channel, hence a throwaway one.
+/// Use an existing exchange as it is; declare it only when absent, durable
+/// unless its `[exchanges]` section says otherwise. A passive declare that
+/// fails closes its channel, hence a throwaway one.
 async fn ensure_exchange(
     conn: &Connection,
     exchange: &str,
     kind: ExchangeKind,
-    passive_only: bool,
+    settings: &BrokerSettings,
 ) -> Result<()> {
     if exchange_exists(conn, exchange).await? {
         return Ok(());
     }
-    if passive_only {
+    if settings.passive {
         bail!("exchange {exchange:?} does not exist (passive topology)");
     }
+    let defaults = ExchangeOptions::default();
+    let options = settings.exchanges.get(exchange).unwrap_or(&defaults);
     let ch = conn.create_channel().await.context("opening a channel")?;
     ch.exchange_declare(
         name(exchange)?,
         lapin_kind(kind),
         ExchangeDeclareOptions {
-            durable: true,
+            durable: options.durable,
+            auto_delete: options.auto_delete,
             ..ExchangeDeclareOptions::default()
         },
-        FieldTable::default(),
+        declare_arguments(&options.arguments),
     )
     .await
-    .with_context(|| format!("declaring exchange {exchange:?} ({})", kind.as_str()))?;
+    .with_context(|| {
+        format!(
+            "declaring exchange {exchange:?} ({}, durable {}, auto-delete {})",
+            kind.as_str(),
+            options.durable,
+            options.auto_delete
+        )
+    })?;
     let _ = ch.close(200, short("exchange declared")).await;
     Ok(())
 }

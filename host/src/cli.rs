@@ -72,6 +72,38 @@ pub enum Command {
         #[arg(long)]
         admin_addr: Option<String>,
     },
+    /// Ask a running host whether it is ready (`/readyz` on its admin
+    /// address): exit 0 when it is, 1 with the reason when not. For
+    /// container healthchecks, where there is no curl.
+    Health {
+        /// Host config file (TOML), for its `admin_addr`.
+        #[arg(long, env = "EVENT_HOST_CONFIG")]
+        config: Option<PathBuf>,
+        /// Admin HTTP address [default: the config's, else 127.0.0.1:9090].
+        /// Also EVENT_HOST_ADMIN_ADDR.
+        #[arg(long)]
+        admin_addr: Option<String>,
+        /// Ask `/healthz` (the process answers) instead of `/readyz` (it
+        /// consumes every handler's queue).
+        #[arg(long)]
+        live: bool,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5)]
+        timeout_secs: u64,
+    },
+    /// Start a handler project in DIR (named after it): the WIT, a
+    /// handler, build.sh, a sample events.jsonl, test.sh and a README.
+    New {
+        /// The project folder (absent or empty); its name is the handler's.
+        dir: PathBuf,
+        /// The handler's language.
+        #[arg(long, value_enum, default_value_t = crate::scaffold::Lang::Rust)]
+        lang: crate::scaffold::Lang,
+        /// What it consumes: EXCHANGE[:KIND[:BINDING-KEY]], KIND one of
+        /// fanout (default), direct, topic, headers.
+        #[arg(long, default_value = "events")]
+        subscribe: crate::scaffold::Subscribe,
+    },
     /// Validate a handler component and print its manifest as JSON.
     Check {
         /// The `.wasm` file.
@@ -239,6 +271,42 @@ fn execute(command: Command) -> Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             rt.block_on(crate::server::run(config, shutdown_signal()))
+        }
+        Command::Health {
+            config,
+            admin_addr,
+            live,
+            timeout_secs,
+        } => {
+            let mut config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::default(),
+            };
+            config.apply_env()?;
+            let addr = admin_addr.unwrap_or(config.admin_addr);
+            let path = if live { "/healthz" } else { "/readyz" };
+            let (status, body) = crate::admin::probe(
+                &addr,
+                path,
+                std::time::Duration::from_secs(timeout_secs.max(1)),
+            )?;
+            if status != 200 {
+                anyhow::bail!("{path} on {addr}: {status} {body}");
+            }
+            println!("{path} on {addr}: {body}");
+            Ok(())
+        }
+        Command::New {
+            dir,
+            lang,
+            subscribe,
+        } => {
+            crate::scaffold::create(&dir, lang, &subscribe)?;
+            println!(
+                "created {}: ./build.sh builds it, ./test.sh checks and replays it (see its README.md)",
+                dir.display()
+            );
+            Ok(())
         }
         Command::Check { file } => {
             let config = Config::default();

@@ -576,9 +576,11 @@ impl kv::Host for GuestState {
         &mut self,
         identifier: String,
     ) -> wasmtime::Result<Result<Resource<Bucket>, kv::Error>> {
-        // The handler's own namespace is the only bucket; naming it by the
-        // handler's name is accepted too, so guests can be explicit.
-        if !identifier.is_empty() && *identifier != *self.handler {
+        // The handler's own namespace is the only bucket. Besides `""`, it
+        // answers to the handler's name (to be explicit) and to
+        // `"default"`, the bucket Spin's and wasmCloud's guests open, so
+        // theirs run unchanged.
+        if !identifier.is_empty() && identifier != "default" && *identifier != *self.handler {
             return Ok(Err(kv::Error::NoSuchStore));
         }
         if let Err(e) = self.state_available() {

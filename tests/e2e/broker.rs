@@ -64,6 +64,68 @@ fn a_plain_client_publishing_with_no_properties_changes_stock() {
     host.stop().unwrap();
 }
 
+/// A headers exchange: the broker routes on the message's headers by the
+/// subscription's bindings (`k=v,...`, all must match; `x-match=any` for
+/// one), and ignores routing keys.
+#[test]
+fn a_headers_exchange_subscription_is_routed_by_the_broker() {
+    let inv = Inventory::new();
+    let mut client = Client::connect();
+    inv.cleanup(&mut client);
+    let config = format!(
+        r#"
+[handlers.inventory]
+queue = "{q}"
+subscriptions = [{{ exchange = "{o}", kind = "headers", binding_keys = ["type=order,region=eu", "x-match=any,vip=yes,rush=yes"] }}]
+publishes_to = [{{ exchange = "{e}", kind = "topic" }}]
+[handlers.inventory.config]
+"stock.Laptop" = "10"
+"inventory-exchange" = "{e}"
+"#,
+        q = inv.queue,
+        o = inv.orders,
+        e = inv.events,
+    );
+    let host = TestHost::start(&["inventory"], &config);
+    let headers = |pairs: &[(&str, &str)]| {
+        let mut table = lapin::types::FieldTable::default();
+        for (k, v) in pairs {
+            table.insert(
+                (*k).into(),
+                lapin::types::AMQPValue::LongString((*v).into()),
+            );
+        }
+        BasicProperties::default().with_headers(table)
+    };
+    // (order id, its headers, whether a binding routes it)
+    type Order<'a> = (u32, &'a [(&'a str, &'a str)], bool);
+    let orders: [Order; 5] = [
+        (1, &[("type", "order"), ("region", "eu")], true),
+        (2, &[("type", "order"), ("region", "us")], false),
+        (3, &[("type", "order")], false),
+        (4, &[("rush", "yes")], true),
+        (5, &[], false),
+    ];
+    for (id, pairs, _) in orders {
+        client.publish(
+            &inv.orders,
+            "any.routing.key",
+            format!(r#"{{"id": {id}, "item": "Laptop", "quantity": 1}}"#).as_bytes(),
+            headers(pairs),
+        );
+    }
+    let routed = orders.iter().filter(|(_, _, routed)| *routed).count() as u64;
+    host.wait_counter("inventory", "acked", routed);
+    // Give a wrongly routed order the time to arrive: none does.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(host.counter("inventory", "acked"), routed);
+    for (id, _, routed) in orders {
+        let (status, _) = host.get(&format!("/state/inventory/order.{id}"));
+        assert_eq!(status == 200, routed, "order {id}");
+    }
+    host.stop().unwrap();
+}
+
 #[test]
 fn the_exchanges_a_handler_publishes_to_are_declared_with_its_topology() {
     let inv = Inventory::new();

@@ -221,3 +221,26 @@ fn run_at_the_default_level_logs_no_errors_for_a_healthy_start() {
         "a healthy start logged a problem:\n{text}"
     );
 }
+
+#[test]
+fn health_of_a_host_that_is_not_there_fails_with_the_address() {
+    let port = crate::amqp_support::free_port();
+    let out = event_host()
+        .args([
+            "health",
+            "--admin-addr",
+            &format!("0.0.0.0:{port}"),
+            "--timeout-secs",
+            "2",
+        ])
+        .env_remove("EVENT_HOST_CONFIG")
+        .env_remove("EVENT_HOST_ADMIN_ADDR")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: ") && err.contains(&format!("127.0.0.1:{port}")),
+        "asked on loopback, said where: {err}"
+    );
+}

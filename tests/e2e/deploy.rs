@@ -72,6 +72,13 @@ fn compose_runs_rabbitmq_with_a_healthcheck_and_the_host_beside_it() {
     assert!(volumes.contains(&"./handlers:/handlers"), "{volumes:?}");
     assert_eq!(env(host, "EVENT_HOST_HANDLERS_DIR"), "/handlers");
     assert_eq!(env(host, "EVENT_HOST_ADMIN_ADDR"), "0.0.0.0:9090");
+    // `docker compose up` is the whole job: the handlers are seeded before
+    // the host starts, and the host says when it is ready.
+    assert_eq!(
+        host["depends_on"]["handlers"]["condition"].as_str(),
+        Some("service_completed_successfully")
+    );
+    assert_eq!(host_healthcheck(host), ["CMD", "event-host", "health"]);
     // The admin endpoint (handler state, no auth unless a token is set)
     // is published on the loopback interface only.
     let ports: Vec<&str> = host["ports"]
@@ -97,6 +104,83 @@ fn compose_runs_rabbitmq_with_a_healthcheck_and_the_host_beside_it() {
     assert!(url.starts_with(&expected), "{url} vs {expected}");
 }
 
+/// A service's healthcheck command, as a list.
+fn host_healthcheck(service: &Yaml) -> Vec<&str> {
+    merged(service, "healthcheck")["test"]
+        .as_vec()
+        .expect("a healthcheck command list")
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect()
+}
+
+/// The first start of `docker compose up` finds ./handlers empty: the
+/// `handlers` service's command, run here on folders standing in for the
+/// container's, fills it from the image's examples, and leaves a folder
+/// that already has handlers alone.
+#[test]
+fn compose_seeds_an_empty_handlers_folder_and_only_an_empty_one() {
+    let doc = compose();
+    let seed = &doc["services"]["handlers"];
+    assert_eq!(seed["image"].as_str(), Some("event-host:local"));
+    assert_eq!(
+        doc["services"]["event-host"]["image"].as_str(),
+        Some("event-host:local"),
+        "the seeding service runs the host's image"
+    );
+    assert!(seed["volumes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .any(|v| v.as_str() == Some("./handlers:/handlers")));
+    let entry: Vec<&str> = seed["entrypoint"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    assert_eq!(entry[..2], ["sh", "-c"]);
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("/opt/event-host/examples/"));
+
+    let root = tempfile::tempdir().unwrap();
+    let (examples, handlers) = (root.path().join("examples"), root.path().join("handlers"));
+    std::fs::create_dir_all(&examples).unwrap();
+    std::fs::create_dir_all(&handlers).unwrap();
+    for name in ["inventory.wasm", "order_publisher.wasm"] {
+        std::fs::write(examples.join(name), name).unwrap();
+    }
+    let script = entry[2]
+        .replace("/opt/event-host/examples", examples.to_str().unwrap())
+        .replace("/handlers", handlers.to_str().unwrap());
+    let run = || {
+        let status = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{script}");
+    };
+    let listing = || {
+        let mut names: Vec<String> = std::fs::read_dir(&handlers)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    run();
+    assert_eq!(listing(), ["inventory.wasm", "order_publisher.wasm"]);
+    // A folder with the operator's own handler: nothing added.
+    std::fs::remove_file(handlers.join("order_publisher.wasm")).unwrap();
+    std::fs::write(handlers.join("inventory.wasm"), "mine").unwrap();
+    run();
+    assert_eq!(listing(), ["inventory.wasm"]);
+    assert_eq!(
+        std::fs::read_to_string(handlers.join("inventory.wasm")).unwrap(),
+        "mine"
+    );
+}
+
 #[test]
 fn dockerfile_builds_the_host_and_the_example_handlers() {
     let text = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
@@ -109,6 +193,9 @@ fn dockerfile_builds_the_host_and_the_example_handlers() {
         "examples/fleet.toml",
         "ENTRYPOINT [\"event-host\"]",
         "CMD [\"run\"]",
+        // amqps:// verifies the broker against the system's roots.
+        "ca-certificates",
+        "CMD [\"event-host\", \"health\"]",
     ] {
         assert!(text.contains(needle), "Dockerfile lacks {needle:?}");
     }
@@ -181,9 +268,11 @@ fn fleet_compose_runs_three_hosts_on_postgres_and_quorum_queues() {
     // A project of its own: its broker volume is not the single host's,
     // whose queues are classic (the broker refuses to redeclare them).
     assert_eq!(doc["name"].as_str(), Some("event-host-fleet"));
-    let broker = &doc["services"]["rabbitmq"]["extends"];
-    assert_eq!(broker["file"].as_str(), Some("docker-compose.yml"));
-    assert_eq!(broker["service"].as_str(), Some("rabbitmq"));
+    for service in ["rabbitmq", "handlers"] {
+        let extends = &doc["services"][service]["extends"];
+        assert_eq!(extends["file"].as_str(), Some("docker-compose.yml"));
+        assert_eq!(extends["service"].as_str(), Some(service));
+    }
     let single = compose();
     let rabbit = &single["services"]["rabbitmq"];
 
@@ -216,9 +305,15 @@ fn fleet_compose_runs_three_hosts_on_postgres_and_quorum_queues() {
                 "host {n} waits for {dep}"
             );
         }
-        assert!(
-            !merged(host, "healthcheck")["test"].is_badvalue(),
-            "host {n} has a healthcheck"
+        assert_eq!(
+            merged(host, "depends_on")["handlers"]["condition"].as_str(),
+            Some("service_completed_successfully"),
+            "host {n} starts with the handlers seeded"
+        );
+        assert_eq!(
+            host_healthcheck(host),
+            ["CMD", "event-host", "health"],
+            "host {n}"
         );
         let environment = &host["environment"];
         let var = |key: &str| {
@@ -271,6 +366,10 @@ fn the_fleet_config_is_the_example_config_on_quorum_queues() {
     let single = Config::load(&repo_root().join("examples/config.toml")).unwrap();
     // The password comes from EVENT_HOST_STATE_URL, never from the file.
     assert!(fleet.state_url.is_none());
+    // A fleet owns its topology: `orders` is declared durable, not as the
+    // seed's scripts declare it (examples/config.toml's concession).
+    assert!(fleet.exchanges.is_empty());
+    assert!(!single.exchanges["orders"].durable);
     assert_eq!(fleet.defaults.queue_type, Some(QueueType::Quorum));
     assert_eq!(
         format!("{:?}", fleet.handlers),

@@ -25,5 +25,7 @@ mod proxy;
 mod quorum;
 mod reload;
 mod sandbox;
+mod scaffold;
+mod seed;
 mod split;
 mod state;

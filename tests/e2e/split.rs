@@ -136,6 +136,23 @@ fn a_second_host_on_embedded_state_refuses_the_shared_queue_and_takes_over_when_
         body.contains("inventory") && body.contains("state_url"),
         "{body}"
     );
+    // `event-host health`, the container healthcheck, says the same.
+    let health = |admin: &str| {
+        event_host(root.path())
+            .args(["health", "--admin-addr", admin])
+            .output()
+            .unwrap()
+    };
+    let probe = health(&b.admin);
+    let said = String::from_utf8_lossy(&probe.stderr);
+    assert!(!probe.status.success(), "{said}");
+    assert!(said.contains("503") && said.contains("state_url"), "{said}");
+    let probe = health(&a.admin);
+    assert!(
+        probe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
     b.wait_log("not consuming: the queue has another consumer", 1);
     let log = std::fs::read_to_string(&b.log).unwrap();
     let line = log
