@@ -811,6 +811,19 @@ pub fn parse_int(bytes: &[u8]) -> Option<i64> {
 
 // ---- wasi:logging -----------------------------------------------------------
 
+/// `wasi:logging/logging` without a version, as the host's WIT named it
+/// before pinning the published `@0.1.0-draft`: handlers built then import
+/// it so, and must keep loading. The same function under the old name.
+pub fn link_unversioned_logging(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
+    linker.instance("wasi:logging/logging")?.func_wrap(
+        "log",
+        |mut store: StoreContextMut<'_, GuestState>,
+         (level, context, message): (logging::Level, String, String)| {
+            logging::Host::log(store.data_mut(), level, context, message)
+        },
+    )
+}
+
 /// Longest guest log message forwarded; longer ones are cut.
 const MAX_LOG_MESSAGE: usize = 4096;
 
@@ -964,6 +977,44 @@ fn check_publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A component that only imports `wasi:logging`'s `log` under `name`.
+    fn logging_import(name: &str) -> String {
+        format!(
+            r#"(component
+                (import "{name}" (instance
+                    (type $level' (enum "trace" "debug" "info" "warn" "error" "critical"))
+                    (export "level" (type $level (eq $level')))
+                    (export "log" (func (param "level" $level) (param "context" string) (param "message" string)))
+                ))
+            )"#
+        )
+    }
+
+    #[test]
+    fn handlers_importing_logging_at_its_version_or_without_one_both_link() {
+        let runtime = crate::runtime::Runtime::new(Default::default()).unwrap();
+        let links = |name: &str| {
+            let component = wasmtime::component::Component::new(
+                runtime.linker().engine(),
+                logging_import(name),
+            )
+            .expect("valid component");
+            runtime.linker().instantiate_pre(&component).is_ok()
+        };
+        assert!(
+            links("wasi:logging/logging@0.1.0-draft"),
+            "the published version"
+        );
+        assert!(
+            links("wasi:logging/logging"),
+            "handlers built before it was pinned"
+        );
+        assert!(
+            !links("wasi:logging/logging@9.9.9"),
+            "an unknown version does not link"
+        );
+    }
 
     fn props(headers: Vec<(String, String)>) -> publisher::Properties {
         publisher::Properties {

@@ -160,6 +160,13 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// The linker handlers are instantiated against, for tests of what it
+    /// offers.
+    #[cfg(test)]
+    pub(crate) fn linker(&self) -> &Linker<GuestState> {
+        &self.linker
+    }
+
     /// Build the engine with this process's policy.
     pub fn new(config: RuntimeConfig) -> Result<Self> {
         let mut pool = PoolingAllocationConfig::default();
@@ -207,6 +214,9 @@ impl Runtime {
         Handler::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
             .map_err(anyhow::Error::from)
             .context("linking the handler world")?;
+        crate::guest::link_unversioned_logging(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("linking wasi:logging without a version")?;
 
         let weak = engine.weak();
         let tick = Duration::from_millis(config.epoch_tick_ms.max(1));
