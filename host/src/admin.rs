@@ -1,5 +1,5 @@
 //! The admin HTTP endpoint: health, readiness, Prometheus metrics, the
-//! handler list and state inspection.
+//! handler list, state inspection and dead letters (list, re-drive).
 //!
 //! With an `admin_token` configured, everything but the probes and the
 //! metrics (`/healthz`, `/readyz`, `/metrics`: what orchestrators and
@@ -34,6 +34,11 @@ pub struct AdminState {
     pub token: Option<String>,
     /// This host's id in a fleet (`Config::host_id`), shown in `/handlers`.
     pub host_id: String,
+    /// The broker, for the dead-letter routes (which use a connection of
+    /// their own). Never shown.
+    pub amqp_url: String,
+    /// AMQP heartbeat for that connection.
+    pub heartbeat_secs: u16,
 }
 
 /// The routes.
@@ -41,6 +46,8 @@ pub fn router(state: Arc<AdminState>) -> Router {
     let protected = Router::new()
         .route("/handlers", get(handlers))
         .route("/state/{handler}/{*key}", get(state_value))
+        .route("/dlq/{handler}", get(dlq_list))
+        .route("/dlq/{handler}/redrive", axum::routing::post(dlq_redrive))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -233,6 +240,105 @@ async fn state_value(
             Json(json!({"error": e.to_string()})),
         )
             .into_response(),
+    }
+}
+
+/// `?limit=N` of `GET /dlq/{handler}`.
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+/// What `POST /dlq/{handler}/redrive` sends back: `?all=true`,
+/// `?message_id=ID` or `?reason_prefix=TEXT` (one of them), and `rate`.
+#[derive(serde::Deserialize)]
+struct RedriveQuery {
+    all: Option<bool>,
+    message_id: Option<String>,
+    reason_prefix: Option<String>,
+    rate: Option<f64>,
+}
+
+fn error(status: StatusCode, e: impl std::fmt::Display) -> Response {
+    (status, Json(json!({"error": e.to_string()}))).into_response()
+}
+
+/// The handler's topology (`None`: no such handler here).
+fn topology_of(s: &AdminState, handler: &str) -> Option<crate::broker::Topology> {
+    s.registry
+        .get(handler)
+        .map(|entry| entry.version().topology.clone())
+}
+
+fn no_handler(handler: &str) -> Response {
+    error(StatusCode::NOT_FOUND, format!("no handler {handler:?}"))
+}
+
+/// `GET /dlq/{handler}?limit=N`: the DLQ's depth and its oldest messages
+/// (left in place), as `event-host dlq list --json` prints them.
+async fn dlq_list(
+    State(s): State<Arc<AdminState>>,
+    Path(handler): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+) -> Response {
+    let Some(topology) = topology_of(&s, &handler) else {
+        return no_handler(&handler);
+    };
+    let listed = async {
+        let conn = crate::broker::connect(&s.amqp_url, s.heartbeat_secs).await?;
+        let listing =
+            crate::dlq::list(&conn, &handler, &topology, q.limit.unwrap_or(20).min(1000)).await;
+        let _ = conn.close(200, "listed".into()).await;
+        listing
+    }
+    .await;
+    match listed {
+        Ok(listing) => Json(listing).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, format!("{e:#}")),
+    }
+}
+
+/// `POST /dlq/{handler}/redrive?all=true|message_id=ID|reason_prefix=TEXT`:
+/// send dead letters back to the work queue, as `event-host dlq redrive`
+/// does; answers when done, with the counts.
+async fn dlq_redrive(
+    State(s): State<Arc<AdminState>>,
+    Path(handler): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<RedriveQuery>,
+) -> Response {
+    use crate::dlq::Filter;
+    let Some(topology) = topology_of(&s, &handler) else {
+        return no_handler(&handler);
+    };
+    let filter = match (q.all, q.message_id, q.reason_prefix) {
+        (Some(true), None, None) => Filter::All,
+        (None | Some(false), Some(id), None) => Filter::MessageId(id),
+        (None | Some(false), None, Some(prefix)) => Filter::ReasonPrefix(prefix),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "say which: exactly one of all=true, message_id=ID, reason_prefix=TEXT",
+            )
+        }
+    };
+    let store = s.state.clone();
+    let secret = match tokio::task::spawn_blocking(move || store.host_secret()).await {
+        Ok(Ok(secret)) => secret,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let signer = crate::broker::RetrySigner::new(secret);
+    let done = async {
+        let conn = crate::broker::connect(&s.amqp_url, s.heartbeat_secs).await?;
+        let done =
+            crate::dlq::redrive(&conn, &handler, &topology, &signer, &filter, q.rate, |_| {}).await;
+        let _ = conn.close(200, "re-driven".into()).await;
+        done
+    }
+    .await;
+    match done {
+        Ok(done) => Json(done).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, format!("{e:#}")),
     }
 }
 

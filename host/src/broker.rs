@@ -47,6 +47,11 @@ pub const VERSION_HEADER: &str = "x-event-host-version";
 pub const HOST_HEADER: &str = "x-event-host-host";
 /// Attempts made before it was dead-lettered.
 pub const ATTEMPTS_HEADER: &str = "x-event-host-attempts";
+/// When a dead-letter copy was made (Unix seconds).
+pub const DEAD_LETTERED_AT_HEADER: &str = "x-event-host-dead-lettered-at";
+/// The attempt a dead-letter copy's signature covers: no delivery is
+/// attempt 0, so a dead-letter copy's signature is never a retry copy's.
+pub const DEAD_LETTER_ATTEMPT: u32 = 0;
 /// HMAC-SHA256 (hex) of a retry copy's attempt, original exchange and
 /// routing key, work queue and payload hash, keyed with the host's secret:
 /// the attempt, exchange and routing-key headers are trusted only with it,
@@ -165,14 +170,24 @@ impl Topology {
     pub fn new(settings: &BrokerSettings) -> Self {
         let q = &settings.queue;
         Self {
-            queue: q.clone(),
-            dlx: format!("{q}.dlx"),
-            dlq: format!("{q}.dlq"),
             retry_queues: settings
                 .retry_delays_ms
                 .iter()
                 .map(|ms| format!("{q}.retry.{ms}ms"))
                 .collect(),
+            ..Self::of_queue(q)
+        }
+    }
+
+    /// The work queue's and dead-letter path's names, without the retry
+    /// queues (which depend on the retry settings): for tools that touch
+    /// only those (`dlq`).
+    pub fn of_queue(queue: &str) -> Self {
+        Self {
+            queue: queue.to_owned(),
+            dlx: format!("{queue}.dlx"),
+            dlq: format!("{queue}.dlq"),
+            retry_queues: Vec::new(),
         }
     }
 
@@ -820,6 +835,58 @@ pub fn republish_properties(
         headers.insert(short(k), v.clone());
     }
     original.clone().with_delivery_mode(2).with_headers(headers)
+}
+
+/// Properties for a dead letter sent back to its work queue: the original
+/// properties and headers, less the host's (reason, attempts, the old
+/// signature: the message starts afresh) and the broker's death records,
+/// plus `extra`.
+pub fn redrive_properties(
+    original: &BasicProperties,
+    extra: &[(&str, AMQPValue)],
+) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    for (k, v) in original
+        .headers()
+        .as_ref()
+        .map(FieldTable::inner)
+        .into_iter()
+        .flatten()
+    {
+        let name = k.as_str();
+        if !name.starts_with(HOST_HEADER_PREFIX) && !is_death_header(name) {
+            headers.insert(k.clone(), v.clone());
+        }
+    }
+    for (k, v) in extra {
+        headers.insert(short(k), v.clone());
+    }
+    original.clone().with_delivery_mode(2).with_headers(headers)
+}
+
+/// A header of `props` as text, if it is a string.
+pub fn header_text(props: &BasicProperties, name: &str) -> Option<String> {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|t| t.inner().get(name))
+        .and_then(amqp_text)
+}
+
+/// A header of `props` as an integer, if it is one.
+pub fn header_int(props: &BasicProperties, name: &str) -> Option<i64> {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|t| t.inner().get(name))
+        .and_then(amqp_int)
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// A text header value.

@@ -104,6 +104,16 @@ pub enum Command {
         #[arg(long, default_value = "events")]
         subscribe: crate::scaffold::Subscribe,
     },
+    /// A handler's dead letters: look at them, send them back.
+    Dlq {
+        /// What to do.
+        #[command(subcommand)]
+        action: DlqAction,
+        /// Host config file (TOML): the broker, the handler's queue, the
+        /// state (whose secret signs what goes back).
+        #[arg(long, env = "EVENT_HOST_CONFIG", global = true)]
+        config: Option<PathBuf>,
+    },
     /// Validate a handler component and print its manifest as JSON.
     Check {
         /// The `.wasm` file.
@@ -126,6 +136,43 @@ pub enum Command {
     },
 }
 
+/// `event-host dlq` actions.
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// Show the oldest dead letters: reason, attempts, version, when, and
+    /// the start of the payload. They stay in the queue.
+    List {
+        /// The handler (its manifest name).
+        handler: String,
+        /// How many to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters back to the handler's work queue: attempts reset,
+    /// message id, exchange and routing key kept. Each leaves the DLQ only
+    /// once the broker confirmed its copy.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["all", "message_id", "reason_prefix"])))]
+    Redrive {
+        /// The handler (its manifest name).
+        handler: String,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+        /// Those with this message id.
+        #[arg(long)]
+        message_id: Option<String>,
+        /// Those whose reason starts with this text.
+        #[arg(long)]
+        reason_prefix: Option<String>,
+        /// At most this many a second (spare the handler a flood).
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+}
+
 /// Parse arguments, set up logging, run the command.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
@@ -143,6 +190,78 @@ pub fn run() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `event-host dlq`: straight to the broker, signing with the state's
+/// secret (a running host is not needed).
+async fn dlq_command(config: &Config, action: DlqAction) -> Result<()> {
+    let handler = match &action {
+        DlqAction::List { handler, .. } | DlqAction::Redrive { handler, .. } => handler.clone(),
+    };
+    let queue = config
+        .handlers
+        .get(&handler)
+        .and_then(|h| h.queue.clone())
+        .unwrap_or_else(|| handler.clone());
+    let topology = crate::broker::Topology::of_queue(&queue);
+    let conn = crate::broker::connect(&config.amqp_url, config.heartbeat_secs).await?;
+    match action {
+        DlqAction::List { limit, json, .. } => {
+            let listing = crate::dlq::list(&conn, &handler, &topology, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+            } else {
+                print!("{}", crate::dlq::render(&handler, &listing));
+            }
+        }
+        DlqAction::Redrive {
+            all,
+            message_id,
+            reason_prefix,
+            rate,
+            ..
+        } => {
+            let filter = match (all, message_id, reason_prefix) {
+                (_, Some(id), _) => crate::dlq::Filter::MessageId(id),
+                (_, _, Some(prefix)) => crate::dlq::Filter::ReasonPrefix(prefix),
+                _ => crate::dlq::Filter::All,
+            };
+            let config = config.clone();
+            let secret = tokio::task::spawn_blocking(move || state_secret(&config))
+                .await
+                .context("reading the host secret")??;
+            let signer = crate::broker::RetrySigner::new(secret);
+            let done = crate::dlq::redrive(
+                &conn,
+                &handler,
+                &topology,
+                &signer,
+                &filter,
+                rate,
+                |moved| {
+                    if moved % 100 == 0 {
+                        eprintln!("{moved} sent back so far");
+                    }
+                },
+            )
+            .await?;
+            println!(
+                "{handler}: {} sent back to {queue:?}; left in {:?}: {} not matching, {} not signed by this fleet (refused outputs, or copies from before signing)",
+                done.moved, topology.dlq, done.skipped, done.unsigned
+            );
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
+
+/// The secret the hosts on `config`'s state sign with: from the shared
+/// database, or the file an embedded host keeps beside its own.
+fn state_secret(config: &Config) -> Result<[u8; 32]> {
+    if config.state_url.as_ref().is_some_and(|u| !u.0.is_empty()) {
+        return StateStore::from_config(config)?.host_secret();
+    }
+    crate::state::secret_from_file(&config.state_path)
 }
 
 /// `text` with the password of every `scheme://user:password@host` in it
@@ -307,6 +426,18 @@ fn execute(command: Command) -> Result<()> {
                 dir.display()
             );
             Ok(())
+        }
+        Command::Dlq { action, config } => {
+            let mut config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::default(),
+            };
+            config.apply_env()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(dlq_command(&config, action))
         }
         Command::Check { file } => {
             let config = Config::default();

@@ -81,8 +81,9 @@ pub struct Config {
     /// Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
     pub amqp_url: String,
     /// Admin HTTP endpoint (`/healthz`, `/readyz`, `/metrics`, `/handlers`,
-    /// `/state/{handler}/{key}`). Default `127.0.0.1:9090`. Binding it to a
-    /// public address exposes handler state to whoever can reach it.
+    /// `/state/{handler}/{key}`, `/dlq/{handler}`). Default
+    /// `127.0.0.1:9090`. Binding it to a public address exposes handler
+    /// state, and the re-driving of dead letters, to whoever can reach it.
     pub admin_addr: String,
     /// AMQP heartbeat in seconds (0 disables): a silent network cut is
     /// noticed within about twice this. Default 10.

@@ -27,6 +27,8 @@
 //!   envelope conversion.
 //! - [`dispatch::amqp`]: the broker path of the dispatcher — consume,
 //!   batch, commit, publish with confirms, ack.
+//! - [`dlq`]: dead letters as a workflow — list a handler's, send them
+//!   back to its queue once fixed (`event-host dlq`, the admin endpoint).
 //! - [`registry`], [`metrics`], [`admin`]: live handlers (current and
 //!   previous version, active / paused / removed), Prometheus metrics, the
 //!   admin HTTP endpoint.
@@ -49,6 +51,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+pub mod dlq;
 pub mod guest;
 pub mod handler;
 pub mod health;

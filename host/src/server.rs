@@ -112,6 +112,8 @@ pub async fn run(
             .map(|t| t.0.clone())
             .filter(|t| !t.is_empty()),
         host_id,
+        amqp_url: config.amqp_url.clone(),
+        heartbeat_secs: config.heartbeat_secs,
     });
     let mut admin_stop = stop_rx.clone();
     let (admin_addr, admin_task) = admin::serve(&config.admin_addr, admin_state, async move {

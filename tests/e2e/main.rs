@@ -14,6 +14,7 @@ mod cli;
 mod crash;
 mod credentials;
 mod deploy;
+mod dlq;
 mod faults;
 mod fleet;
 mod hostile;

@@ -710,6 +710,7 @@ impl Acker {
                         &reason,
                         self.keep_headers(s),
                         self.dispatcher.host_id(),
+                        &self.signer,
                     );
                     self.publish_dead_letter(&copy).await?;
                     self.metrics
@@ -784,9 +785,25 @@ fn refused_output(version: &HandlerVersion, send: &Send, reason: &str) -> Send {
 
 /// A dead-letter copy of a settled event: its body and properties (its
 /// headers unless `keep` says not, without the attempt and signature, so
-/// a message moved back from the DLQ starts afresh), plus why and by whom
-/// (handler, version and, in a fleet, `host`).
-fn dead_letter_copy(s: &Settled, reason: &str, keep: KeepHeaders, host: Option<&str>) -> Send {
+/// a message moved back from the DLQ starts afresh), plus why, when and by
+/// whom (handler, version and, in a fleet, `host`). The original exchange
+/// and routing key are signed (as a retry copy's are, for attempt
+/// [`broker::DEAD_LETTER_ATTEMPT`]): `dlq redrive` restores them only
+/// for a copy the fleet's secret signed.
+fn dead_letter_copy(
+    s: &Settled,
+    reason: &str,
+    keep: KeepHeaders,
+    host: Option<&str>,
+    signer: &RetrySigner,
+) -> Send {
+    let signature = signer.sign(&RetryFacts {
+        queue: &s.version.topology.queue,
+        attempt: broker::DEAD_LETTER_ATTEMPT,
+        exchange: &s.exchange,
+        routing_key: &s.routing_key,
+        payload: &s.delivery.data,
+    });
     let mut headers = vec![
         (broker::REASON_HEADER, broker::reason_text(reason)),
         (broker::HANDLER_HEADER, text(&s.version.name)),
@@ -797,6 +814,11 @@ fn dead_letter_copy(s: &Settled, reason: &str, keep: KeepHeaders, host: Option<&
         ),
         (broker::EXCHANGE_HEADER, text(&s.exchange)),
         (broker::ROUTING_KEY_HEADER, text(&s.routing_key)),
+        (broker::SIGNATURE_HEADER, text(&signature)),
+        (
+            broker::DEAD_LETTERED_AT_HEADER,
+            AMQPValue::LongLongInt(broker::unix_now()),
+        ),
     ];
     if let Some(host) = host {
         headers.push((broker::HOST_HEADER, text(host)));
@@ -895,6 +917,7 @@ async fn acks(mut acker: Acker, mut rx: mpsc::Receiver<Vec<Settled>>) -> Result<
                         reason,
                         acker.keep_headers(s),
                         acker.dispatcher.host_id(),
+                        &acker.signer,
                     );
                     copy.from = index;
                     sends.push(copy);

@@ -498,9 +498,56 @@ impl StateStore {
     /// made on first use and kept in the state, so a restarted host — and
     /// on shared state every host of the fleet — trusts the retry copies
     /// another made.
+    ///
+    /// An embedded store also keeps it, hex, in [`SECRET_FILE`] beside its
+    /// database, for tools that sign for the host (`dlq redrive`) while
+    /// the host holds the database locked; it is no more exposed there
+    /// than in the database, which the folder holds too.
     pub fn host_secret(&self) -> Result<[u8; 32]> {
-        self.inner.backend.host_secret()
+        let secret = self.inner.backend.host_secret()?;
+        if let Some(dir) = self.path().and_then(Path::parent) {
+            let file = dir.join(SECRET_FILE);
+            if !file.exists() {
+                write_private(&file, hex::encode(secret).as_bytes())
+                    .with_context(|| format!("writing {}", file.display()))?;
+            }
+        }
+        Ok(secret)
     }
+}
+
+/// The file in an embedded store's folder that holds the host secret.
+pub const SECRET_FILE: &str = "host-secret";
+
+/// The host secret an embedded store in `dir` keeps in [`SECRET_FILE`].
+pub fn secret_from_file(dir: &Path) -> Result<[u8; 32]> {
+    let file = dir.join(SECRET_FILE);
+    let text = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "reading {} (a host on this state folder writes it when it starts)",
+            file.display()
+        )
+    })?;
+    hex::decode(text.trim())
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .with_context(|| format!("{} does not hold a 32-byte hex secret", file.display()))
+}
+
+/// Write `bytes` to `file` readable by its owner only, atomically.
+fn write_private(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    out.write_all(bytes)?;
+    out.sync_all()?;
+    std::fs::rename(&tmp, file)
 }
 
 /// What a batch of commits comes to, worked out before anything is
