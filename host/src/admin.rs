@@ -288,7 +288,7 @@ async fn dlq_list(
         let conn = crate::broker::connect(&s.amqp_url, s.heartbeat_secs).await?;
         let listing =
             crate::dlq::list(&conn, &handler, &topology, q.limit.unwrap_or(20).min(1000)).await;
-        let _ = conn.close(200, "listed".into()).await;
+        let _ = conn.close(200, crate::broker::short("listed")).await;
         listing
     }
     .await;
@@ -332,7 +332,7 @@ async fn dlq_redrive(
         let conn = crate::broker::connect(&s.amqp_url, s.heartbeat_secs).await?;
         let done =
             crate::dlq::redrive(&conn, &handler, &topology, &signer, &filter, q.rate, |_| {}).await;
-        let _ = conn.close(200, "re-driven".into()).await;
+        let _ = conn.close(200, crate::broker::short("re-driven")).await;
         done
     }
     .await;

@@ -251,7 +251,7 @@ async fn dlq_command(config: &Config, action: DlqAction) -> Result<()> {
             );
         }
     }
-    let _ = conn.close(200, "done".into()).await;
+    let _ = conn.close(200, crate::broker::short("done")).await;
     Ok(())
 }
 

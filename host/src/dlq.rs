@@ -292,7 +292,7 @@ pub async fn redrive(
         progress(done.moved);
         if let Some(pace) = pace {
             let due = started + pace.mul_f64(done.moved as f64);
-            tokio::time::sleep_until(due.into()).await;
+            tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
         }
     }
     // What was kept goes back to the DLQ.
