@@ -38,6 +38,9 @@
 //!   (automatic rollback).
 //! - [`server`]: `event-host run` — reconnecting broker sessions and
 //!   graceful shutdown.
+//! - [`trace`]: W3C Trace Context — an event's trace continued from its
+//!   `traceparent`, carried on to what it publishes and its retry and
+//!   dead-letter copies, named in its log lines.
 //! - [`split_guard`]: a host on embedded state consumes a queue only
 //!   alone (no silent split of state across hosts).
 //! - [`router`], [`replay`]: AMQP routing in memory and the offline
@@ -68,3 +71,4 @@ pub mod scaffold;
 pub mod server;
 pub mod split_guard;
 pub mod state;
+pub mod trace;

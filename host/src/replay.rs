@@ -195,6 +195,8 @@ impl InputEvent {
             timestamp: self.properties.timestamp,
             redelivered: false,
             attempt: 1,
+            // No trace stamped: replay's output stays the same run to run.
+            span: None,
         }
     }
 }
@@ -215,6 +217,7 @@ fn published_delivery(p: &Outgoing) -> Delivery {
         timestamp: None,
         redelivered: false,
         attempt: 1,
+        span: None,
     }
 }
 

@@ -511,3 +511,148 @@ fn instances_serve_several_events_of_a_backlog_only_where_the_handler_allows_it(
     assert!(calls_per_instance(&host, n).iter().all(|&c| c == 1));
     host.stop().unwrap();
 }
+
+/// The `traceparent` of a message, split: (trace id, span id, flags).
+fn traceparent(m: &lapin::message::BasicGetMessage) -> (String, String, String) {
+    let value = header(m, "traceparent").expect("a traceparent");
+    let parts: Vec<&str> = value.split('-').collect();
+    assert_eq!(parts.len(), 4, "{value}");
+    assert_eq!(parts[0], "00", "{value}");
+    assert!(parts[1].len() == 32 && parts[2].len() == 16, "{value}");
+    (parts[1].into(), parts[2].into(), parts[3].into())
+}
+
+fn traced(traceparent: &str) -> BasicProperties {
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "traceparent".into(),
+        lapin::types::AMQPValue::LongString(traceparent.into()),
+    );
+    headers.insert(
+        "tracestate".into(),
+        lapin::types::AMQPValue::LongString("vendor=abc".into()),
+    );
+    BasicProperties::default().with_headers(headers)
+}
+
+const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const PARENT: &str = "b7ad6b7169203331";
+
+/// W3C Trace Context: an order's trace comes back on inventory's
+/// reservation, with the attempt's own span as the parent; an order with
+/// none starts a trace of its own.
+#[test]
+fn a_trace_published_on_an_order_comes_back_on_the_reservation() {
+    let inv = Inventory::new();
+    let mut client = Client::connect();
+    inv.cleanup(&mut client);
+    declare_topic(&client, &inv.events);
+    let reserved = client.bind_probe(&inv.events, "inventory.reserved");
+    let host = TestHost::start(&["inventory"], &inv.config(""));
+    client.publish(
+        &inv.orders,
+        "",
+        br#"{"id": 1, "item": "Laptop", "quantity": 1}"#,
+        traced(&format!("00-{TRACE}-{PARENT}-01")),
+    );
+    let got = client.take(&reserved, 1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1);
+    let (trace, span, flags) = traceparent(&got[0]);
+    assert_eq!((trace.as_str(), flags.as_str()), (TRACE, "01"));
+    assert_ne!(span, PARENT, "a span of its own");
+    assert_eq!(header(&got[0], "tracestate").as_deref(), Some("vendor=abc"));
+
+    // A plain client's order, with no trace: a new one.
+    client.publish(
+        &inv.orders,
+        "",
+        br#"{"id": 2, "item": "Laptop", "quantity": 1}"#,
+        BasicProperties::default(),
+    );
+    let got = client.take(&reserved, 1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1);
+    let (trace, span, _) = traceparent(&got[0]);
+    assert_ne!(trace, TRACE);
+    assert_ne!(trace, "0".repeat(32));
+    assert_ne!(span, "0".repeat(16));
+    host.stop().unwrap();
+}
+
+/// A retried event's copies carry its trace on: the dead-letter copy after
+/// the last attempt has the trace id it came with and a span of that
+/// attempt, not the publisher's.
+#[test]
+fn retry_and_dead_letter_copies_carry_the_trace_on() {
+    let chaos = Chaos::new();
+    let host = chaos.start("max_attempts = 3");
+    chaos.client.publish(
+        &chaos.exchange,
+        "k",
+        br#"{"action": "retry", "reason": "not yet"}"#,
+        traced(&format!("00-{TRACE}-{PARENT}-01")),
+    );
+    let dead = chaos.client.take(&chaos.dlq, 1, Duration::from_secs(20));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        header(&dead[0], "x-event-host-attempts").as_deref(),
+        Some("3")
+    );
+    let (trace, span, flags) = traceparent(&dead[0]);
+    assert_eq!((trace.as_str(), flags.as_str()), (TRACE, "01"));
+    assert_ne!(span, PARENT, "the last attempt's span, not the publisher's");
+    assert_eq!(
+        header(&dead[0], "tracestate").as_deref(),
+        Some("vendor=abc")
+    );
+    host.stop().unwrap();
+}
+
+/// Every line logged about an event names its trace, in both log formats:
+/// the guest's own lines, and the host's (here: the dead-lettering).
+#[test]
+fn log_lines_about_an_event_carry_its_trace_id() {
+    for format in ["human", "json"] {
+        let chaos = Chaos::new();
+        let dir = tempfile::tempdir().unwrap();
+        let handlers = dir.path().join("handlers");
+        std::fs::create_dir_all(&handlers).unwrap();
+        std::fs::copy(crate::support::guest("chaos"), handlers.join("chaos.wasm")).unwrap();
+        let config = dir.path().join("host.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "handlers_dir = {:?}\namqp_url = {:?}\n{}",
+                handlers.to_str().unwrap(),
+                crate::amqp_support::amqp_url(),
+                chaos_config(&chaos.queue, &chaos.exchange, "max_attempts = 1"),
+            ),
+        )
+        .unwrap();
+        let mut cmd = crate::process::event_host(dir.path());
+        cmd.args([
+            "--log-format",
+            format,
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        let mut host = crate::process::Run::start("traced", dir.path(), cmd);
+        host.wait_ready();
+        for (action, message) in [("log", "hello from the guest"), ("reject", "")] {
+            chaos.client.publish(
+                &chaos.exchange,
+                "k",
+                format!(r#"{{"action": "{action}", "message": "{message}", "reason": "no"}}"#)
+                    .as_bytes(),
+                traced(&format!("00-{TRACE}-{PARENT}-01")),
+            );
+        }
+        host.wait_log("hello from the guest", 1);
+        host.wait_log("event dead-lettered", 1);
+        let log = std::fs::read_to_string(&host.log).unwrap();
+        for needle in ["hello from the guest", "event dead-lettered"] {
+            let line = log.lines().find(|l| l.contains(needle)).unwrap();
+            assert!(line.contains(TRACE), "{format}: {line}");
+        }
+    }
+}

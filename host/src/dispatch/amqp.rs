@@ -41,6 +41,7 @@ use crate::health::Verdict;
 use crate::metrics::Metrics;
 use crate::registry::{Entry, Lifecycle, Registry, Status};
 use crate::state::{Outgoing, Owed};
+use crate::trace::Span;
 
 /// Most deliveries one worker batch takes (and so one transaction holds).
 const MAX_BATCH: usize = 128;
@@ -53,6 +54,22 @@ struct Settled {
     attempt: u32,
     exchange: String,
     routing_key: String,
+    /// The attempt's span: retry and dead-letter copies carry it on.
+    span: Option<Span>,
+}
+
+impl Settled {
+    /// `traceparent` for a copy of this event (retry, dead letter): the
+    /// attempt's span as the parent of the next.
+    fn traceparent(&self) -> Option<(&'static str, AMQPValue)> {
+        self.span
+            .map(|span| (crate::trace::TRACEPARENT, text(&span.traceparent())))
+    }
+
+    /// The trace id, for log lines about the event.
+    fn trace_id(&self) -> String {
+        self.span.map(|s| s.trace_id()).unwrap_or_default()
+    }
 }
 
 /// Serve one handler's queue on `conn` until `stop` turns true (graceful:
@@ -418,6 +435,7 @@ fn run_batch(
             attempt: input.attempt,
             exchange: input.exchange,
             routing_key: input.routing_key,
+            span: input.span,
         })
         .collect()
 }
@@ -470,6 +488,7 @@ fn requeue_unrun(
                 attempt: input.attempt,
                 exchange: input.exchange,
                 routing_key: input.routing_key,
+                span: input.span,
             }
         })
         .collect()
@@ -823,6 +842,7 @@ fn dead_letter_copy(
     if let Some(host) = host {
         headers.push((broker::HOST_HEADER, text(host)));
     }
+    headers.extend(s.traceparent());
     let props = broker::republish_properties(&s.delivery.properties, keep, &headers);
     Send {
         from: 0,
@@ -882,22 +902,24 @@ async fn acks(mut acker: Acker, mut rx: mpsc::Receiver<Vec<Settled>>) -> Result<
                         routing_key: &s.routing_key,
                         payload: &s.delivery.data,
                     });
+                    let mut headers = vec![
+                        (
+                            broker::ATTEMPT_HEADER,
+                            AMQPValue::LongLongInt(i64::from(next)),
+                        ),
+                        (broker::EXCHANGE_HEADER, text(&s.exchange)),
+                        (broker::ROUTING_KEY_HEADER, text(&s.routing_key)),
+                        (broker::SIGNATURE_HEADER, text(&signature)),
+                        (
+                            broker::REASON_HEADER,
+                            broker::reason_text(reason.as_deref().unwrap_or("")),
+                        ),
+                    ];
+                    headers.extend(s.traceparent());
                     let props = broker::republish_properties(
                         &s.delivery.properties,
                         KeepHeaders::ForDelayQueue,
-                        &[
-                            (
-                                broker::ATTEMPT_HEADER,
-                                AMQPValue::LongLongInt(i64::from(next)),
-                            ),
-                            (broker::EXCHANGE_HEADER, text(&s.exchange)),
-                            (broker::ROUTING_KEY_HEADER, text(&s.routing_key)),
-                            (broker::SIGNATURE_HEADER, text(&signature)),
-                            (
-                                broker::REASON_HEADER,
-                                broker::reason_text(reason.as_deref().unwrap_or("")),
-                            ),
-                        ],
+                        &headers,
                     );
                     sends.push(Send {
                         from: index,
@@ -925,7 +947,7 @@ async fn acks(mut acker: Acker, mut rx: mpsc::Receiver<Vec<Settled>>) -> Result<
                         metrics.rejected.get_or_create(&label).inc();
                     }
                     metrics.dead_lettered.get_or_create(&label).inc();
-                    tracing::info!(handler = %s.version.name, reason = %broker::cap_reason(reason), "event dead-lettered");
+                    tracing::info!(handler = %s.version.name, trace_id = %s.trace_id(), reason = %broker::cap_reason(reason), "event dead-lettered");
                 }
                 Outcome::Requeue => {
                     requeue.push(tag);

@@ -20,6 +20,7 @@ use crate::idempotency;
 use crate::read_ahead;
 use crate::runtime::{CallResult, Runtime, WarmInstance};
 use crate::state::{Commit, CommitOutcome, Contended, Outgoing, StateStore};
+use crate::trace;
 
 /// One message as it arrived, in host terms (the broker adapter and replay
 /// build these).
@@ -45,6 +46,10 @@ pub struct Delivery {
     pub redelivered: bool,
     /// Attempt number, from 1.
     pub attempt: u32,
+    /// This attempt's span of the event's trace (W3C Trace Context): set
+    /// for deliveries from the broker, carried on to what the attempt
+    /// publishes. `None` (replay, tools): nothing is stamped.
+    pub span: Option<trace::Span>,
 }
 
 /// A header value in host terms (mirrors the WIT `header-value`).
@@ -544,6 +549,11 @@ impl Dispatcher {
         warm: &mut Warm,
     ) -> Result<Execution> {
         let ns = &*handler.name;
+        // Every line logged about the event, the guest's included, names
+        // its trace and span.
+        let _span = delivery.span.map(|s| {
+            tracing::info_span!("event", trace_id = %s.trace_id(), span_id = %s.span_id()).entered()
+        });
         let key = idempotency::key_for(&handler.settings.idempotency_key, delivery);
         if let Some(key) = &key {
             let processed = match self.state.is_processed(ns, key) {
@@ -864,6 +874,19 @@ fn stamp_publishes(
             .push((VERSION_HEADER.to_owned(), handler.sha256.clone()));
         if let Some(host) = host_id {
             p.headers.push((HOST_HEADER.to_owned(), host.to_owned()));
+        }
+        if let Some(span) = &delivery.span {
+            // The event's trace goes on, with this attempt as the parent.
+            p.headers.retain(|(k, _)| {
+                !k.eq_ignore_ascii_case(trace::TRACEPARENT)
+                    && !k.eq_ignore_ascii_case(trace::TRACESTATE)
+            });
+            p.headers
+                .push((trace::TRACEPARENT.to_owned(), span.traceparent()));
+            if let Some(state) = trace::tracestate(&delivery.headers) {
+                p.headers
+                    .push((trace::TRACESTATE.to_owned(), state.to_owned()));
+            }
         }
     }
     publishes

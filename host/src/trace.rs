@@ -1,0 +1,216 @@
+//! W3C Trace Context across hops: which order caused this reservation.
+//!
+//! A delivery whose `traceparent` header is valid continues that trace; a
+//! delivery without one (a plain client's) starts a new trace. Each
+//! attempt at an event is a span of its own, and everything the attempt
+//! causes carries it on as the parent: the handler's publishes, and the
+//! retry and dead-letter copies of the event (`traceparent` replaced,
+//! `tracestate` passed on as it came). Log lines about an event carry its
+//! trace and span ids. The guest sees the incoming headers as they came.
+
+use std::fmt;
+
+use crate::dispatch::HeaderValue;
+
+/// The W3C `traceparent` header.
+pub const TRACEPARENT: &str = "traceparent";
+/// The W3C `tracestate` header.
+pub const TRACESTATE: &str = "tracestate";
+
+/// One attempt at an event, as a span of a trace.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// The trace it belongs to.
+    pub trace_id: [u8; 16],
+    /// This span.
+    pub span_id: [u8; 8],
+    /// The span that caused it (the publisher's, or the previous
+    /// attempt's), when the delivery carried one.
+    pub parent: Option<[u8; 8]>,
+    /// Trace flags (bit 0: sampled), as they came; sampled for a new trace.
+    pub flags: u8,
+}
+
+impl fmt::Debug for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.traceparent())
+    }
+}
+
+impl Span {
+    /// The span of an attempt at a delivery with these headers: a child of
+    /// its `traceparent`, or the root of a new trace.
+    pub fn for_delivery(headers: &[(String, HeaderValue)]) -> Self {
+        let parent = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(TRACEPARENT))
+            .and_then(|(_, v)| match v {
+                HeaderValue::Text(s) => parse_traceparent(s),
+                _ => None,
+            });
+        match parent {
+            Some((trace_id, parent, flags)) => Self {
+                trace_id,
+                span_id: random_span_id(),
+                parent: Some(parent),
+                flags,
+            },
+            None => Self {
+                trace_id: random_nonzero(),
+                span_id: random_span_id(),
+                parent: None,
+                flags: 0x01,
+            },
+        }
+    }
+
+    /// The `traceparent` that makes this span the parent of what it sends.
+    pub fn traceparent(&self) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            hex::encode(self.trace_id),
+            hex::encode(self.span_id),
+            self.flags
+        )
+    }
+
+    /// The trace id, hex, for logs.
+    pub fn trace_id(&self) -> String {
+        hex::encode(self.trace_id)
+    }
+
+    /// The span id, hex, for logs.
+    pub fn span_id(&self) -> String {
+        hex::encode(self.span_id)
+    }
+}
+
+/// The `tracestate` a delivery carried, passed on unchanged (vendors'
+/// entries; this host adds none).
+pub fn tracestate(headers: &[(String, HeaderValue)]) -> Option<&str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(TRACESTATE))
+        .and_then(|(_, v)| match v {
+            HeaderValue::Text(s) if s.len() <= 512 => Some(s.as_str()),
+            _ => None,
+        })
+}
+
+/// `version-traceid-parentid-flags`, per the W3C spec: version 00 exactly,
+/// a later version by its first four fields (forward compatible), never
+/// version ff, all-zero ids, or upper-case hex.
+fn parse_traceparent(s: &str) -> Option<([u8; 16], [u8; 8], u8)> {
+    let s = s.trim();
+    let mut parts = s.split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let lower_hex = |t: &str, n: usize| {
+        t.len() == n
+            && t.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if !lower_hex(version, 2) || version == "ff" {
+        return None;
+    }
+    if version == "00" && (parts.next().is_some() || s.len() != 55) {
+        return None;
+    }
+    if !lower_hex(trace, 32)
+        || !lower_hex(parent, 16)
+        || !lower_hex(&flags[..flags.len().min(2)], 2)
+    {
+        return None;
+    }
+    let trace_id: [u8; 16] = hex::decode(trace).ok()?.try_into().ok()?;
+    let parent_id: [u8; 8] = hex::decode(parent).ok()?.try_into().ok()?;
+    if trace_id == [0; 16] || parent_id == [0; 8] {
+        return None;
+    }
+    let flags = u8::from_str_radix(&flags[..2], 16).ok()?;
+    Some((trace_id, parent_id, flags))
+}
+
+fn random_span_id() -> [u8; 8] {
+    random_nonzero()
+}
+
+/// Random bytes, never all zero (which W3C reserves for "invalid").
+fn random_nonzero<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    while bytes.iter().all(|b| *b == 0) {
+        if getrandom::getrandom(&mut bytes).is_err() {
+            // No OS randomness: a clock- and counter-derived id is still
+            // unique enough to tell spans apart in a trace.
+            use std::hash::{BuildHasher, Hasher};
+            for chunk in bytes.chunks_mut(8) {
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u128(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos()),
+                );
+                chunk.copy_from_slice(&h.finish().to_be_bytes()[..chunk.len()]);
+            }
+        }
+    }
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(traceparent: &str) -> Vec<(String, HeaderValue)> {
+        vec![(TRACEPARENT.into(), HeaderValue::Text(traceparent.into()))]
+    }
+
+    #[test]
+    fn a_valid_traceparent_is_continued_with_a_new_span() {
+        let incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let span = Span::for_delivery(&headers(incoming));
+        assert_eq!(span.trace_id(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(
+            span.parent,
+            Some(hex::decode("b7ad6b7169203331").unwrap().try_into().unwrap())
+        );
+        assert_ne!(span.span_id(), "b7ad6b7169203331");
+        let out = span.traceparent();
+        assert!(
+            out.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && out.ends_with("-01"),
+            "{out}"
+        );
+        assert_eq!(out.len(), 55);
+        // Continuing what we send continues the same trace.
+        let next = Span::for_delivery(&headers(&out));
+        assert_eq!(next.trace_id, span.trace_id);
+        assert_eq!(next.parent, Some(span.span_id));
+    }
+
+    #[test]
+    fn anything_else_starts_a_new_trace() {
+        for bad in [
+            "",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+            "zz-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ] {
+            let span = Span::for_delivery(&headers(bad));
+            assert_eq!(span.parent, None, "{bad:?}");
+            assert_ne!(span.trace_id, [0; 16]);
+            assert_eq!(span.flags, 1);
+        }
+        // A later version is read by its first four fields.
+        let later = "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what-comes";
+        assert!(Span::for_delivery(&headers(later)).parent.is_some());
+        // Two new traces are two traces.
+        assert_ne!(
+            Span::for_delivery(&[]).trace_id,
+            Span::for_delivery(&[]).trace_id
+        );
+    }
+}
