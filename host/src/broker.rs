@@ -802,6 +802,26 @@ pub enum KeepHeaders {
     /// which then refuses every retry copy of the handler. The delay queue
     /// writes its own.
     ForDelayQueue,
+    /// For a dead letter sent back to its work queue (`dlq redrive`): the
+    /// original ones less all of the host's (reason, attempts, the old
+    /// signature: it starts afresh) and the broker's death records.
+    ForRedrive,
+}
+
+impl KeepHeaders {
+    /// Whether a copy keeps the original header `name`.
+    fn keeps(self, name: &str) -> bool {
+        match self {
+            KeepHeaders::None => false,
+            KeepHeaders::Original => name != ATTEMPT_HEADER && name != SIGNATURE_HEADER,
+            KeepHeaders::ForDelayQueue => {
+                name != ATTEMPT_HEADER && name != SIGNATURE_HEADER && !is_death_header(name)
+            }
+            KeepHeaders::ForRedrive => {
+                !name.starts_with(HOST_HEADER_PREFIX) && !is_death_header(name)
+            }
+        }
+    }
 }
 
 /// Whether `name` is one of RabbitMQ's death-record headers.
@@ -810,40 +830,11 @@ fn is_death_header(name: &str) -> bool {
 }
 
 /// Properties for re-publishing a delivery to a retry or dead-letter
-/// queue: the original properties, plus the host's headers.
+/// queue, or from a dead-letter queue back to its work queue: the original
+/// properties, the headers `keep` keeps, plus the host's.
 pub fn republish_properties(
     original: &BasicProperties,
     keep: KeepHeaders,
-    extra: &[(&str, AMQPValue)],
-) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    if keep != KeepHeaders::None {
-        for (k, v) in original
-            .headers()
-            .as_ref()
-            .map(FieldTable::inner)
-            .into_iter()
-            .flatten()
-        {
-            let name = k.as_str();
-            let death = keep == KeepHeaders::ForDelayQueue && is_death_header(name);
-            if name != ATTEMPT_HEADER && name != SIGNATURE_HEADER && !death {
-                headers.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    for (k, v) in extra {
-        headers.insert(short(k), v.clone());
-    }
-    original.clone().with_delivery_mode(2).with_headers(headers)
-}
-
-/// Properties for a dead letter sent back to its work queue: the original
-/// properties and headers, less the host's (reason, attempts, the old
-/// signature: the message starts afresh) and the broker's death records,
-/// plus `extra`.
-pub fn redrive_properties(
-    original: &BasicProperties,
     extra: &[(&str, AMQPValue)],
 ) -> BasicProperties {
     let mut headers = FieldTable::default();
@@ -854,8 +845,7 @@ pub fn redrive_properties(
         .into_iter()
         .flatten()
     {
-        let name = k.as_str();
-        if !name.starts_with(HOST_HEADER_PREFIX) && !is_death_header(name) {
+        if keep.keeps(k.as_str()) {
             headers.insert(k.clone(), v.clone());
         }
     }

@@ -26,7 +26,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::Connection;
 use serde::Serialize;
 
-use crate::broker::{self, text, RetryFacts, RetrySigner, Topology};
+use crate::broker::{self, text, KeepHeaders, RetryFacts, RetrySigner, Topology};
 
 /// Bytes of a dead letter's payload shown in a listing.
 const PREVIEW_BYTES: usize = 120;
@@ -159,6 +159,16 @@ async fn depth(conn: &Connection, handler: &str, topology: &Topology) -> Result<
     }
 }
 
+/// The next dead letter ready in the DLQ, held unacked on `ch`.
+async fn next(ch: &lapin::Channel, topology: &Topology) -> Result<Option<BasicGetMessage>> {
+    ch.basic_get(
+        broker::name(&topology.dlq)?,
+        BasicGetOptions { no_ack: false },
+    )
+    .await
+    .with_context(|| format!("reading {:?}", topology.dlq))
+}
+
 /// Up to `limit` dead letters of `handler`, oldest first, left in place
 /// (read without acking; they go back when the channel closes).
 pub async fn list(
@@ -171,14 +181,9 @@ pub async fn list(
     let ch = conn.create_channel().await.context("opening a channel")?;
     let mut messages = Vec::new();
     while messages.len() < limit {
-        let got = ch
-            .basic_get(
-                broker::name(&topology.dlq)?,
-                BasicGetOptions { no_ack: false },
-            )
-            .await
-            .with_context(|| format!("reading {:?}", topology.dlq))?;
-        let Some(message) = got else { break };
+        let Some(message) = next(&ch, topology).await? else {
+            break;
+        };
         messages.push(DeadLetter::of(&message));
     }
     // Closing returns every message read to the queue, in its place.
@@ -210,17 +215,9 @@ pub async fn redrive(
         .map(|r| Duration::from_secs_f64(1.0 / r));
     let started = Instant::now();
     let mut done = Redriven::default();
-    loop {
-        let got = get
-            .basic_get(
-                broker::name(&topology.dlq)?,
-                BasicGetOptions { no_ack: false },
-            )
-            .await
-            .with_context(|| format!("reading {:?}", topology.dlq))?;
-        // Messages kept are held unacked on this channel until the end, so
-        // the queue runs dry once every message was looked at once.
-        let Some(message) = got else { break };
+    // Messages kept are held unacked on this channel until the end, so
+    // the queue runs dry once every message was looked at once.
+    while let Some(message) = next(&get, topology).await? {
         let letter = DeadLetter::of(&message);
         if !filter.matches(&letter) {
             done.skipped += 1;
@@ -255,8 +252,9 @@ pub async fn redrive(
             routing_key: &routing_key,
             payload: &d.data,
         });
-        let props = broker::redrive_properties(
+        let props = broker::republish_properties(
             &d.properties,
+            KeepHeaders::ForRedrive,
             &[
                 (broker::ATTEMPT_HEADER, AMQPValue::LongLongInt(1)),
                 (broker::EXCHANGE_HEADER, text(&exchange)),

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::ExchangeDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use serde_json::Value;
@@ -33,31 +33,7 @@ fn seed_declares_orders(client: &Client, exchange: &str) -> Result<(), lapin::Er
 /// server-named exclusive queue, bound to it. Returns the queue.
 fn seed_inventory_service(client: &Client, exchange: &str) -> Result<String, lapin::Error> {
     seed_declares_orders(client, exchange)?;
-    client.rt.block_on(async {
-        let q = client
-            .ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let queue = q.name().as_str().to_owned();
-        client
-            .ch
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(queue)
-    })
+    Ok(client.bind_probe(exchange, ""))
 }
 
 /// The seed's Order Service: declare, then publish the order with no
