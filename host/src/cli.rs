@@ -118,6 +118,10 @@ pub enum Command {
     Check {
         /// The `.wasm` file.
         file: PathBuf,
+        /// Keep compiled code here, and reuse it: a large component (a
+        /// Python one takes ~20 s) compiles once, not every time.
+        #[arg(long, env = "EVENT_HOST_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
     },
     /// Run handlers over a JSON-lines file of events, with no broker.
     Replay {
@@ -133,6 +137,9 @@ pub enum Command {
         /// State folder to use and keep; without it state is in memory.
         #[arg(long)]
         state: Option<PathBuf>,
+        /// Keep compiled code here, and reuse it (as `check`).
+        #[arg(long, env = "EVENT_HOST_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
     },
 }
 
@@ -439,8 +446,11 @@ fn execute(command: Command) -> Result<()> {
                 .context("starting the async runtime")?;
             rt.block_on(dlq_command(&config, action))
         }
-        Command::Check { file } => {
-            let config = Config::default();
+        Command::Check { file, cache_dir } => {
+            let config = Config {
+                cache_dir,
+                ..Config::default()
+            };
             let runtime = Runtime::new(config.runtime.clone())?;
             let version = crate::handler::load_file(&runtime, &config, &file)?;
             let out = serde_json::json!({
@@ -456,11 +466,15 @@ fn execute(command: Command) -> Result<()> {
             events,
             config,
             state,
+            cache_dir,
         } => {
-            let config = match config {
+            let mut config = match config {
                 Some(path) => Config::load(&path)?,
                 None => Config::default(),
             };
+            if cache_dir.is_some() {
+                config.cache_dir = cache_dir;
+            }
             let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
             let loaded = crate::handler::load_dir(&runtime, &config, &handlers)?;
             let store = match state {

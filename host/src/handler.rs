@@ -58,10 +58,12 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Load, validate and prepare one handler file.
+/// Load, validate and prepare one handler file, through the compiled-code
+/// cache only when the config names one (`cache_dir`): one-shot commands
+/// (`check`, `replay`) leave no files behind unless asked to.
 pub fn load_file(runtime: &Runtime, config: &Config, path: &Path) -> Result<HandlerVersion> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    load_bytes(runtime, config, path, &bytes, None)
+    load_bytes(runtime, config, path, &bytes, config.cache_dir.as_deref())
 }
 
 /// Load a handler from bytes already read from `path`, reusing and filling

@@ -209,9 +209,12 @@ fn published_delivery(p: &Outgoing) -> Delivery {
         message_id: p.message_id.clone(),
         correlation_id: p.correlation_id.clone(),
         content_type: p.content_type.clone(),
+        // The host's own headers are not shown to the next handler, as on
+        // the broker path.
         headers: p
             .headers
             .iter()
+            .filter(|(k, _)| !k.starts_with(crate::broker::HOST_HEADER_PREFIX))
             .map(|(k, v)| (k.clone(), HeaderValue::Text(v.clone())))
             .collect(),
         timestamp: None,

@@ -23,6 +23,7 @@ mod network;
 mod node;
 mod process;
 mod proxy;
+mod python;
 mod quorum;
 mod reload;
 mod sandbox;
