@@ -10,6 +10,11 @@
 //! inventory the way the broker path does — batches executed, staged and
 //! committed together — with a fresh instance per event and with one
 //! instance for the whole batch (`events_per_instance`).
+//!
+//! `cargo bench -p event-host --bench dispatch -- --python FILE` instead
+//! compares the Python build of inventory (`guests/inventory-py/build.sh`
+//! makes FILE) with the Rust one: size, first compile, cached load, and
+//! per-event cost in fresh and reused instances.
 
 #[path = "../../tests/e2e/support.rs"]
 mod support;
@@ -36,15 +41,20 @@ fn iterations() -> usize {
         .unwrap_or(DEFAULT_ITERATIONS)
 }
 
-fn measure(mut f: impl FnMut(usize)) -> Stats {
-    for i in 0..WARMUP {
+fn measure(f: impl FnMut(usize)) -> Stats {
+    measure_n(WARMUP, iterations(), f)
+}
+
+/// [`measure`] with `warmup` and `iterations` of its own (a Python event
+/// costs milliseconds).
+fn measure_n(warmup: usize, iterations: usize, mut f: impl FnMut(usize)) -> Stats {
+    for i in 0..warmup {
         f(i);
     }
-    let iterations = iterations();
     let mut samples = Vec::with_capacity(iterations);
     for i in 0..iterations {
         let start = Instant::now();
-        f(WARMUP + i);
+        f(warmup + i);
         samples.push(start.elapsed().as_nanos() as f64 / 1000.0);
     }
     percentiles(samples)
@@ -132,6 +142,12 @@ const BATCH: usize = 128;
 /// allows it), its writes staged for the next, then the batch committed in
 /// one transaction. Samples are µs per event of each batch.
 fn bench_inventory_batches(h: &support::Harness) -> Stats {
+    // Enough batches for a stable median (a batch is one sample).
+    bench_inventory_batches_n(h, WARMUP / BATCH, (iterations() / 8).max(10))
+}
+
+/// [`bench_inventory_batches`] with `warmup` and `batches` of its own.
+fn bench_inventory_batches_n(h: &support::Harness, warmup: usize, batches: usize) -> Stats {
     let handler = &h.handlers["inventory"];
     let state = h.dispatcher.state();
     let run = |b: usize| {
@@ -154,15 +170,13 @@ fn bench_inventory_batches(h: &support::Harness) -> Stats {
             assert!(matches!(c, Committed::Done(ref d) if d.outcome == Outcome::Ack));
         }
     };
-    // Enough batches for a stable median (a batch is one sample).
-    let batches = (iterations() / 8).max(10);
-    for b in 0..WARMUP / BATCH {
+    for b in 0..warmup {
         run(b);
     }
     let mut samples = Vec::with_capacity(batches);
     for b in 0..batches {
         let start = Instant::now();
-        run(WARMUP / BATCH + b);
+        run(warmup + b);
         samples.push(start.elapsed().as_nanos() as f64 / 1000.0 / BATCH as f64);
     }
     percentiles(samples)
@@ -176,7 +190,118 @@ fn reusing_harness(events_per_instance: &str) -> support::Harness {
     )
 }
 
+/// `--python FILE`: the Python build of inventory (`guests/inventory-py`,
+/// componentize-py) beside the Rust one, in this process: file size,
+/// first compile, load from the compiled-code cache, and the cost of an
+/// event in a fresh instance and in one instance per batch.
+fn bench_python(python: &str) {
+    const EVENTS: usize = 300;
+    const BATCHES: usize = 4;
+    let cache = tempfile::tempdir().unwrap();
+    let config_text = format!(
+        "cache_dir = {:?}\n[handlers.inventory]\nevents_per_instance = {BATCH}\n{HANDLERS}",
+        cache.path().to_str().unwrap()
+    );
+    let config = event_host::config::Config::parse(&config_text).unwrap();
+    let runtime = event_host::runtime::Runtime::new(config.runtime.clone()).unwrap();
+    let rust = support::guest("inventory");
+    let rust = rust.to_str().unwrap();
+    struct Row {
+        bytes: u64,
+        compile_s: f64,
+        cached_ms: f64,
+        fresh: Stats,
+        reused: Stats,
+    }
+    let measure_one = |file: &str| {
+        let path = std::path::Path::new(file);
+        let bytes = std::fs::read(path).unwrap();
+        let load = || {
+            let start = Instant::now();
+            event_host::handler::load_bytes(&runtime, &config, path, &bytes, Some(cache.path()))
+                .expect("loads");
+            let took = start.elapsed().as_secs_f64();
+            // The cache is written in the background: done before the next.
+            runtime.wait_for_cache_writes();
+            took
+        };
+        let compile_s = load();
+        let cached_ms = load() * 1000.0;
+        // Both harnesses load from the cache just filled.
+        let fresh_harness = support::Harness::new(
+            &[file],
+            &format!(
+                "cache_dir = {:?}\n{HANDLERS}",
+                cache.path().to_str().unwrap()
+            ),
+        );
+        let fresh = measure_n(20, EVENTS, |i| {
+            let handled = fresh_harness.send_delivery("inventory", delivery(order(i)));
+            assert_eq!(handled.outcome, Outcome::Ack);
+        });
+        let reused =
+            bench_inventory_batches_n(&support::Harness::new(&[file], &config_text), 1, BATCHES);
+        Row {
+            bytes: bytes.len() as u64,
+            compile_s,
+            cached_ms,
+            fresh,
+            reused,
+        }
+    };
+    let (r, p) = (measure_one(rust), measure_one(python));
+    println!("Python inventory (componentize-py) beside the Rust one, same process; {EVENTS} events in fresh instances, {BATCHES} batches of {BATCH} in one instance each");
+    println!("{:<44} {:>12} {:>12} {:>8}", "", "Rust", "Python", "ratio");
+    let line = |what: &str, a: f64, b: f64, unit: &str| {
+        println!(
+            "{what:<44} {:>12} {:>12} {:>7.0}x",
+            format!("{a:.2} {unit}"),
+            format!("{b:.2} {unit}"),
+            b / a
+        );
+    };
+    line(
+        "component size",
+        r.bytes as f64 / 1e6,
+        p.bytes as f64 / 1e6,
+        "MB",
+    );
+    line("first compile", r.compile_s, p.compile_s, "s");
+    line(
+        "load from the compiled-code cache",
+        r.cached_ms,
+        p.cached_ms,
+        "ms",
+    );
+    line(
+        "per event, fresh instance, p50",
+        r.fresh.p50,
+        p.fresh.p50,
+        "µs",
+    );
+    line(
+        "per event, fresh instance, p99",
+        r.fresh.p99,
+        p.fresh.p99,
+        "µs",
+    );
+    line(
+        "per event, one instance per batch, p50",
+        r.reused.p50,
+        p.reused.p50,
+        "µs",
+    );
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--python") {
+        let file = args
+            .get(at + 1)
+            .expect("--python FILE (guests/inventory-py/inventory-py.wasm)");
+        bench_python(file);
+        return;
+    }
     let default = support::Harness::new(&["noop", "inventory"], HANDLERS);
     let tuned = support::Harness::new(
         &["noop", "inventory"],

@@ -453,6 +453,7 @@ fn execute(command: Command) -> Result<()> {
             };
             let runtime = Runtime::new(config.runtime.clone())?;
             let version = crate::handler::load_file(&runtime, &config, &file)?;
+            runtime.wait_for_cache_writes();
             let out = serde_json::json!({
                 "file": file,
                 "sha256": version.sha256,
@@ -477,6 +478,7 @@ fn execute(command: Command) -> Result<()> {
             }
             let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
             let loaded = crate::handler::load_dir(&runtime, &config, &handlers)?;
+            runtime.wait_for_cache_writes();
             let store = match state {
                 Some(dir) => StateStore::open(&dir, config.durability)?,
                 None => StateStore::in_memory()?,

@@ -157,6 +157,8 @@ pub struct Runtime {
     compat: String,
     /// Ticks the epoch; stops when the engine is dropped.
     _ticker: std::thread::JoinHandle<()>,
+    /// Compiled code being written to the cache in the background.
+    cache_writes: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Runtime {
@@ -257,6 +259,7 @@ impl Runtime {
             config,
             compat,
             _ticker: ticker,
+            cache_writes: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -335,13 +338,27 @@ impl Runtime {
         if let Some(file) = file {
             // Serializing and writing is off the reload's critical path.
             let component = component.clone();
-            std::thread::spawn(move || {
+            let write = std::thread::spawn(move || {
                 if let Err(e) = store_compiled(&component, &file) {
                     tracing::warn!(file = %file.display(), "could not cache compiled code: {e:#}");
                 }
             });
+            let mut writes = self.cache_writes.lock().unwrap_or_else(|p| p.into_inner());
+            writes.retain(|w| !w.is_finished());
+            writes.push(write);
         }
         Ok((component, false))
+    }
+
+    /// Wait until the compiled code being written to the cache is written:
+    /// a one-shot command (`check`, `replay`) would otherwise exit before
+    /// its large component is cached, and compile it again next time.
+    pub fn wait_for_cache_writes(&self) {
+        let writes =
+            std::mem::take(&mut *self.cache_writes.lock().unwrap_or_else(|p| p.into_inner()));
+        for write in writes {
+            let _ = write.join();
+        }
     }
 
     fn read_manifest(&self, pre: &HandlerPre<GuestState>) -> Result<Manifest> {

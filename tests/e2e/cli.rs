@@ -244,3 +244,32 @@ fn health_of_a_host_that_is_not_there_fails_with_the_address() {
         "asked on loopback, said where: {err}"
     );
 }
+
+/// `check --cache-dir` leaves the compiled code behind before it exits (it
+/// is written in the background), so the next `check` or `replay` of a
+/// large component loads it instead of compiling again.
+#[test]
+fn check_with_a_cache_dir_leaves_the_compiled_code_for_the_next_run() {
+    let cache = tempfile::tempdir().unwrap();
+    let check = || {
+        let out = event_host()
+            .arg("check")
+            .arg("--cache-dir")
+            .arg(cache.path())
+            .arg(guest("inventory"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_dir(cache.path()).unwrap().count()
+    };
+    assert_eq!(
+        check(),
+        1,
+        "the compiled code is in the cache when check exits"
+    );
+    assert_eq!(check(), 1, "and is used, not written again beside itself");
+}

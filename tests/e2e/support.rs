@@ -43,8 +43,13 @@ pub fn guests_dir() -> &'static Path {
     })
 }
 
-/// Path of one built guest, by crate name (`order-publisher` or `order_publisher`).
+/// Path of one built guest, by crate name (`order-publisher` or
+/// `order_publisher`), or a `.wasm` file built elsewhere, by its path (the
+/// Python guest).
 pub fn guest(name: &str) -> PathBuf {
+    if name.ends_with(".wasm") {
+        return PathBuf::from(name);
+    }
     guests_dir().join(format!("{}.wasm", name.replace('-', "_")))
 }
 
