@@ -96,7 +96,8 @@ pub enum Command {
     New {
         /// The project folder (absent or empty); its name is the handler's.
         dir: PathBuf,
-        /// The handler's language.
+        /// The handler's language (javascript: componentize-js, with the
+        /// WASI HTTP it bundles left out).
         #[arg(long, value_enum, default_value_t = crate::scaffold::Lang::Rust)]
         lang: crate::scaffold::Lang,
         /// What it consumes: EXCHANGE[:KIND[:BINDING-KEY]], KIND one of

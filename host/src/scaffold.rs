@@ -1,4 +1,5 @@
-//! `event-host new`: a handler project to start from, in Rust or Python.
+//! `event-host new`: a handler project to start from, in Rust, Python or
+//! JavaScript.
 //!
 //! The project carries the WIT this binary implements (embedded at build
 //! time, so it always matches the host that generated it), a handler that
@@ -47,6 +48,11 @@ const PYTHON: [(&str, &str); 2] = [
     ("build.sh", include_str!("../templates/python/build.sh")),
 ];
 
+const JAVASCRIPT: [(&str, &str); 2] = [
+    ("app.js", include_str!("../templates/javascript/app.js")),
+    ("build.sh", include_str!("../templates/javascript/build.sh")),
+];
+
 /// The language of a new handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Lang {
@@ -54,6 +60,8 @@ pub enum Lang {
     Rust,
     /// Python with componentize-py (installed by `build.sh` from PyPI).
     Python,
+    /// JavaScript with componentize-js (installed by `build.sh` from npm).
+    Javascript,
 }
 
 /// What the new handler consumes: `EXCHANGE[:KIND[:BINDING-KEY]]`.
@@ -169,6 +177,10 @@ pub fn create(dir: &Path, lang: Lang, subscribe: &Subscribe) -> Result<Vec<PathB
             "app.py",
             " (needs python3; installs componentize-py from PyPI into a cache once)",
         ),
+        Lang::Javascript => (
+            "app.js",
+            " (needs node and npm; installs componentize-js from npm into a cache once)",
+        ),
     };
     let vars: Vec<(&str, String)> = vec![
         ("name", name.clone()),
@@ -185,6 +197,10 @@ pub fn create(dir: &Path, lang: Lang, subscribe: &Subscribe) -> Result<Vec<PathB
             binding_keys(|k| format!("{:?}.into()", k)),
         ),
         ("binding_keys_python", binding_keys(|k| format!("{k:?}"))),
+        (
+            "binding_keys_js",
+            binding_keys(|k| serde_json::Value::String(k.to_owned()).to_string()),
+        ),
         ("source", source.to_owned()),
         ("build_needs", build_needs.to_owned()),
     ];
@@ -201,6 +217,7 @@ pub fn create(dir: &Path, lang: Lang, subscribe: &Subscribe) -> Result<Vec<PathB
     let own: &[(&str, &str)] = match lang {
         Lang::Rust => &RUST,
         Lang::Python => &PYTHON,
+        Lang::Javascript => &JAVASCRIPT,
     };
     let mut files: Vec<(&str, String)> = WIT.iter().map(|(p, t)| (*p, (*t).to_owned())).collect();
     files.extend(COMMON.iter().chain(own).map(|(p, t)| (*p, fill(t))));

@@ -1,6 +1,7 @@
 //! `event-host new`, as the README's "Writing a handler" shows it: the
 //! commands of its first code block, run as written (the binary on PATH)
-//! for a Rust and a Python project, then each project's own `test.sh`.
+//! for a Rust, a Python and a JavaScript project, then each project's own
+//! `test.sh`.
 
 use std::path::Path;
 use std::process::Command;
@@ -95,11 +96,12 @@ fn project(lang: &str) {
 }
 
 #[test]
-fn the_readme_s_handler_commands_work_in_rust_and_python() {
+fn the_readme_s_handler_commands_work_in_rust_python_and_javascript() {
     if crate::backend::on_postgres() {
         // Nothing here touches a state backend: the SQLite pass ran it.
         return;
     }
     project("rust");
     project("python");
+    project("javascript");
 }

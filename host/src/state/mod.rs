@@ -534,11 +534,20 @@ pub fn secret_from_file(dir: &Path) -> Result<[u8; 32]> {
         .with_context(|| format!("{} does not hold a 32-byte hex secret", file.display()))
 }
 
-/// Write `bytes` to `file` readable by its owner only, atomically.
+/// Write `bytes` to `file` readable by its owner only, atomically. Safe
+/// to race: every handler's session asks for the secret when it starts,
+/// so several threads may write the file at once (each through a
+/// temporary file of its own; the last rename wins, with the same bytes).
 fn write_private(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let tmp = file.with_extension(format!(
+        "tmp{}-{}",
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
     let mut out = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
