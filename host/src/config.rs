@@ -846,6 +846,9 @@ mod tests {
 
     #[test]
     fn defaults_cannot_set_what_names_one_handler_s_own_things() {
+        // An unknown key is an error there too, as in a handler's section.
+        let err = Config::parse("[defaults]\nnot_a_knob = 1").unwrap_err();
+        assert!(err.to_string().contains("not_a_knob"), "{err}");
         for line in [
             "queue = 'q'",
             "read_ahead = ['k']",
