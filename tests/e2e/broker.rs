@@ -10,14 +10,21 @@ use serde_json::{json, Value};
 
 use crate::amqp_support::{declare_topic, header, unique, Client, Inventory, TestHost};
 
-#[test]
-fn a_plain_client_publishing_with_no_properties_changes_stock() {
+/// Inventory on names of its own, and a queue bound to its
+/// `inventory.reserved` announcements: (names, client, that queue, host).
+fn inventory_with_a_reservations_probe() -> (Inventory, Client, String, TestHost) {
     let inv = Inventory::new();
     let mut client = Client::connect();
     inv.cleanup(&mut client);
     declare_topic(&client, &inv.events);
     let reserved = client.bind_probe(&inv.events, "inventory.reserved");
     let host = TestHost::start(&["inventory"], &inv.config(""));
+    (inv, client, reserved, host)
+}
+
+#[test]
+fn a_plain_client_publishing_with_no_properties_changes_stock() {
+    let (inv, client, reserved, host) = inventory_with_a_reservations_probe();
 
     // Exactly what a pika script sends: a body, no properties at all.
     client.publish(
@@ -543,12 +550,7 @@ const PARENT: &str = "b7ad6b7169203331";
 /// none starts a trace of its own.
 #[test]
 fn a_trace_published_on_an_order_comes_back_on_the_reservation() {
-    let inv = Inventory::new();
-    let mut client = Client::connect();
-    inv.cleanup(&mut client);
-    declare_topic(&client, &inv.events);
-    let reserved = client.bind_probe(&inv.events, "inventory.reserved");
-    let host = TestHost::start(&["inventory"], &inv.config(""));
+    let (inv, client, reserved, host) = inventory_with_a_reservations_probe();
     client.publish(
         &inv.orders,
         "",
