@@ -200,6 +200,30 @@ pub fn run() -> ExitCode {
     }
 }
 
+/// The config file at `path` (the defaults without one).
+fn file_config(path: Option<PathBuf>) -> Result<Config> {
+    match path {
+        Some(path) => Config::load(&path),
+        None => Ok(Config::default()),
+    }
+}
+
+/// [`file_config`] with the `EVENT_HOST_*` environment over it: what `run`
+/// sees, and so what the commands that reach a running deployment
+/// (`health`, `dlq`) must see too.
+fn deployed_config(path: Option<PathBuf>) -> Result<Config> {
+    let mut config = file_config(path)?;
+    config.apply_env()?;
+    Ok(config)
+}
+
+fn async_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 /// `event-host dlq`: straight to the broker, signing with the state's
 /// secret (a running host is not needed).
 async fn dlq_command(config: &Config, action: DlqAction) -> Result<()> {
@@ -376,11 +400,7 @@ fn execute(command: Command) -> Result<()> {
             amqp_url,
             admin_addr,
         } => {
-            let mut config = match config {
-                Some(path) => Config::load(&path)?,
-                None => Config::default(),
-            };
-            config.apply_env()?;
+            let mut config = deployed_config(config)?;
             if let Some(v) = handlers_dir {
                 config.handlers_dir = v;
             }
@@ -393,10 +413,7 @@ fn execute(command: Command) -> Result<()> {
             if let Some(v) = admin_addr {
                 config.admin_addr = v;
             }
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
+            let rt = async_runtime()?;
             rt.block_on(crate::server::run(config, shutdown_signal()))
         }
         Command::Health {
@@ -405,11 +422,7 @@ fn execute(command: Command) -> Result<()> {
             live,
             timeout_secs,
         } => {
-            let mut config = match config {
-                Some(path) => Config::load(&path)?,
-                None => Config::default(),
-            };
-            config.apply_env()?;
+            let config = deployed_config(config)?;
             let addr = admin_addr.unwrap_or(config.admin_addr);
             let path = if live { "/healthz" } else { "/readyz" };
             let (status, body) = crate::admin::probe(
@@ -436,15 +449,8 @@ fn execute(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Dlq { action, config } => {
-            let mut config = match config {
-                Some(path) => Config::load(&path)?,
-                None => Config::default(),
-            };
-            config.apply_env()?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
+            let config = deployed_config(config)?;
+            let rt = async_runtime()?;
             rt.block_on(dlq_command(&config, action))
         }
         Command::Check { file, cache_dir } => {
@@ -470,10 +476,7 @@ fn execute(command: Command) -> Result<()> {
             state,
             cache_dir,
         } => {
-            let mut config = match config {
-                Some(path) => Config::load(&path)?,
-                None => Config::default(),
-            };
+            let mut config = file_config(config)?;
             if cache_dir.is_some() {
                 config.cache_dir = cache_dir;
             }

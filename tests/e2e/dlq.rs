@@ -13,7 +13,7 @@ use lapin::BasicProperties;
 use serde_json::Value;
 
 use crate::amqp_support::{amqp_url, http_get_with, Client, Inventory, TestHost};
-use crate::process::event_host;
+use crate::process::{event_host, run_to_end as run};
 use crate::support::guest;
 
 const ORDERS: u64 = 300;
@@ -42,15 +42,6 @@ fn dlq(host: &TestHost, config: &Path, args: &[&str]) -> Command {
     let mut cmd = event_host(host.state_dir().parent().unwrap());
     cmd.arg("dlq").args(args).arg("--config").arg(config);
     cmd
-}
-
-fn run(mut cmd: Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn wait_depth(client: &Client, queue: &str, ok: impl Fn(u32) -> bool, what: &str) -> u32 {

@@ -58,6 +58,16 @@ impl LogTail {
     }
 }
 
+/// Run `cmd` to its end: whether it succeeded, its stdout and its stderr.
+pub fn run_to_end(mut cmd: Command) -> (bool, String, String) {
+    let out = cmd.output().expect("the command starts");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The `event-host` binary with a clean environment: no inherited
 /// `EVENT_HOST_*` settings, no colours, run from `cwd`.
 pub fn event_host(cwd: &Path) -> Command {

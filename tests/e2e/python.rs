@@ -6,6 +6,7 @@
 
 use std::process::Command;
 
+use crate::process::run_to_end;
 use crate::support::{guest, repo_root};
 
 #[test]
@@ -15,17 +16,13 @@ fn the_python_inventory_behaves_as_the_rust_one() {
         // backend, and the SQLite pass ran it.
         return;
     }
-    let out = Command::new(repo_root().join("guests/inventory-py/parity.sh"))
+    let mut parity = Command::new(repo_root().join("guests/inventory-py/parity.sh"));
+    parity
         .env("EVENT_HOST", env!("CARGO_BIN_EXE_event-host"))
-        .env("RUST_WASM", guest("inventory"))
-        .output()
-        .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{said}");
+        .env("RUST_WASM", guest("inventory"));
+    let (ok, out, err) = run_to_end(parity);
+    let said = out + &err;
+    assert!(ok, "{said}");
     assert!(
         said.contains("parity: the Python and Rust inventory handlers behave the same"),
         "{said}"

@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use crate::process::run_to_end;
 use crate::support::repo_root;
 
 /// The README's handler commands: the first `sh` block after "## Writing
@@ -35,21 +36,16 @@ fn sh(dir: &Path, command: &str) -> String {
         binary.parent().unwrap().display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let out = Command::new("sh")
-        .args(["-c", command])
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", command])
         .current_dir(dir)
         .env("PATH", path)
         .env("EVENT_HOST", binary)
         // The guests' target folder: wit-bindgen is built once for both.
-        .env("CARGO_TARGET_DIR", repo_root().join("guests/target"))
-        .output()
-        .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "`{command}` failed:\n{said}");
+        .env("CARGO_TARGET_DIR", repo_root().join("guests/target"));
+    let (ok, out, err) = run_to_end(cmd);
+    let said = out + &err;
+    assert!(ok, "`{command}` failed:\n{said}");
     said
 }
 
