@@ -589,7 +589,8 @@ fn convert(d: &lapin::message::Delivery, signer: Option<(&RetrySigner, &str)>) -
             .as_ref()
             .map(|s| s.as_str().to_owned()),
         content_type: props.content_type().as_ref().map(|s| s.as_str().to_owned()),
-        span: Some(crate::trace::Span::for_delivery(&headers)),
+        // The dispatcher gives it a span when trace context is on.
+        span: None,
         headers,
         timestamp: *props.timestamp(),
         redelivered: d.redelivered,

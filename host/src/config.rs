@@ -117,6 +117,17 @@ pub struct Config {
     /// Default none: the endpoint is open to whoever can reach
     /// `admin_addr`, and shows every handler's state. Never logged.
     pub admin_token: Option<Secret>,
+    /// Continue W3C trace context: each event gets a span of its own, a
+    /// child of its `traceparent` (or a new trace's root), whose ids go
+    /// into the log lines about it and, as `traceparent`, onto everything
+    /// it causes. Default true; false stamps nothing.
+    pub trace_context: bool,
+    /// OTLP collector to export each event's span to, over HTTP/protobuf
+    /// (also the standard `OTEL_EXPORTER_OTLP_ENDPOINT`, a base URL such as
+    /// `http://collector:4318`, and `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`,
+    /// the full URL). Default none: no export. `OTEL_SDK_DISABLED=true` or
+    /// `OTEL_TRACES_EXPORTER=none` turn it off whatever is set.
+    pub otlp_endpoint: Option<String>,
     /// How the host declares exchanges it finds absent, by name
     /// (`[exchanges.orders]`). An exchange that exists is always used as
     /// it is; these settings only matter to whoever declares it first, and
@@ -150,6 +161,8 @@ impl Default for Config {
             cache_dir: None,
             dedupe_window_secs: DEFAULT_DEDUPE_WINDOW_SECS,
             admin_token: None,
+            trace_context: true,
+            otlp_endpoint: None,
             exchanges: BTreeMap::new(),
             runtime: RuntimeConfig::default(),
             defaults: HandlerConfig::default(),
@@ -291,7 +304,10 @@ impl Config {
     /// Apply `EVENT_HOST_*` environment overrides: `HANDLERS_DIR`,
     /// `STATE_PATH`, `AMQP_URL`, `ADMIN_ADDR`, `DURABILITY`,
     /// `HEARTBEAT_SECS`, `DRAIN_TIMEOUT_SECS`, `WATCH`, `CACHE_DIR`,
-    /// `ADMIN_TOKEN`, `STATE_URL`, `STATE_SCHEMA`, `HOST_ID`.
+    /// `ADMIN_TOKEN`, `STATE_URL`, `STATE_SCHEMA`, `HOST_ID`; and the
+    /// standard `OTEL_EXPORTER_OTLP_ENDPOINT`,
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_SDK_DISABLED` and
+    /// `OTEL_TRACES_EXPORTER=none`.
     pub fn apply_env(&mut self) -> Result<()> {
         let var = |name: &str| {
             std::env::var(format!("EVENT_HOST_{name}"))
@@ -338,6 +354,19 @@ impl Config {
         }
         if let Some(v) = var("HOST_ID") {
             self.host_id = Some(v);
+        }
+        // The OpenTelemetry variables every SDK reads, so a host drops into
+        // an instrumented deployment with no settings of its own.
+        let otel = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        if let Some(v) = otel("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .or_else(|| otel("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        {
+            self.otlp_endpoint = Some(v);
+        }
+        let disabled = otel("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            || otel("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
+        if disabled {
+            self.otlp_endpoint = None;
         }
         Ok(())
     }

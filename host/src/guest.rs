@@ -100,6 +100,22 @@ pub struct CallEffects {
     /// [`crate::state::Contended`]): the call trapped, and the event runs
     /// again rather than failing.
     pub contended: Option<String>,
+    /// What the guest logged through `wasi:logging`, kept (bounded by
+    /// `max_log_lines`) only when spans are exported, as their events.
+    pub logs: Vec<GuestLog>,
+}
+
+/// One `wasi:logging` line of a call, for the event's span.
+#[derive(Debug, Clone)]
+pub struct GuestLog {
+    /// When the guest logged it.
+    pub at: std::time::SystemTime,
+    /// `trace`, `debug`, `info`, `warn`, `error` or `critical`.
+    pub level: &'static str,
+    /// The guest's context string (cut to 256 bytes).
+    pub context: String,
+    /// The message (cut to 4 KiB).
+    pub message: String,
 }
 
 /// Store data of one handler instance.
@@ -135,6 +151,8 @@ pub struct GuestState {
     /// call (see [`GuestState::read`]); bounded by [`MAX_LOCK_WAIT_CREDIT`].
     lock_wait_credit: Duration,
     effects: CallEffects,
+    /// Keep `wasi:logging` lines in [`CallEffects::logs`] (span export on).
+    capture_logs: bool,
 }
 
 /// A state read slower than this waited on a row another host's batch
@@ -182,7 +200,15 @@ impl GuestState {
             waited_past_deadline: false,
             lock_wait_credit: Duration::ZERO,
             effects: CallEffects::default(),
+            capture_logs: false,
         }
+    }
+
+    /// Keep the guest's `wasi:logging` lines for the event's span (they
+    /// are logged either way).
+    pub fn capturing_logs(mut self, on: bool) -> Self {
+        self.capture_logs = on;
+        self
     }
 
     /// Start a new call (or instantiation) that must end by `deadline`.
@@ -840,6 +866,21 @@ impl logging::Host for GuestState {
         }
         let message = truncate(&message, MAX_LOG_MESSAGE);
         let context = truncate(&context, 256);
+        if self.capture_logs {
+            self.effects.logs.push(GuestLog {
+                at: std::time::SystemTime::now(),
+                level: match level {
+                    logging::Level::Trace => "trace",
+                    logging::Level::Debug => "debug",
+                    logging::Level::Info => "info",
+                    logging::Level::Warn => "warn",
+                    logging::Level::Error => "error",
+                    logging::Level::Critical => "critical",
+                },
+                context: context.to_owned(),
+                message: message.to_owned(),
+            });
+        }
         let handler = &*self.handler;
         match level {
             logging::Level::Trace => {

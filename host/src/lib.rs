@@ -41,6 +41,8 @@
 //! - [`trace`]: W3C Trace Context — an event's trace continued from its
 //!   `traceparent`, carried on to what it publishes and its retry and
 //!   dead-letter copies, named in its log lines.
+//! - [`otlp`]: each event's span exported to an OpenTelemetry collector
+//!   (OTLP/HTTP, off unless configured), off the event's path.
 //! - [`split_guard`]: a host on embedded state consumes a queue only
 //!   alone (no silent split of state across hosts).
 //! - [`router`], [`replay`]: AMQP routing in memory and the offline
@@ -61,6 +63,7 @@ pub mod health;
 pub mod idempotency;
 pub mod manifest;
 pub mod metrics;
+pub mod otlp;
 pub mod read_ahead;
 pub mod registry;
 pub mod reload;

@@ -18,6 +18,7 @@ use crate::broker;
 use crate::config::Config;
 use crate::dispatch::{amqp, Dispatcher};
 use crate::metrics::Metrics;
+use crate::otlp::Exporter;
 use crate::registry::{Entry, Lifecycle, Registry, Status};
 use crate::reload::{declare_topology, remove_stale_bindings, Reloader};
 use crate::runtime::Runtime;
@@ -66,7 +67,23 @@ pub async fn run(
     let state = tokio::task::spawn_blocking(move || StateStore::from_config(&opening))
         .await
         .context("opening the state store")??;
-    let dispatcher = Dispatcher::new(runtime.clone(), state.clone()).with_host_id(&host_id);
+    let mut dispatcher = Dispatcher::new(runtime.clone(), state.clone())
+        .with_host_id(&host_id)
+        .with_trace_context(config.trace_context);
+    let exporter = match crate::otlp::traces_url(config.otlp_endpoint.as_deref()) {
+        Some(url) => {
+            // Building the HTTP client starts threads: not on the runtime.
+            let id = host_id.clone();
+            let exporter = tokio::task::spawn_blocking(move || Exporter::start(&url, &id))
+                .await
+                .context("starting OTLP export")??;
+            tracing::info!(url = %crate::otlp::redact(exporter.url()), "exporting event spans over OTLP");
+            let exporter = Arc::new(exporter);
+            dispatcher = dispatcher.with_exporter(exporter.clone());
+            Some(exporter)
+        }
+        None => None,
+    };
     let registry = Arc::new(Registry::default());
     let metrics = Arc::new(Metrics::new());
     metrics.set_info(&host_id, state.backend_name());
@@ -172,6 +189,10 @@ pub async fn run(
     let _ = pruner.await;
     if let Some(watcher) = watcher {
         let _ = watcher.await;
+    }
+    if let Some(exporter) = exporter {
+        // The last events' spans go out before the process ends.
+        let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -223,7 +223,7 @@ publishes_to = [{{ exchange = "{orders}", kind = "fanout" }}]
     host.stop().unwrap();
 }
 
-fn chaos_config(queue: &str, exchange: &str, extra: &str) -> String {
+pub(crate) fn chaos_config(queue: &str, exchange: &str, extra: &str) -> String {
     format!(
         r##"
 [handlers.chaos]
@@ -235,15 +235,15 @@ retry_base_ms = 50
     )
 }
 
-struct Chaos {
-    exchange: String,
-    queue: String,
-    client: Client,
-    dlq: String,
+pub(crate) struct Chaos {
+    pub(crate) exchange: String,
+    pub(crate) queue: String,
+    pub(crate) client: Client,
+    pub(crate) dlq: String,
 }
 
 impl Chaos {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let (exchange, queue) = (unique("chaos"), unique("chaos-q"));
         let mut client = Client::connect();
         let dlq = format!("{queue}.dlq");
@@ -520,7 +520,7 @@ fn instances_serve_several_events_of_a_backlog_only_where_the_handler_allows_it(
 }
 
 /// The `traceparent` of a message, split: (trace id, span id, flags).
-fn traceparent(m: &lapin::message::BasicGetMessage) -> (String, String, String) {
+pub(crate) fn traceparent(m: &lapin::message::BasicGetMessage) -> (String, String, String) {
     let value = header(m, "traceparent").expect("a traceparent");
     let parts: Vec<&str> = value.split('-').collect();
     assert_eq!(parts.len(), 4, "{value}");
@@ -529,7 +529,7 @@ fn traceparent(m: &lapin::message::BasicGetMessage) -> (String, String, String) 
     (parts[1].into(), parts[2].into(), parts[3].into())
 }
 
-fn traced(traceparent: &str) -> BasicProperties {
+pub(crate) fn traced(traceparent: &str) -> BasicProperties {
     let mut headers = lapin::types::FieldTable::default();
     headers.insert(
         "traceparent".into(),
@@ -542,8 +542,8 @@ fn traced(traceparent: &str) -> BasicProperties {
     BasicProperties::default().with_headers(headers)
 }
 
-const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
-const PARENT: &str = "b7ad6b7169203331";
+pub(crate) const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+pub(crate) const PARENT: &str = "b7ad6b7169203331";
 
 /// W3C Trace Context: an order's trace comes back on inventory's
 /// reservation, with the attempt's own span as the parent; an order with

@@ -4,6 +4,7 @@
 
 mod amqp_support;
 mod backend;
+mod otlp_support;
 mod pg_support;
 mod support;
 
@@ -21,6 +22,7 @@ mod hostile;
 mod ledger;
 mod network;
 mod node;
+mod otlp;
 mod process;
 mod proxy;
 mod python;

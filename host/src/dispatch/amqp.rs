@@ -22,6 +22,7 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{FutureExt, StreamExt};
@@ -36,9 +37,11 @@ use super::{
     decide, Cause, Committed, Delivery, Dispatcher, Handled, Happened, Outcome, Oversize, Warm,
 };
 use crate::broker::{self, text, KeepHeaders, RetryFacts, RetrySigner};
+use crate::guest::GuestLog;
 use crate::handler::HandlerVersion;
 use crate::health::Verdict;
 use crate::metrics::Metrics;
+use crate::otlp::{EventSpan, Exporter};
 use crate::registry::{Entry, Lifecycle, Registry, Status};
 use crate::state::{Outgoing, Owed};
 use crate::trace::Span;
@@ -56,6 +59,11 @@ struct Settled {
     routing_key: String,
     /// The attempt's span: retry and dead-letter copies carry it on.
     span: Option<Span>,
+    /// When the host started on it, while spans are exported (`None` for
+    /// an event given back unrun: it had no attempt).
+    started: Option<SystemTime>,
+    /// The guest's log lines, for the exported span.
+    logs: Vec<GuestLog>,
 }
 
 impl Settled {
@@ -346,12 +354,24 @@ fn run_batch(
     // One instance may serve several events of the batch, when the
     // handler allows it; it never outlives the batch.
     let mut warm = Warm::default();
+    let traced = dispatcher.trace_context();
+    let exporting = dispatcher.exporter().is_some();
     let deliveries: Vec<Delivery> = batch
         .iter()
-        .map(|raw| broker::to_delivery_signed(raw, signer, &version.topology.queue))
+        .map(|raw| {
+            let mut d = broker::to_delivery_signed(raw, signer, &version.topology.queue);
+            if traced {
+                d.span = Some(Span::for_delivery(&d.headers));
+            }
+            d
+        })
         .collect();
+    let mut started = Vec::with_capacity(batch.len());
+    let mut logs = Vec::with_capacity(batch.len());
     dispatcher.prefetch(version, &deliveries);
     for (raw, delivery) in batch.iter().zip(deliveries) {
+        started.push(exporting.then(SystemTime::now));
+        logs.push(Vec::new());
         let mut result = None;
         let header_bytes = broker::headers_size(&raw.properties);
         let too_large = if header_bytes > broker::MAX_HEADER_BYTES {
@@ -378,7 +398,10 @@ fn run_batch(
             let executed = dispatcher.execute_in(version, &delivery, &mut warm);
             entry.call_ended();
             match executed {
-                Ok(execution) => {
+                Ok(mut execution) => {
+                    if let Some(last) = logs.last_mut() {
+                        *last = std::mem::take(&mut execution.logs);
+                    }
                     if let Some(commit) = &execution.commit {
                         dispatcher.state().stage(ns, &commit.writes);
                     }
@@ -427,7 +450,8 @@ fn run_batch(
         .into_iter()
         .zip(settled)
         .zip(inputs)
-        .map(|((delivery, handled), input)| Settled {
+        .zip(started.into_iter().zip(logs))
+        .map(|(((delivery, handled), input), (started, logs))| Settled {
             delivery,
             handled: handled
                 .unwrap_or_else(|| host_fault(&anyhow::anyhow!("event was not settled"))),
@@ -436,6 +460,8 @@ fn run_batch(
             exchange: input.exchange,
             routing_key: input.routing_key,
             span: input.span,
+            started,
+            logs,
         })
         .collect()
 }
@@ -488,7 +514,9 @@ fn requeue_unrun(
                 attempt: input.attempt,
                 exchange: input.exchange,
                 routing_key: input.routing_key,
-                span: input.span,
+                span: None,
+                started: None,
+                logs: Vec::new(),
             }
         })
         .collect()
@@ -857,7 +885,7 @@ fn dead_letter_copy(
 
 /// The acker: for each settled batch, publish, wait for confirms, ack.
 async fn acks(mut acker: Acker, mut rx: mpsc::Receiver<Vec<Settled>>) -> Result<()> {
-    while let Some(batch) = rx.recv().await {
+    while let Some(mut batch) = rx.recv().await {
         // Publishes of the batch are issued together and their confirms
         // awaited together: one broker round trip per batch, not per message.
         let mut sends = Vec::new();
@@ -984,6 +1012,9 @@ async fn acks(mut acker: Acker, mut rx: mpsc::Receiver<Vec<Settled>>) -> Result<
                 .basic_ack(tag, BasicAckOptions { multiple: true })
                 .await?;
         }
+        if let Some(exporter) = acker.dispatcher.exporter() {
+            export_spans(exporter, &mut batch);
+        }
         // Counted once settled at the broker, like the in-flight gauge:
         // `acked` means acked, not "about to be".
         metrics.acked.get_or_create(&label).inc_by(acked);
@@ -1004,6 +1035,46 @@ async fn acks(mut acker: Acker, mut rx: mpsc::Receiver<Vec<Settled>>) -> Result<
         }
     }
     Ok(())
+}
+
+/// Hand each settled event's span to the exporter: the attempt's ids, what
+/// it was, how it ended, and the guest's log lines as span events. Called
+/// once the batch is settled at the broker, so a span's end is when the
+/// event's outcome became durable.
+fn export_spans(exporter: &Exporter, batch: &mut [Settled]) {
+    let end = SystemTime::now();
+    for s in batch {
+        let (Some(span), Some(start)) = (s.span, s.started) else {
+            continue;
+        };
+        let outcome = match s.handled.outcome {
+            Outcome::Ack if s.handled.duplicate => "duplicate",
+            Outcome::Ack => "ack",
+            Outcome::Retry => "retry",
+            Outcome::Reject => "dead_letter",
+            Outcome::Requeue => "requeue",
+        };
+        let props = &s.delivery.properties;
+        let tracestate = broker::header_text(props, crate::trace::TRACESTATE);
+        exporter.export(EventSpan {
+            span,
+            tracestate: tracestate.as_deref(),
+            handler: &s.version.name,
+            version: &s.version.sha256,
+            guest_version: &s.version.declared.version,
+            queue: &s.version.topology.queue,
+            exchange: &s.exchange,
+            routing_key: &s.routing_key,
+            message_id: props.message_id().as_ref().map(|id| id.as_str()),
+            attempt: s.attempt,
+            outcome,
+            reason: s.handled.reason.as_ref().map(ToString::to_string),
+            start,
+            end,
+            guest_time: s.handled.elapsed,
+            logs: std::mem::take(&mut s.logs),
+        });
+    }
 }
 
 /// Publish outbox rows left by a session (or a run) that ended between

@@ -439,6 +439,10 @@ pub struct Dispatcher {
     state: StateStore,
     /// The host id stamped on outputs (`x-event-host-host`), if any.
     host_id: Option<std::sync::Arc<str>>,
+    /// Continue and pass on W3C trace context (see [`crate::trace`]).
+    trace_context: bool,
+    /// Where event spans are exported, when OTLP export is on.
+    exporter: Option<std::sync::Arc<crate::otlp::Exporter>>,
 }
 
 impl Dispatcher {
@@ -448,7 +452,35 @@ impl Dispatcher {
             runtime,
             state,
             host_id: None,
+            trace_context: true,
+            exporter: None,
         }
+    }
+
+    /// Whether each event gets a span of its own (continuing the
+    /// delivery's `traceparent`), passed on to what it causes. On by
+    /// default; `trace_context = false` turns it off.
+    pub fn with_trace_context(mut self, on: bool) -> Self {
+        self.trace_context = on;
+        self
+    }
+
+    /// Whether events get spans (see [`Dispatcher::with_trace_context`]).
+    pub fn trace_context(&self) -> bool {
+        self.trace_context
+    }
+
+    /// Export every event's span through `exporter` (implies trace
+    /// context).
+    pub fn with_exporter(mut self, exporter: std::sync::Arc<crate::otlp::Exporter>) -> Self {
+        self.trace_context = true;
+        self.exporter = Some(exporter);
+        self
+    }
+
+    /// The span exporter, when OTLP export is on.
+    pub fn exporter(&self) -> Option<&crate::otlp::Exporter> {
+        self.exporter.as_deref()
     }
 
     /// Stamp `host_id` on every message handlers publish
@@ -576,7 +608,7 @@ impl Dispatcher {
         let event = delivery.to_event();
         let slot = warm.slot_for(handler);
         let budget = &handler.settings.budget;
-        let call = self
+        let mut call = self
             .runtime
             .call_in(slot, &handler.pre, budget, &event, || {
                 GuestState::new(
@@ -585,9 +617,26 @@ impl Dispatcher {
                     handler.settings.config.clone(),
                     budget.limits.clone(),
                 )
+                .capturing_logs(self.exporter.is_some())
             });
         log_output(handler, "stdout", &call.effects.stdout);
         log_output(handler, "stderr", &call.effects.stderr);
+        let logs = std::mem::take(&mut call.effects.logs);
+        let mut execution = self.conclude(handler, delivery, key, call)?;
+        execution.logs = logs;
+        Ok(execution)
+    }
+
+    /// What a finished call comes to: a conflict to run again, a failed
+    /// attempt, or the commit that makes a successful one durable.
+    fn conclude(
+        &self,
+        handler: &HandlerVersion,
+        delivery: &Delivery,
+        key: Option<String>,
+        call: crate::runtime::CallOutcome,
+    ) -> Result<Execution> {
+        let ns = &*handler.name;
         if let Some(why) = call.effects.contended {
             // Another host got there first; run it again, as a conflict.
             return Ok(Execution {
@@ -595,7 +644,11 @@ impl Dispatcher {
                 ..Execution::contended(why, delivery, call.elapsed)
             });
         }
-        let decision = decide(&call.result, event.attempt, handler.settings.max_attempts);
+        let decision = decide(
+            &call.result,
+            delivery.attempt.max(1),
+            handler.settings.max_attempts,
+        );
         if decision.outcome != Outcome::Ack {
             tracing::debug!(handler = %handler.name, outcome = ?decision.outcome, reason = %DisplayReason(&decision.reason), "event failed");
             return Ok(Execution {
@@ -629,6 +682,7 @@ impl Dispatcher {
             instantiated: call.instantiated,
             keyless,
             contended: None,
+            logs: Vec::new(),
         })
     }
 
@@ -798,6 +852,8 @@ pub struct Execution {
     /// Shared state lost a race while it ran: it runs again (see
     /// [`crate::state::Contended`]).
     pub contended: Option<String>,
+    /// The guest's `wasi:logging` lines, when spans are exported.
+    pub logs: Vec<crate::guest::GuestLog>,
 }
 
 impl Execution {
@@ -810,6 +866,7 @@ impl Execution {
             instantiated: false,
             keyless: false,
             contended: None,
+            logs: Vec::new(),
         }
     }
 
