@@ -6,7 +6,9 @@
 //! `BENCH_ROUNDS` the number of rounds (default 3: every consumer drains
 //! once a round, ratios are taken within a round, medians printed);
 //! `BENCH_HOST_ONLY=1` runs only the event-host drains (for profiling: the
-//! line "draining through event-host" on stderr marks each drain's start).
+//! line "draining through event-host" on stderr marks each drain's start);
+//! `BENCH_TRACING=1` runs only the tracing overhead comparison (see
+//! `tracing_overhead`).
 //!
 //! In one run, the same number of prefilled order events is drained by:
 //! - event-host with the `inventory` handler (state committed durably in
@@ -45,6 +47,9 @@ mod backend;
 
 #[path = "../../tests/e2e/pg_support.rs"]
 mod pg_support;
+
+#[path = "../../tests/e2e/otlp_support.rs"]
+mod otlp_support;
 
 mod drain;
 
@@ -187,6 +192,11 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
         .stop()
         .unwrap();
     let rounds = rounds();
+    if std::env::var_os("BENCH_TRACING").is_some() {
+        let example = config(&HOST_VARIANTS[0]);
+        tracing_overhead(&client, &orders, n, rounds, broker, &example);
+        return;
+    }
     let only_host = std::env::var_os("BENCH_HOST_ONLY").is_some();
     // Per consumer (host variants, then lapin, pika, and lapin publishing
     // like the example deployment): one drain a round.
@@ -362,6 +372,84 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
             pct(0.99)
         );
     }
+}
+
+/// `BENCH_TRACING=1`: what tracing costs the example deployment. Each
+/// round drains the same prefilled count three ways — trace context off
+/// (`trace_context = false`), on (the default: a span per event, stamped
+/// on what it publishes, named in log lines; nothing exported), and every
+/// span exported over OTLP to a receiver in this process that decodes and
+/// counts them (so its CPU is counted as the host's) — and takes each
+/// rate against the off drain of the same round.
+fn tracing_overhead(
+    client: &Client,
+    orders: &str,
+    n: usize,
+    rounds: usize,
+    broker: Servers,
+    example: &str,
+) {
+    let receiver = otlp_support::Receiver::counting();
+    let ways = [
+        (
+            "tracing off (trace_context = false)",
+            "trace_context = false\n".to_owned(),
+        ),
+        ("tracing on, no exporter (the default)", String::new()),
+        (
+            "tracing on, every span exported over OTLP",
+            format!("otlp_endpoint = {:?}\n", receiver.url),
+        ),
+    ];
+    let mut drains: Vec<Vec<Drain>> = ways.iter().map(|_| Vec::new()).collect();
+    let mut exported = Vec::new();
+    for round in 1..=rounds {
+        for (i, (what, top)) in ways.iter().enumerate() {
+            prefill(client, orders, "", n);
+            let before_spans = receiver.received();
+            let cpu = Cpu::now(broker);
+            let host = TestHost::start(&["inventory"], &format!("{top}{example}"));
+            let (before, started) = (host.counter("inventory", "acked"), Instant::now());
+            eprintln!("draining through event-host: {what}");
+            host.wait_counter("inventory", "acked", n as u64);
+            let rate = (n as u64 - before) as f64 / started.elapsed().as_secs_f64();
+            drains[i].push(Drain::new(rate, cpu, Cpu::now(broker), n, false));
+            // Stopping flushes the exporter: every span is in by now.
+            host.stop().unwrap();
+            if top.starts_with("otlp") {
+                exported.push(receiver.received() - before_spans);
+            }
+        }
+        let rates: Vec<String> = drains
+            .iter()
+            .map(|d| format!("{:.0}", d[round - 1].rate))
+            .collect();
+        eprintln!("round {round}/{rounds}: events/s {}", rates.join(" / "));
+    }
+    println!(
+        "tracing overhead: {n} order events drained from a prefilled queue by the example deployment, prefetch {PREFETCH}, {rounds} rounds"
+    );
+    println!(
+        "{:<48} {:>9} {:>13} {:>14} {:>12}",
+        "tracing (medians over the rounds)",
+        "events/s",
+        "x tracing off",
+        "own CPU µs/ev",
+        "broker µs/ev"
+    );
+    for ((what, _), runs) in ways.iter().zip(&drains) {
+        let x_off = median(runs.iter().zip(&drains[0]).map(|(r, b)| r.rate / b.rate));
+        println!(
+            "{what:<48} {:>9.0} {:>12.2}x {:>14.1} {:>12}",
+            median(runs.iter().map(|d| d.rate)),
+            x_off,
+            median(runs.iter().map(|d| d.own)),
+            median_of(runs, |d| d.broker),
+        );
+    }
+    println!(
+        "spans the OTLP receiver got per drain: {exported:?} (of {n} events each; the exporter drops spans only when its queue of 8192 is full)"
+    );
 }
 
 /// Publish `count` orders at a steady `rate` (as fast as the publisher
