@@ -240,6 +240,35 @@ impl Metrics {
             .set(1);
     }
 
+    /// Create every per-handler series of `handler`, at zero, as its
+    /// consumer starts. A series that first appears at 1 hides that event
+    /// from `rate()` and `increase()` (Prometheus sees no change), so
+    /// without this a handler's first dead letter, rollback or breaker trip
+    /// would show on no dashboard and fire no alert. Idempotent.
+    pub fn init_handler(&self, handler: &str) {
+        let l = Self::label(handler);
+        // Creating the series is the point: each guard is let go at once.
+        for counter in [
+            &self.acked,
+            &self.retried,
+            &self.rejected,
+            &self.dead_lettered,
+            &self.duplicates,
+            &self.requeued,
+            &self.instantiations,
+            &self.reloads,
+            &self.rollbacks,
+            &self.breaker_trips,
+            &self.without_idempotency_key,
+        ] {
+            drop(counter.get_or_create(&l));
+        }
+        for gauge in [&self.in_flight, &self.paused, &self.shared_queue_refused] {
+            drop(gauge.get_or_create(&l));
+        }
+        drop(self.latency.get_or_create(&l));
+    }
+
     /// The label for `handler`.
     pub fn label(handler: &str) -> HandlerLabel {
         HandlerLabel {
@@ -269,5 +298,20 @@ mod tests {
             text.contains(r#"event_host_info{host_id="host-a",state_backend="sqlite"} 1"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_started_handler_shows_every_series_at_zero() {
+        let m = Metrics::new();
+        m.init_handler("h");
+        let text = m.render();
+        for sample in [
+            r#"event_host_events_dead_lettered_total{handler="h"} 0"#,
+            r#"event_host_handler_breaker_trips_total{handler="h"} 0"#,
+            r#"event_host_handler_paused{handler="h"} 0"#,
+            r#"event_host_handler_latency_seconds_count{handler="h"} 0"#,
+        ] {
+            assert!(text.contains(sample), "{sample} in\n{text}");
+        }
     }
 }

@@ -355,6 +355,8 @@ async fn handler_loop(
 ) -> Result<()> {
     let mut lifecycle = entry.watch_lifecycle();
     let label = Metrics::label(entry.name());
+    // Its series at zero from now on, so rates see its first events.
+    metrics.init_handler(entry.name());
     loop {
         let current = lifecycle.borrow_and_update().clone();
         match current {
