@@ -13,12 +13,20 @@ use crate::amqp_support::{declare_topic, header, unique, Client, Inventory, Test
 /// Inventory on names of its own, and a queue bound to its
 /// `inventory.reserved` announcements: (names, client, that queue, host).
 fn inventory_with_a_reservations_probe() -> (Inventory, Client, String, TestHost) {
+    inventory_configured_with_a_reservations_probe("")
+}
+
+/// [`inventory_with_a_reservations_probe`], with `top` (top-level config
+/// lines) in the host's config.
+pub(crate) fn inventory_configured_with_a_reservations_probe(
+    top: &str,
+) -> (Inventory, Client, String, TestHost) {
     let inv = Inventory::new();
     let mut client = Client::connect();
     inv.cleanup(&mut client);
     declare_topic(&client, &inv.events);
     let reserved = client.bind_probe(&inv.events, "inventory.reserved");
-    let host = TestHost::start(&["inventory"], &inv.config(""));
+    let host = TestHost::start(&["inventory"], &format!("{top}{}", inv.config("")));
     (inv, client, reserved, host)
 }
 
@@ -267,6 +275,21 @@ impl Chaos {
             &["chaos"],
             &chaos_config(&self.queue, &self.exchange, extra),
         )
+    }
+
+    /// Publish an event the guest retries until it is dead-lettered
+    /// (after the config's `max_attempts`), with the trace [`TRACE`] from
+    /// [`PARENT`]; its dead-letter copy.
+    pub(crate) fn retried_until_dead_with_a_trace(&self) -> lapin::message::BasicGetMessage {
+        self.client.publish(
+            &self.exchange,
+            "k",
+            br#"{"action": "retry", "reason": "not yet"}"#,
+            traced(&format!("00-{TRACE}-{PARENT}-01")),
+        );
+        let mut dead = self.client.take(&self.dlq, 1, Duration::from_secs(20));
+        assert_eq!(dead.len(), 1);
+        dead.remove(0)
     }
 
     fn send(&self, payload: &str) {
@@ -587,14 +610,7 @@ fn a_trace_published_on_an_order_comes_back_on_the_reservation() {
 fn retry_and_dead_letter_copies_carry_the_trace_on() {
     let chaos = Chaos::new();
     let host = chaos.start("max_attempts = 3");
-    chaos.client.publish(
-        &chaos.exchange,
-        "k",
-        br#"{"action": "retry", "reason": "not yet"}"#,
-        traced(&format!("00-{TRACE}-{PARENT}-01")),
-    );
-    let dead = chaos.client.take(&chaos.dlq, 1, Duration::from_secs(20));
-    assert_eq!(dead.len(), 1);
+    let dead = [chaos.retried_until_dead_with_a_trace()];
     assert_eq!(
         header(&dead[0], "x-event-host-attempts").as_deref(),
         Some("3")

@@ -7,8 +7,11 @@ use std::time::Duration;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode as SpanStatus;
 
-use crate::amqp_support::{declare_topic, header, Client, Inventory, TestHost};
-use crate::broker::{chaos_config, traced, traceparent, Chaos, PARENT, TRACE};
+use crate::amqp_support::{header, TestHost};
+use crate::broker::{
+    chaos_config, inventory_configured_with_a_reservations_probe, traced, traceparent, Chaos,
+    PARENT, TRACE,
+};
 use crate::otlp_support::{find, Receiver};
 
 /// The top-level config lines that switch export on, to `receiver`.
@@ -25,15 +28,8 @@ fn exporting_to(receiver: &Receiver) -> String {
 #[test]
 fn each_event_is_a_span_at_a_real_otlp_receiver() {
     let receiver = Receiver::start();
-    let inv = Inventory::new();
-    let mut client = Client::connect();
-    inv.cleanup(&mut client);
-    declare_topic(&client, &inv.events);
-    let reserved = client.bind_probe(&inv.events, "inventory.reserved");
-    let host = TestHost::start(
-        &["inventory"],
-        &format!("{}{}", exporting_to(&receiver), inv.config("")),
-    );
+    let (inv, client, reserved, host) =
+        inventory_configured_with_a_reservations_probe(&exporting_to(&receiver));
     client.publish(
         &inv.orders,
         "",
@@ -146,15 +142,8 @@ fn each_attempt_at_a_retried_event_is_a_span_parented_by_the_one_before() {
             chaos_config(&chaos.queue, &chaos.exchange, "max_attempts = 3")
         ),
     );
-    chaos.client.publish(
-        &chaos.exchange,
-        "k",
-        br#"{"action": "retry", "reason": "not yet"}"#,
-        traced(&format!("00-{TRACE}-{PARENT}-01")),
-    );
-    let dead = chaos.client.take(&chaos.dlq, 1, Duration::from_secs(20));
-    assert_eq!(dead.len(), 1);
-    let (_, dead_parent, _) = traceparent(&dead[0]);
+    let dead = chaos.retried_until_dead_with_a_trace();
+    let (_, dead_parent, _) = traceparent(&dead);
     host.stop().unwrap();
 
     let spans = receiver.of_trace(TRACE);
@@ -185,15 +174,8 @@ fn each_attempt_at_a_retried_event_is_a_span_parented_by_the_one_before() {
 /// `trace_context = false`: nothing is stamped on what an event causes.
 #[test]
 fn with_trace_context_off_nothing_is_stamped() {
-    let inv = Inventory::new();
-    let mut client = Client::connect();
-    inv.cleanup(&mut client);
-    declare_topic(&client, &inv.events);
-    let reserved = client.bind_probe(&inv.events, "inventory.reserved");
-    let host = TestHost::start(
-        &["inventory"],
-        &format!("trace_context = false\n{}", inv.config("")),
-    );
+    let (inv, client, reserved, host) =
+        inventory_configured_with_a_reservations_probe("trace_context = false\n");
     client.publish(
         &inv.orders,
         "",
