@@ -32,6 +32,8 @@
 //! - [`registry`], [`metrics`], [`admin`]: live handlers (current and
 //!   previous version, active / paused / removed), Prometheus metrics, the
 //!   admin HTTP endpoint.
+//! - [`activity`]: the last minutes per handler, second by second (rate,
+//!   outcomes, p50/p99), for the status page.
 //! - [`reload`]: the folder watcher — load changed files off the hot path
 //!   (compiled-code cache), declare their topology, swap atomically.
 //! - [`health`]: the crash-loop breaker and a new version's probation
@@ -50,6 +52,7 @@
 //! - [`scaffold`]: `event-host new`, a handler project in Rust or Python
 //!   with the WIT this binary implements.
 
+pub mod activity;
 pub mod admin;
 pub mod bindings;
 pub mod broker;
