@@ -32,8 +32,9 @@
 //! - [`registry`], [`metrics`], [`admin`]: live handlers (current and
 //!   previous version, active / paused / removed), Prometheus metrics, the
 //!   admin HTTP endpoint.
-//! - [`activity`]: the last minutes per handler, second by second (rate,
-//!   outcomes, p50/p99), for the status page.
+//! - [`activity`], [`journal`]: for the status page, the last minutes per
+//!   handler second by second (rate, outcomes, p50/p99) and the recent
+//!   lifecycle changes.
 //! - [`reload`]: the folder watcher — load changed files off the hot path
 //!   (compiled-code cache), declare their topology, swap atomically.
 //! - [`health`]: the crash-loop breaker and a new version's probation
@@ -64,6 +65,7 @@ pub mod guest;
 pub mod handler;
 pub mod health;
 pub mod idempotency;
+pub mod journal;
 pub mod manifest;
 pub mod metrics;
 pub mod otlp;
