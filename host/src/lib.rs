@@ -32,9 +32,10 @@
 //! - [`registry`], [`metrics`], [`admin`]: live handlers (current and
 //!   previous version, active / paused / removed), Prometheus metrics, the
 //!   admin HTTP endpoint.
-//! - [`activity`], [`journal`]: for the status page, the last minutes per
-//!   handler second by second (rate, outcomes, p50/p99) and the recent
-//!   lifecycle changes.
+//! - [`activity`], [`journal`], [`status`]: the status page — the last
+//!   minutes per handler second by second (rate, outcomes, p50/p99), the
+//!   recent lifecycle changes, and the `/status` document and page built
+//!   from them.
 //! - [`reload`]: the folder watcher — load changed files off the hot path
 //!   (compiled-code cache), declare their topology, swap atomically.
 //! - [`health`]: the crash-loop breaker and a new version's probation
@@ -79,4 +80,5 @@ pub mod scaffold;
 pub mod server;
 pub mod split_guard;
 pub mod state;
+pub mod status;
 pub mod trace;

@@ -371,10 +371,7 @@ impl Entry {
 
     /// Its file is gone: stop consuming, keep the queue.
     pub fn remove(&self) {
-        let removed = self
-            .lifecycle
-            .send_replace(Lifecycle::Removed)
-            != Lifecycle::Removed;
+        let removed = self.lifecycle.send_replace(Lifecycle::Removed) != Lifecycle::Removed;
         if removed {
             self.journal(
                 Kind::Removed,
