@@ -4,7 +4,7 @@
 //
 //   node status.mjs URL HANDLERS...
 //
-// 1. Opens URL at 1280×860 and waits until a card is shown for every
+// 1. Opens URL at 1280×760 and waits until a card is shown for every
 //    named handler; prints {"event":"loaded", "charts": ...}.
 // 2. Waits (60 s at most) until every named handler's rate chart shows
 //    events — the test publishes once it has read "loaded" — then looks
@@ -42,7 +42,7 @@ const browser = await chromium.launch({
   args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
 });
 try {
-  const page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
+  const page = await browser.newPage({ viewport: { width: 1280, height: 760 } });
   page.on('console', (m) => { if (m.type() === 'error') problems.console_errors.push(m.text()); });
   page.on('pageerror', (e) => problems.page_errors.push(String(e)));
   page.on('requestfailed', (r) => problems.failed_requests.push(`${r.url()}: ${r.failure()?.errorText}`));

@@ -459,10 +459,13 @@ fn the_status_page_in_chromium_shows_both_handlers_and_its_rate_chart_moves() {
                 let burst = 3 + (started.elapsed().as_secs() / 7 % 4) * 2;
                 for _ in 0..burst {
                     n += 1;
-                    shop.checkout(
-                        &client,
-                        &format!(r#"{{"item": "Laptop", "quantity": 1, "checkout_id": "b-{n}"}}"#),
-                    );
+                    // Now and then one order-publisher dead-letters.
+                    let body = if n % 97 == 0 {
+                        "not json".to_owned()
+                    } else {
+                        format!(r#"{{"item": "Laptop", "quantity": 1, "checkout_id": "b-{n}"}}"#)
+                    };
+                    shop.checkout(&client, &body);
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -489,6 +492,12 @@ fn the_status_page_in_chromium_shows_both_handlers_and_its_rate_chart_moves() {
     assert!(stock < 1_000_000, "orders were reserved: {text}");
     assert_clean(&moved);
     if screenshot.is_some() {
+        // A hot reload, so the picture's lifecycle shows one.
+        install(
+            &host.handlers_dir(),
+            "inventory.wasm",
+            &variant("inventory", "screenshot"),
+        );
         let shot = next_line(&lines, Duration::from_secs(150), "the screenshot");
         assert_eq!(shot["event"], "screenshot", "{shot}");
         assert_clean(&shot);
