@@ -460,7 +460,7 @@ fn the_status_page_in_chromium_shows_both_handlers_and_its_rate_chart_moves() {
                 for _ in 0..burst {
                     n += 1;
                     // Now and then one order-publisher dead-letters.
-                    let body = if n % 97 == 0 {
+                    let body = if n.is_multiple_of(97) {
                         "not json".to_owned()
                     } else {
                         format!(r#"{{"item": "Laptop", "quantity": 1, "checkout_id": "b-{n}"}}"#)
