@@ -12,6 +12,10 @@
 //    prints {"event":"moved", ...}.
 // 3. With STATUS_SCREENSHOT=FILE, waits STATUS_SCREENSHOT_AFTER_SECS more
 //    (default 0) and saves a screenshot of the page there.
+// With STATUS_TOKEN=T (a host with `admin_token`), instead: waits for the
+// page to ask for the token, gives a wrong one, then T; waits for the
+// cards; reloads the page and checks that it did not ask again (the token
+// is kept for the tab); prints {"event":"token", ...}.
 // Every line carries what the browser reported: console errors, uncaught
 // page errors, failed requests and HTTP errors. Exit 0 unless the browser
 // could not be driven (the test judges the rest).
@@ -34,21 +38,30 @@ const charts = (page) => page.evaluate(() => Object.fromEntries(
     }];
   })));
 
-const browser = await chromium.launch({
-  executablePath,
-  headless: true,
-  // Root in a container: Chromium's sandbox needs user namespaces it may
-  // not get. The page is the test's own.
-  args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
-});
-try {
-  const page = await browser.newPage({ viewport: { width: 1280, height: 760 } });
-  page.on('console', (m) => { if (m.type() === 'error') problems.console_errors.push(m.text()); });
-  page.on('pageerror', (e) => problems.page_errors.push(String(e)));
-  page.on('requestfailed', (r) => problems.failed_requests.push(`${r.url()}: ${r.failure()?.errorText}`));
-  page.on('response', (r) => { if (r.status() >= 400) problems.http_errors.push(`${r.status()} ${r.url()}`); });
+const cardsShown = (page) => page.waitForFunction(
+  (names) => names.every((n) => document.querySelector(`article.card[data-handler="${n}"]`)),
+  handlers, { timeout: 30_000 });
 
-  await page.goto(url, { waitUntil: 'load' });
+async function tokenFlow(page, token) {
+  await page.waitForSelector('#login:not([hidden])', { timeout: 30_000 });
+  const asked = await page.isVisible('#token');
+  await page.fill('#token', token + '-wrong');
+  await page.click('#login button[type=submit]');
+  await page.waitForFunction(() => document.querySelector('#login-why').textContent.includes('refused'),
+    null, { timeout: 10_000 });
+  const refused = await page.$eval('#login-why', (e) => e.textContent);
+  await page.fill('#token', token);
+  await page.click('#login button[type=submit]');
+  await cardsShown(page);
+  const stored = await page.evaluate(() => sessionStorage.getItem('event-host.admin-token'));
+  await page.reload({ waitUntil: 'load' });
+  await cardsShown(page);
+  const askedAgain = await page.isVisible('#login');
+  say('token', { asked, refused, stored, asked_again: askedAgain });
+}
+
+// Orders flowing: see the header.
+async function flow(page) {
   await page.waitForFunction(
     (names) => names.every((n) => document.querySelector(`article.card[data-handler="${n}"] h2`)?.textContent === n),
     handlers, { timeout: 30_000 });
@@ -75,6 +88,28 @@ try {
     await page.waitForTimeout(after * 1000);
     await page.screenshot({ path: process.env.STATUS_SCREENSHOT, fullPage: true });
     say('screenshot', { path: process.env.STATUS_SCREENSHOT });
+  }
+}
+
+const browser = await chromium.launch({
+  executablePath,
+  headless: true,
+  // Root in a container: Chromium's sandbox needs user namespaces it may
+  // not get. The page is the test's own.
+  args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 760 } });
+  page.on('console', (m) => { if (m.type() === 'error') problems.console_errors.push(m.text()); });
+  page.on('pageerror', (e) => problems.page_errors.push(String(e)));
+  page.on('requestfailed', (r) => problems.failed_requests.push(`${r.url()}: ${r.failure()?.errorText}`));
+  page.on('response', (r) => { if (r.status() >= 400) problems.http_errors.push(`${r.status()} ${r.url()}`); });
+
+  await page.goto(url, { waitUntil: 'load' });
+  if (process.env.STATUS_TOKEN) {
+    await tokenFlow(page, process.env.STATUS_TOKEN);
+  } else {
+    await flow(page);
   }
 } catch (e) {
   say('failed', { error: String(e && e.stack || e) });

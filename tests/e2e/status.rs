@@ -1,6 +1,7 @@
 //! The status page: its data, `GET /status`, tested on its own against a
 //! real host and real orders; and the page, `GET /`, in a real headless
-//! Chromium (Debian's), driven by playwright-core (`tests/browser/`).
+//! Chromium (Debian's), driven by playwright-core (`tests/browser/`):
+//! orders flowing, and the admin token asked for.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
@@ -372,6 +373,35 @@ fn browser_driver() -> PathBuf {
     dir
 }
 
+/// Start the driver (`tests/browser/status.mjs`) on `host`'s page for
+/// both example handlers, with `env`: the child and its output lines.
+fn drive(
+    chromium: &std::path::Path,
+    host: &TestHost,
+    env: &[(&str, &str)],
+) -> (std::process::Child, mpsc::Receiver<String>) {
+    let driver = browser_driver();
+    let mut cmd = Command::new("node");
+    cmd.arg(driver.join("status.mjs"))
+        .arg(format!("http://{}/", host.admin))
+        .args(["inventory", "order-publisher"])
+        .env("CHROMIUM", chromium)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn().expect("running node");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, lines)
+}
+
 /// One JSON line of the driver, within `limit`.
 fn next_line(lines: &mpsc::Receiver<String>, limit: Duration, what: &str) -> Value {
     let line = lines.recv_timeout(limit).unwrap_or_else(|_| {
@@ -403,36 +433,21 @@ fn the_status_page_in_chromium_shows_both_handlers_and_its_rate_chart_moves() {
     let Some(chromium) = chromium() else {
         return;
     };
-    let driver = browser_driver();
     let shop = Arc::new(Shop::new());
     let mut client = Client::connect();
     shop.cleanup(&mut client);
     let host = TestHost::start(&["inventory", "order-publisher"], &shop.config(""));
 
-    let mut cmd = Command::new("node");
-    cmd.arg(driver.join("status.mjs"))
-        .arg(format!("http://{}/", host.admin))
-        .args(["inventory", "order-publisher"])
-        .env("CHROMIUM", &chromium)
-        .env("STATUS_LOOKUP", "inventory/stock.Laptop")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    // For the README's picture: EVENT_HOST_STATUS_SCREENSHOT=docs/status-page.png
+    let mut env = vec![("STATUS_LOOKUP", "inventory/stock.Laptop")];
+    // For the README's picture: EVENT_HOST_STATUS_SCREENSHOT=/abs/docs/status-page.png
     let screenshot = std::env::var("EVENT_HOST_STATUS_SCREENSHOT").ok();
     if let Some(path) = &screenshot {
-        cmd.env("STATUS_SCREENSHOT", path)
-            .env("STATUS_SCREENSHOT_AFTER_SECS", "75");
+        env.extend([
+            ("STATUS_SCREENSHOT", path.as_str()),
+            ("STATUS_SCREENSHOT_AFTER_SECS", "75"),
+        ]);
     }
-    let mut child = cmd.spawn().expect("running node");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, lines) = drive(&chromium, &host, &env);
 
     let loaded = next_line(&lines, Duration::from_secs(60), "loading the page");
     assert_eq!(loaded["event"], "loaded", "{loaded}");
@@ -506,5 +521,60 @@ fn the_status_page_in_chromium_shows_both_handlers_and_its_rate_chart_moves() {
     publisher.join().unwrap();
     let exit = child.wait().unwrap();
     assert!(exit.success(), "the browser driver failed: {exit}");
+    host.stop().unwrap();
+}
+
+#[test]
+fn the_status_page_asks_for_the_admin_token_and_keeps_it_for_the_tab() {
+    if crate::backend::on_postgres() {
+        return; // as above: the SQLite pass ran it
+    }
+    let Some(chromium) = chromium() else {
+        return;
+    };
+    let shop = Shop::new();
+    let mut client = Client::connect();
+    shop.cleanup(&mut client);
+    let host = TestHost::start(
+        &["inventory", "order-publisher"],
+        &shop.config(&format!("admin_token = {TOKEN:?}")),
+    );
+    let (mut child, lines) = drive(&chromium, &host, &[("STATUS_TOKEN", TOKEN)]);
+    let said = next_line(&lines, Duration::from_secs(90), "the token form");
+    assert_eq!(said["event"], "token", "{said}");
+    assert_eq!(said["asked"], true, "the page asked for the token: {said}");
+    assert!(
+        said["refused"]
+            .as_str()
+            .is_some_and(|r| r.contains("refused")),
+        "a wrong token is said to be refused: {said}"
+    );
+    assert_eq!(said["stored"], TOKEN, "kept in sessionStorage");
+    assert_eq!(said["asked_again"], false, "not asked again in the tab");
+    // The only errors: the two 401s that made the page ask (no token, then
+    // the wrong one), which the browser logs itself.
+    assert_eq!(said["page_errors"], serde_json::json!([]), "{said}");
+    assert_eq!(said["failed_requests"], serde_json::json!([]), "{said}");
+    let http: Vec<&str> = said["http_errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(http.len(), 2, "{said}");
+    assert!(
+        http.iter()
+            .all(|e| e.starts_with("401 ") && e.contains("/status?seconds=")),
+        "{said}"
+    );
+    let console = said["console_errors"].as_array().unwrap();
+    assert!(
+        console.len() <= 2
+            && console
+                .iter()
+                .all(|e| e.as_str().is_some_and(|e| e.contains("401"))),
+        "{said}"
+    );
+    assert!(child.wait().unwrap().success());
     host.stop().unwrap();
 }
