@@ -2,11 +2,15 @@
 # The whole test suite, with its set-up: toolchain and wasm target (from
 # rust-toolchain.toml), a local RabbitMQ and a local PostgreSQL when none is
 # running (EVENT_HOST_AMQP_URL / EVENT_HOST_TEST_POSTGRES_URL name others
-# instead), then every test. Guests are built by the tests themselves on
-# first use.
+# instead), Chromium and its test driver for the status page, then every
+# test. Guests are built by the tests themselves on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-toolchain.sh
+scripts/ensure-chromium.sh
+# The status page's browser test skips where there is no Chromium, unless
+# this is set: here Chromium was just made sure of, so it must run.
+export EVENT_HOST_REQUIRE_BROWSER=1
 if [ -z "${EVENT_HOST_AMQP_URL:-}" ]; then
     scripts/ensure-rabbitmq.sh
 fi

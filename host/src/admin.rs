@@ -1,10 +1,12 @@
 //! The admin HTTP endpoint: health, readiness, Prometheus metrics, the
-//! handler list, state inspection and dead letters (list, re-drive).
+//! handler list, state inspection, dead letters (list, re-drive) and the
+//! status page (`/` and its data, `/status`; see [`crate::status`]).
 //!
-//! With an `admin_token` configured, everything but the probes and the
-//! metrics (`/healthz`, `/readyz`, `/metrics`: what orchestrators and
-//! scrapers call without credentials, and which show no handler state)
-//! needs `Authorization: Bearer <token>`.
+//! With an `admin_token` configured, everything but the probes, the
+//! metrics and the page itself (`/healthz`, `/readyz`, `/metrics`: what
+//! orchestrators and scrapers call without credentials, and which show no
+//! handler state; `/`, which holds no data and asks for the token when
+//! `/status` answers 401) needs `Authorization: Bearer <token>`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use crate::guest::parse_int;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::state::StateStore;
+use crate::status::{self, StatusSource};
 
 /// What the endpoint reads.
 pub struct AdminState {
@@ -39,12 +42,15 @@ pub struct AdminState {
     pub amqp_url: String,
     /// AMQP heartbeat for that connection.
     pub heartbeat_secs: u16,
+    /// Start time, broker connection and DLQ depth cache, for `/status`.
+    pub status: StatusSource,
 }
 
 /// The routes.
 pub fn router(state: Arc<AdminState>) -> Router {
     let protected = Router::new()
         .route("/handlers", get(handlers))
+        .route("/status", get(status_document))
         .route("/state/{handler}/{*key}", get(state_value))
         .route("/dlq/{handler}", get(dlq_list))
         .route("/dlq/{handler}/redrive", axum::routing::post(dlq_redrive))
@@ -56,6 +62,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/", get(status_page))
         .merge(protected)
         .with_state(state)
 }
@@ -150,7 +157,6 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
 /// of a fleet's hosts can be merged and still read: the list stays a plain
 /// array, as clients and the README's `jq '.[]'` read it.
 async fn handlers(State(s): State<Arc<AdminState>>) -> Json<Value> {
-    let m = &s.metrics;
     let (host_id, backend) = (s.host_id.as_str(), s.state.backend_name());
     let mut list: Vec<Value> = s
         .registry
@@ -158,7 +164,6 @@ async fn handlers(State(s): State<Arc<AdminState>>) -> Json<Value> {
         .iter()
         .map(|e| {
             let v = e.version();
-            let l = Metrics::label(&v.name);
             json!({
                 "name": &*v.name,
                 "version": v.sha256,
@@ -175,19 +180,7 @@ async fn handlers(State(s): State<Arc<AdminState>>) -> Json<Value> {
                 "state_backend": backend,
                 "previous_version": e.previous().map(|p| p.sha256.clone()),
                 "note": e.note(),
-                "counters": {
-                    "acked": m.acked.get_or_create(&l).get(),
-                    "retried": m.retried.get_or_create(&l).get(),
-                    "rejected": m.rejected.get_or_create(&l).get(),
-                    "dead_lettered": m.dead_lettered.get_or_create(&l).get(),
-                    "duplicates": m.duplicates.get_or_create(&l).get(),
-                    "requeued": m.requeued.get_or_create(&l).get(),
-                    "in_flight": m.in_flight.get_or_create(&l).get(),
-                    "instantiations": m.instantiations.get_or_create(&l).get(),
-                    "reloads": m.reloads.get_or_create(&l).get(),
-                    "rollbacks": m.rollbacks.get_or_create(&l).get(),
-                    "breaker_trips": m.breaker_trips.get_or_create(&l).get(),
-                },
+                "counters": s.metrics.counters(&v.name),
             })
         })
         .collect();
@@ -205,6 +198,46 @@ async fn handlers(State(s): State<Arc<AdminState>>) -> Json<Value> {
         })
     }));
     Json(Value::Array(list))
+}
+
+/// `?seconds=N` of `GET /status`.
+#[derive(serde::Deserialize)]
+struct StatusQuery {
+    seconds: Option<u64>,
+}
+
+/// `GET /status`: the status page's data (see [`crate::status`]).
+async fn status_document(
+    State(s): State<Arc<AdminState>>,
+    axum::extract::Query(q): axum::extract::Query<StatusQuery>,
+) -> Response {
+    let doc = s
+        .status
+        .document(
+            &s.host_id,
+            s.state.backend_name(),
+            &s.registry,
+            &s.metrics,
+            q.seconds.unwrap_or(status::DEFAULT_SECONDS),
+        )
+        .await;
+    // A page polls this: never a cached answer.
+    ([(header::CACHE_CONTROL, "no-store")], Json(doc)).into_response()
+}
+
+/// `GET /`: the status page. It holds no data, so it is served without the
+/// token; its script asks for one when `/status` says 401.
+async fn status_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, status::PAGE_CSP),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        status::PAGE,
+    )
+        .into_response()
 }
 
 async fn state_value(

@@ -132,7 +132,7 @@ pub struct Redriven {
 
 /// The DLQ's depth, checked to exist (a clear error for a handler that
 /// has none: a typo, or one that never ran against this broker).
-async fn depth(conn: &Connection, handler: &str, topology: &Topology) -> Result<u32> {
+pub(crate) async fn depth(conn: &Connection, handler: &str, topology: &Topology) -> Result<u32> {
     // A failed passive declare closes its channel: a throwaway one.
     let probe = conn.create_channel().await.context("opening a channel")?;
     let declared = probe

@@ -32,6 +32,10 @@
 //! - [`registry`], [`metrics`], [`admin`]: live handlers (current and
 //!   previous version, active / paused / removed), Prometheus metrics, the
 //!   admin HTTP endpoint.
+//! - [`activity`], [`journal`], [`status`]: the status page — the last
+//!   minutes per handler second by second (rate, outcomes, p50/p99), the
+//!   recent lifecycle changes, and the `/status` document and page built
+//!   from them.
 //! - [`reload`]: the folder watcher — load changed files off the hot path
 //!   (compiled-code cache), declare their topology, swap atomically.
 //! - [`health`]: the crash-loop breaker and a new version's probation
@@ -50,6 +54,7 @@
 //! - [`scaffold`]: `event-host new`, a handler project in Rust or Python
 //!   with the WIT this binary implements.
 
+pub mod activity;
 pub mod admin;
 pub mod bindings;
 pub mod broker;
@@ -61,6 +66,7 @@ pub mod guest;
 pub mod handler;
 pub mod health;
 pub mod idempotency;
+pub mod journal;
 pub mod manifest;
 pub mod metrics;
 pub mod otlp;
@@ -74,4 +80,5 @@ pub mod scaffold;
 pub mod server;
 pub mod split_guard;
 pub mod state;
+pub mod status;
 pub mod trace;

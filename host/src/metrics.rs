@@ -2,6 +2,9 @@
 //! events and instantiations, reloads, rollbacks, breaker; for the host,
 //! connection state, reconnects and refused handler files; and which
 //! fleet member it is (`event_host_info`: host id and state backend).
+//! Beside them, outside Prometheus, the last minutes second by second
+//! ([`Activity`], for the status page): the acker, which settles every
+//! event, already holds this struct.
 
 use std::sync::atomic::AtomicI64;
 
@@ -11,6 +14,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+use crate::activity::Activity;
 
 /// The label every per-handler metric carries.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,6 +85,37 @@ pub struct Metrics {
     pub without_idempotency_key: Family<HandlerLabel, Counter>,
     /// Dedupe records dropped for being older than `dedupe_window_secs`.
     pub dedupe_pruned: Counter,
+    /// Events settled per handler over the last minutes, by second (not
+    /// exported to Prometheus, which keeps its own history).
+    pub activity: Activity,
+}
+
+/// A handler's counters since start, as `/handlers` and `/status` show
+/// them.
+#[derive(Debug, Clone, Serialize)]
+pub struct HandlerCounters {
+    /// See [`Metrics::acked`].
+    pub acked: u64,
+    /// See [`Metrics::retried`].
+    pub retried: u64,
+    /// See [`Metrics::rejected`].
+    pub rejected: u64,
+    /// See [`Metrics::dead_lettered`].
+    pub dead_lettered: u64,
+    /// See [`Metrics::duplicates`].
+    pub duplicates: u64,
+    /// See [`Metrics::requeued`].
+    pub requeued: u64,
+    /// See [`Metrics::in_flight`].
+    pub in_flight: i64,
+    /// See [`Metrics::instantiations`].
+    pub instantiations: u64,
+    /// See [`Metrics::reloads`].
+    pub reloads: u64,
+    /// See [`Metrics::rollbacks`].
+    pub rollbacks: u64,
+    /// See [`Metrics::breaker_trips`].
+    pub breaker_trips: u64,
 }
 
 impl Default for Metrics {
@@ -119,6 +156,7 @@ impl Metrics {
             broken_files: Gauge::default(),
             without_idempotency_key: Family::default(),
             dedupe_pruned: Counter::default(),
+            activity: Activity::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -273,6 +311,24 @@ impl Metrics {
     pub fn label(handler: &str) -> HandlerLabel {
         HandlerLabel {
             handler: handler.to_owned(),
+        }
+    }
+
+    /// The counters of `handler` (zeros for one that never ran).
+    pub fn counters(&self, handler: &str) -> HandlerCounters {
+        let l = Self::label(handler);
+        HandlerCounters {
+            acked: self.acked.get_or_create(&l).get(),
+            retried: self.retried.get_or_create(&l).get(),
+            rejected: self.rejected.get_or_create(&l).get(),
+            dead_lettered: self.dead_lettered.get_or_create(&l).get(),
+            duplicates: self.duplicates.get_or_create(&l).get(),
+            requeued: self.requeued.get_or_create(&l).get(),
+            in_flight: self.in_flight.get_or_create(&l).get(),
+            instantiations: self.instantiations.get_or_create(&l).get(),
+            reloads: self.reloads.get_or_create(&l).get(),
+            rollbacks: self.rollbacks.get_or_create(&l).get(),
+            breaker_trips: self.breaker_trips.get_or_create(&l).get(),
         }
     }
 

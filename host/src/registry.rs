@@ -3,9 +3,13 @@
 //! whether it really is, and which dropped files were refused.
 //!
 //! The folder watcher (`reload`) and the dispatch threads write it; the
-//! broker session, `/readyz`, `/handlers` and `/metrics` read it. Swaps are
-//! one pointer store under a lock: a batch already running holds the `Arc`
-//! of its version, new batches take the new one.
+//! broker session, `/readyz`, `/handlers`, `/status` and `/metrics` read
+//! it. Swaps are one pointer store under a lock: a batch already running
+//! holds the `Arc` of its version, new batches take the new one.
+//!
+//! Every lifecycle change (loaded, reloaded, rolled back, paused, resumed,
+//! removed, a file refused) is made here, so it is also written to the
+//! [`Journal`] here, once, whoever caused it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -18,6 +22,7 @@ use tokio::sync::watch;
 
 use crate::handler::HandlerVersion;
 use crate::health::{Health, Verdict};
+use crate::journal::{self, Journal, Kind};
 use crate::manifest::Subscription;
 
 /// Whether a handler's consumer is registered at the broker.
@@ -98,6 +103,8 @@ pub struct Entry {
     /// When the call running now started, and its deadline: a call far
     /// past its deadline means the handler is stuck (see [`stuck_for`]).
     call: Mutex<Option<(Instant, Duration)>>,
+    /// The registry's lifecycle history, which this entry's changes go to.
+    journal: Arc<Journal>,
 }
 
 /// How far past its deadline a call may run before its handler counts as
@@ -119,8 +126,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Entry {
-    /// A handler entry serving `version`.
-    pub fn new(version: Arc<HandlerVersion>) -> Self {
+    /// A handler entry serving `version`, its lifecycle changes written to
+    /// `journal`.
+    pub fn new(version: Arc<HandlerVersion>, journal: Arc<Journal>) -> Self {
         Self {
             name: version.name.clone(),
             health: Mutex::new(Health::new(version.settings.health.clone(), false)),
@@ -135,7 +143,18 @@ impl Entry {
             status_reason: Mutex::new(None),
             stale_bindings: Mutex::new(Vec::new()),
             call: Mutex::new(None),
+            journal,
         }
+    }
+
+    fn journal(&self, event: Kind, entry: journal::Entry<'_>) {
+        self.journal.record(
+            event,
+            journal::Entry {
+                handler: Some(&self.name),
+                ..entry
+            },
+        );
     }
 
     /// A call of `version` starts now (the worker brackets every event
@@ -267,6 +286,29 @@ impl Entry {
         *lock(&self.health) = Health::new(version.settings.health.clone(), true);
         *lock(&self.note) = None;
         self.lifecycle.send_replace(Lifecycle::Active);
+        if old.sha256 == version.sha256 {
+            self.journal(
+                Kind::Restored,
+                journal::Entry {
+                    to: Some(version.short_version()),
+                    detail: Some("file back: consuming again".into()),
+                    ..Default::default()
+                },
+            );
+        } else {
+            self.journal(
+                Kind::Reloaded,
+                journal::Entry {
+                    from: Some(old.short_version()),
+                    to: Some(version.short_version()),
+                    detail: Some(format!(
+                        "guest version {} → {}",
+                        old.declared.version, version.declared.version
+                    )),
+                    ..Default::default()
+                },
+            );
+        }
         old
     }
 
@@ -293,6 +335,13 @@ impl Entry {
     /// Stop consuming until the cool-off ends or a new version arrives.
     pub fn pause(&self, reason: String) {
         let cooloff = self.version().settings.health.breaker_cooloff;
+        self.journal(
+            Kind::Paused,
+            journal::Entry {
+                detail: Some(reason.clone()),
+                ..Default::default()
+            },
+        );
         *lock(&self.note) = Some(reason);
         self.lifecycle.send_replace(Lifecycle::Paused {
             until: Instant::now() + cooloff,
@@ -301,7 +350,7 @@ impl Entry {
 
     /// End a pause (cool-off over). No effect unless paused.
     pub fn resume(&self) {
-        self.lifecycle.send_if_modified(|l| {
+        let resumed = self.lifecycle.send_if_modified(|l| {
             if matches!(l, Lifecycle::Paused { .. }) {
                 *l = Lifecycle::Active;
                 true
@@ -309,11 +358,29 @@ impl Entry {
                 false
             }
         });
+        if resumed {
+            self.journal(
+                Kind::Resumed,
+                journal::Entry {
+                    detail: Some("breaker cool-off over".into()),
+                    ..Default::default()
+                },
+            );
+        }
     }
 
     /// Its file is gone: stop consuming, keep the queue.
     pub fn remove(&self) {
-        self.lifecycle.send_replace(Lifecycle::Removed);
+        let removed = self.lifecycle.send_replace(Lifecycle::Removed) != Lifecycle::Removed;
+        if removed {
+            self.journal(
+                Kind::Removed,
+                journal::Entry {
+                    detail: Some("file deleted or replaced: its queue keeps the events".into()),
+                    ..Default::default()
+                },
+            );
+        }
     }
 
     /// Bindings to remove at the broker, taken (the caller removes them or
@@ -350,6 +417,15 @@ impl Entry {
                         good.short_version()
                     );
                     tracing::error!(handler = %self.name, "{note}");
+                    self.journal(
+                        Kind::RolledBack,
+                        journal::Entry {
+                            from: Some(bad.short_version()),
+                            to: Some(good.short_version()),
+                            detail: Some(note.clone()),
+                            ..Default::default()
+                        },
+                    );
                     *lock(&self.note) = Some(note);
                 }
                 None => self.trip(*failures),
@@ -412,6 +488,8 @@ pub struct Registry {
     /// Bumped when a handler is added, so the broker session starts its
     /// consumer.
     added: watch::Sender<u64>,
+    /// The recent lifecycle changes of every handler, for `/status`.
+    journal: Arc<Journal>,
 }
 
 impl Default for Registry {
@@ -420,6 +498,7 @@ impl Default for Registry {
             entries: RwLock::default(),
             broken: Mutex::default(),
             added: watch::Sender::new(0),
+            journal: Arc::default(),
         }
     }
 }
@@ -427,7 +506,20 @@ impl Default for Registry {
 impl Registry {
     /// Add a handler (its name must not be registered yet).
     pub fn insert(&self, version: Arc<HandlerVersion>) -> Arc<Entry> {
-        let entry = Arc::new(Entry::new(version));
+        self.journal.record(
+            Kind::Loaded,
+            journal::Entry {
+                handler: Some(&version.name),
+                to: Some(version.short_version()),
+                detail: Some(format!(
+                    "guest version {} from {}",
+                    version.declared.version,
+                    version.path.display()
+                )),
+                ..Default::default()
+            },
+        );
+        let entry = Arc::new(Entry::new(version, self.journal.clone()));
         self.entries
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -511,8 +603,20 @@ impl Registry {
         {
             return false;
         }
+        self.journal.record(
+            Kind::Refused,
+            journal::Entry {
+                detail: Some(format!("{}: {}", broken.file.display(), broken.error)),
+                ..Default::default()
+            },
+        );
         map.insert(broken.file.clone(), broken);
         true
+    }
+
+    /// The recent lifecycle changes (see [`Journal`]).
+    pub fn journal(&self) -> &Journal {
+        &self.journal
     }
 
     /// The file loaded (or was deleted): forget its refusal.

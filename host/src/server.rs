@@ -131,6 +131,7 @@ pub async fn run(
         host_id,
         amqp_url: config.amqp_url.clone(),
         heartbeat_secs: config.heartbeat_secs,
+        status: crate::status::StatusSource::new(conn_tx.subscribe()),
     });
     let mut admin_stop = stop_rx.clone();
     let (admin_addr, admin_task) = admin::serve(&config.admin_addr, admin_state, async move {

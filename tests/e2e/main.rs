@@ -33,3 +33,4 @@ mod scaffold;
 mod seed;
 mod split;
 mod state;
+mod status;

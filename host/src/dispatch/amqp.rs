@@ -1018,6 +1018,10 @@ async fn acks(mut acker: Acker, mut rx: mpsc::Receiver<Vec<Settled>>) -> Result<
         // Counted once settled at the broker, like the in-flight gauge:
         // `acked` means acked, not "about to be".
         metrics.acked.get_or_create(&label).inc_by(acked);
+        // The status page's last minutes, from the same single place.
+        metrics
+            .activity
+            .record(&label.handler, batch.iter().map(|s| (&s.handled).into()));
         if duplicates > 0 {
             metrics.duplicates.get_or_create(&label).inc_by(duplicates);
         }

@@ -392,6 +392,24 @@ impl Handled {
     }
 }
 
+/// How the status page counts a settled event (see [`crate::activity`]).
+impl From<&Handled> for crate::activity::Sample {
+    fn from(h: &Handled) -> Self {
+        use crate::activity::Settled;
+        let settled = match h.outcome {
+            Outcome::Ack if h.duplicate => Settled::Duplicate,
+            Outcome::Ack => Settled::Acked,
+            Outcome::Retry => Settled::Retried,
+            Outcome::Reject => Settled::DeadLettered,
+            Outcome::Requeue => Settled::Requeued,
+        };
+        // No time in the guest: it did not run (duplicate, over a bound,
+        // handler inactive), and a zero would drag the percentiles down.
+        let latency = (!h.duplicate && !h.elapsed.is_zero()).then_some(h.elapsed);
+        Self { settled, latency }
+    }
+}
+
 /// How the reason of a dead-lettered, repeatedly failing event starts.
 const ATTEMPTS_EXHAUSTED: &str = "attempts exhausted";
 
