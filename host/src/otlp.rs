@@ -74,21 +74,42 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// What every span of one handler version carries: built once per batch
+/// (a batch runs on one version), its strings shared by the batch's spans
+/// rather than copied into each.
+pub struct VersionSpans {
+    name: String,
+    attributes: Vec<KeyValue>,
+}
+
+impl VersionSpans {
+    /// The span name and attributes of events of `handler` at `version`
+    /// (its sha256) declaring `guest_version`, consumed from `queue`.
+    pub fn new(handler: &str, version: &str, guest_version: &str, queue: &str) -> Self {
+        let shared = |s: &str| opentelemetry::Value::from(std::sync::Arc::<str>::from(s));
+        Self {
+            name: format!("process {handler}"),
+            attributes: vec![
+                KeyValue::new("messaging.system", "rabbitmq"),
+                KeyValue::new("messaging.operation.type", "process"),
+                KeyValue::new("event_host.handler", shared(handler)),
+                KeyValue::new("event_host.version", shared(version)),
+                KeyValue::new("event_host.guest_version", shared(guest_version)),
+                KeyValue::new("event_host.queue", shared(queue)),
+            ],
+        }
+    }
+}
+
 /// One finished attempt at an event, as the dispatcher saw it.
 pub struct EventSpan<'a> {
     /// The attempt's span (ids and flags).
     pub span: Span,
     /// `tracestate` as it came, passed on.
     pub tracestate: Option<&'a str>,
-    /// Handler name.
-    pub handler: &'a str,
-    /// The handler version's sha256.
-    pub version: &'a str,
-    /// The version the guest declares.
-    pub guest_version: &'a str,
-    /// The handler's work queue.
-    pub queue: &'a str,
-    /// Exchange and routing key the event was published with.
+    /// Its handler version's name and attributes.
+    pub version: &'a VersionSpans,
+    /// Exchange the event was published to.
     pub exchange: &'a str,
     /// Routing key the event was published with.
     pub routing_key: &'a str,
@@ -185,26 +206,21 @@ impl Exporter {
             .tracestate
             .and_then(|s| s.parse::<TraceState>().ok())
             .unwrap_or_default();
-        let mut attributes = vec![
-            KeyValue::new("messaging.system", "rabbitmq"),
-            KeyValue::new("messaging.operation.type", "process"),
+        let mut attributes = Vec::with_capacity(e.version.attributes.len() + 8);
+        attributes.extend_from_slice(&e.version.attributes);
+        attributes.extend([
             KeyValue::new("messaging.destination.name", e.exchange.to_owned()),
             KeyValue::new(
                 "messaging.rabbitmq.destination.routing_key",
                 e.routing_key.to_owned(),
             ),
-            KeyValue::new("messaging.consumer.group.name", e.queue.to_owned()),
-            KeyValue::new("event_host.handler", e.handler.to_owned()),
-            KeyValue::new("event_host.version", e.version.to_owned()),
-            KeyValue::new("event_host.guest_version", e.guest_version.to_owned()),
-            KeyValue::new("event_host.queue", e.queue.to_owned()),
             KeyValue::new("event_host.attempt", i64::from(e.attempt)),
             KeyValue::new("event_host.outcome", e.outcome),
             KeyValue::new(
                 "event_host.guest_time_us",
                 i64::try_from(e.guest_time.as_micros()).unwrap_or(i64::MAX),
             ),
-        ];
+        ]);
         if let Some(id) = e.message_id {
             attributes.push(KeyValue::new("messaging.message.id", id.to_owned()));
         }
@@ -246,7 +262,7 @@ impl Exporter {
             parent_span_id: e.span.parent.map_or(SpanId::INVALID, SpanId::from_bytes),
             parent_span_is_remote: e.span.parent.is_some(),
             span_kind: SpanKind::Consumer,
-            name: Cow::Owned(format!("process {}", e.handler)),
+            name: Cow::Owned(e.version.name.clone()),
             start_time: e.start,
             end_time: e.end.max(e.start),
             attributes,

@@ -41,7 +41,7 @@ use crate::guest::GuestLog;
 use crate::handler::HandlerVersion;
 use crate::health::Verdict;
 use crate::metrics::Metrics;
-use crate::otlp::{EventSpan, Exporter};
+use crate::otlp::{EventSpan, Exporter, VersionSpans};
 use crate::registry::{Entry, Lifecycle, Registry, Status};
 use crate::state::{Outgoing, Owed};
 use crate::trace::Span;
@@ -1019,9 +1019,12 @@ async fn acks(mut acker: Acker, mut rx: mpsc::Receiver<Vec<Settled>>) -> Result<
         // `acked` means acked, not "about to be".
         metrics.acked.get_or_create(&label).inc_by(acked);
         // The status page's last minutes, from the same single place.
-        metrics
-            .activity
-            .record(&label.handler, batch.iter().map(|s| (&s.handled).into()));
+        metrics.activity.record(
+            &label.handler,
+            batch
+                .iter()
+                .map(|s| crate::activity::Sample::from(&s.handled)),
+        );
         if duplicates > 0 {
             metrics.duplicates.get_or_create(&label).inc_by(duplicates);
         }
@@ -1047,6 +1050,11 @@ async fn acks(mut acker: Acker, mut rx: mpsc::Receiver<Vec<Settled>>) -> Result<
 /// event's outcome became durable.
 fn export_spans(exporter: &Exporter, batch: &mut [Settled]) {
     let end = SystemTime::now();
+    // A batch runs on one version: what its spans share is built once.
+    let Some(v) = batch.first().map(|s| s.version.clone()) else {
+        return;
+    };
+    let version = VersionSpans::new(&v.name, &v.sha256, &v.declared.version, &v.topology.queue);
     for s in batch {
         let (Some(span), Some(start)) = (s.span, s.started) else {
             continue;
@@ -1063,10 +1071,7 @@ fn export_spans(exporter: &Exporter, batch: &mut [Settled]) {
         exporter.export(EventSpan {
             span,
             tracestate: tracestate.as_deref(),
-            handler: &s.version.name,
-            version: &s.version.sha256,
-            guest_version: &s.version.declared.version,
-            queue: &s.version.topology.queue,
+            version: &version,
             exchange: &s.exchange,
             routing_key: &s.routing_key,
             message_id: props.message_id().as_ref().map(|id| id.as_str()),
