@@ -565,6 +565,24 @@ pub(crate) fn traced(traceparent: &str) -> BasicProperties {
     BasicProperties::default().with_headers(headers)
 }
 
+/// Publish order 1 with the trace [`TRACE`] from [`PARENT`] (and a
+/// `tracestate`); the reservation inventory published for it.
+pub(crate) fn a_traced_order_s_reservation(
+    inv: &Inventory,
+    client: &Client,
+    reserved: &str,
+) -> lapin::message::BasicGetMessage {
+    client.publish(
+        &inv.orders,
+        "",
+        br#"{"id": 1, "item": "Laptop", "quantity": 1}"#,
+        traced(&format!("00-{TRACE}-{PARENT}-01")),
+    );
+    let mut got = client.take(reserved, 1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1);
+    got.remove(0)
+}
+
 pub(crate) const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 pub(crate) const PARENT: &str = "b7ad6b7169203331";
 
@@ -574,14 +592,7 @@ pub(crate) const PARENT: &str = "b7ad6b7169203331";
 #[test]
 fn a_trace_published_on_an_order_comes_back_on_the_reservation() {
     let (inv, client, reserved, host) = inventory_with_a_reservations_probe();
-    client.publish(
-        &inv.orders,
-        "",
-        br#"{"id": 1, "item": "Laptop", "quantity": 1}"#,
-        traced(&format!("00-{TRACE}-{PARENT}-01")),
-    );
-    let got = client.take(&reserved, 1, Duration::from_secs(10));
-    assert_eq!(got.len(), 1);
+    let got = [a_traced_order_s_reservation(&inv, &client, &reserved)];
     let (trace, span, flags) = traceparent(&got[0]);
     assert_eq!((trace.as_str(), flags.as_str()), (TRACE, "01"));
     assert_ne!(span, PARENT, "a span of its own");

@@ -9,8 +9,8 @@ use opentelemetry_proto::tonic::trace::v1::status::StatusCode as SpanStatus;
 
 use crate::amqp_support::{header, TestHost};
 use crate::broker::{
-    chaos_config, inventory_configured_with_a_reservations_probe, traced, traceparent, Chaos,
-    PARENT, TRACE,
+    a_traced_order_s_reservation, chaos_config, inventory_configured_with_a_reservations_probe,
+    traced, traceparent, Chaos, PARENT, TRACE,
 };
 use crate::otlp_support::{find, Receiver};
 
@@ -176,14 +176,7 @@ fn each_attempt_at_a_retried_event_is_a_span_parented_by_the_one_before() {
 fn with_trace_context_off_nothing_is_stamped() {
     let (inv, client, reserved, host) =
         inventory_configured_with_a_reservations_probe("trace_context = false\n");
-    client.publish(
-        &inv.orders,
-        "",
-        br#"{"id": 1, "item": "Laptop", "quantity": 1}"#,
-        traced(&format!("00-{TRACE}-{PARENT}-01")),
-    );
-    let got = client.take(&reserved, 1, Duration::from_secs(10));
-    assert_eq!(got.len(), 1);
-    assert_eq!(header(&got[0], "traceparent"), None);
+    let got = a_traced_order_s_reservation(&inv, &client, &reserved);
+    assert_eq!(header(&got, "traceparent"), None);
     host.stop().unwrap();
 }

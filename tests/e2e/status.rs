@@ -72,6 +72,19 @@ retry_base_ms = 50
         client.cleanup_handler(&self.publisher, 50, &[&self.checkout]);
     }
 
+    /// A shop on names of its own, its client (which deletes them when
+    /// dropped) and a host running both handlers behind [`TOKEN`].
+    fn behind_the_token() -> (Self, Client, TestHost) {
+        let shop = Self::new();
+        let mut client = Client::connect();
+        shop.cleanup(&mut client);
+        let host = TestHost::start(
+            &["inventory", "order-publisher"],
+            &shop.config(&format!("admin_token = {TOKEN:?}")),
+        );
+        (shop, client, host)
+    }
+
     /// One checkout, as a plain client sends it (no properties).
     fn checkout(&self, client: &Client, body: &str) {
         client.publish(
@@ -137,13 +150,7 @@ fn raw_get(addr: &str, path: &str) -> String {
 
 #[test]
 fn the_status_document_reports_versions_rates_latency_dlq_depth_and_lifecycle() {
-    let shop = Shop::new();
-    let mut client = Client::connect();
-    shop.cleanup(&mut client);
-    let host = TestHost::start(
-        &["inventory", "order-publisher"],
-        &shop.config(&format!("admin_token = {TOKEN:?}")),
-    );
+    let (shop, client, host) = Shop::behind_the_token();
 
     // The data needs the token; the page, which holds none, does not.
     let (code, _) = http_get_with(&host.admin, "/status", None);
@@ -532,13 +539,7 @@ fn the_status_page_asks_for_the_admin_token_and_keeps_it_for_the_tab() {
     let Some(chromium) = chromium() else {
         return;
     };
-    let shop = Shop::new();
-    let mut client = Client::connect();
-    shop.cleanup(&mut client);
-    let host = TestHost::start(
-        &["inventory", "order-publisher"],
-        &shop.config(&format!("admin_token = {TOKEN:?}")),
-    );
+    let (_shop, _client, host) = Shop::behind_the_token();
     let (mut child, lines) = drive(&chromium, &host, &[("STATUS_TOKEN", TOKEN)]);
     let said = next_line(&lines, Duration::from_secs(90), "the token form");
     assert_eq!(said["event"], "token", "{said}");
