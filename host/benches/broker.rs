@@ -142,6 +142,15 @@ const HOST_VARIANTS: [HostVariant; 3] = [
 ];
 
 fn main() {
+    if std::env::var_os("BENCH_OTLP_RECEIVER").is_some() {
+        // The tracing comparison's collector, in a process of its own (see
+        // `tracing_overhead`): its URL on stdout, then serve until killed.
+        let receiver = otlp_support::Receiver::counting();
+        println!("{}", receiver.url);
+        loop {
+            std::thread::park();
+        }
+    }
     // Inventory logs every reservation at info; a log line per event on
     // stderr would measure the terminal, not the host. Operators who want
     // speed run at warn too.
@@ -374,13 +383,63 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
     }
 }
 
+/// A collector for the tracing comparison: this benchmark run again as a
+/// process of its own (`BENCH_OTLP_RECEIVER`), decoding and counting what
+/// it is sent, so its CPU is not counted as the host's — but it shares the
+/// cores, as a collector on the same node does.
+struct Collector {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Collector {
+    fn start() -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("BENCH_OTLP_RECEIVER", "1")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting the OTLP receiver");
+        let mut url = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut url)
+            .unwrap();
+        Self {
+            child,
+            url: url.trim().to_owned(),
+        }
+    }
+
+    /// Spans received so far.
+    fn received(&self) -> u64 {
+        let addr = self.url.trim_start_matches("http://");
+        amqp_support::http_get(addr, "/count")
+            .1
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Its CPU seconds so far.
+    fn cpu(&self) -> f64 {
+        drain::proc_cpu(&self.child.id().to_string()).map_or(0.0, |(own, _)| own)
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// `BENCH_TRACING=1`: what tracing costs the example deployment. Each
 /// round drains the same prefilled count three ways — trace context off
 /// (`trace_context = false`), on (the default: a span per event, stamped
 /// on what it publishes, named in log lines; nothing exported), and every
-/// span exported over OTLP to a receiver in this process that decodes and
-/// counts them (so its CPU is counted as the host's) — and takes each
-/// rate against the off drain of the same round.
+/// span exported over OTLP to a collector on this machine (see
+/// [`Collector`]) — and takes each rate against the off drain of the same
+/// round.
 fn tracing_overhead(
     client: &Client,
     orders: &str,
@@ -389,7 +448,8 @@ fn tracing_overhead(
     broker: Servers,
     example: &str,
 ) {
-    let receiver = otlp_support::Receiver::counting();
+    let receiver = Collector::start();
+    let mut collector_cpu = Vec::new();
     let ways = [
         (
             "tracing off (trace_context = false)",
@@ -406,7 +466,7 @@ fn tracing_overhead(
     for round in 1..=rounds {
         for (i, (what, top)) in ways.iter().enumerate() {
             prefill(client, orders, "", n);
-            let before_spans = receiver.received();
+            let (before_spans, before_cpu) = (receiver.received(), receiver.cpu());
             let cpu = Cpu::now(broker);
             let host = TestHost::start(&["inventory"], &format!("{top}{example}"));
             let (before, started) = (host.counter("inventory", "acked"), Instant::now());
@@ -418,6 +478,7 @@ fn tracing_overhead(
             host.stop().unwrap();
             if top.starts_with("otlp") {
                 exported.push(receiver.received() - before_spans);
+                collector_cpu.push((receiver.cpu() - before_cpu) * 1e6 / n as f64);
             }
         }
         let rates: Vec<String> = drains
@@ -448,7 +509,8 @@ fn tracing_overhead(
         );
     }
     println!(
-        "spans the OTLP receiver got per drain: {exported:?} (of {n} events each; the exporter drops spans only when its queue of 8192 is full)"
+        "spans the OTLP collector got per drain: {exported:?} (of {n} events each; the exporter drops spans only when its queue of 8192 is full); the collector's CPU µs/ev: {:.1} (median)",
+        median(collector_cpu.into_iter())
     );
 }
 

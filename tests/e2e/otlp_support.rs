@@ -157,8 +157,16 @@ impl Receiver {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let addr = listener.local_addr().unwrap();
+        let count = sink.count.clone();
         let app = axum::Router::new()
             .route("/v1/traces", axum::routing::post(traces))
+            // For a receiver in another process (the benchmark's).
+            .route(
+                "/count",
+                axum::routing::get(
+                    move || async move { count.load(Ordering::Relaxed).to_string() },
+                ),
+            )
             .with_state(sink.clone());
         rt.spawn(async move { axum::serve(listener, app).await });
         Self {
