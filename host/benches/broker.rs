@@ -438,8 +438,8 @@ impl Drop for Collector {
 /// (`trace_context = false`), on (the default: a span per event, stamped
 /// on what it publishes, named in log lines; nothing exported), and every
 /// span exported over OTLP to a collector on this machine (see
-/// [`Collector`]) — and takes each rate against the off drain of the same
-/// round.
+/// [`Collector`]), and that with 10% of (new) traces sampled — and takes
+/// each rate against the off drain of the same round.
 fn tracing_overhead(
     client: &Client,
     orders: &str,
@@ -449,7 +449,6 @@ fn tracing_overhead(
     example: &str,
 ) {
     let receiver = Collector::start();
-    let mut collector_cpu = Vec::new();
     let ways = [
         (
             "tracing off (trace_context = false)",
@@ -460,9 +459,17 @@ fn tracing_overhead(
             "tracing on, every span exported over OTLP",
             format!("otlp_endpoint = {:?}\n", receiver.url),
         ),
+        (
+            "tracing on, OTLP, 10% of traces sampled",
+            format!(
+                "otlp_endpoint = {:?}\ntrace_sample_ratio = 0.1\n",
+                receiver.url
+            ),
+        ),
     ];
     let mut drains: Vec<Vec<Drain>> = ways.iter().map(|_| Vec::new()).collect();
-    let mut exported = Vec::new();
+    let mut exported: Vec<Vec<u64>> = ways.iter().map(|_| Vec::new()).collect();
+    let mut collector_cpu: Vec<Vec<f64>> = ways.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         for (i, (what, top)) in ways.iter().enumerate() {
             prefill(client, orders, "", n);
@@ -477,8 +484,8 @@ fn tracing_overhead(
             // Stopping flushes the exporter: every span is in by now.
             host.stop().unwrap();
             if top.starts_with("otlp") {
-                exported.push(receiver.received() - before_spans);
-                collector_cpu.push((receiver.cpu() - before_cpu) * 1e6 / n as f64);
+                exported[i].push(receiver.received() - before_spans);
+                collector_cpu[i].push((receiver.cpu() - before_cpu) * 1e6 / n as f64);
             }
         }
         let rates: Vec<String> = drains
@@ -508,10 +515,16 @@ fn tracing_overhead(
             median_of(runs, |d| d.broker),
         );
     }
-    println!(
-        "spans the OTLP collector got per drain: {exported:?} (of {n} events each; the exporter drops spans only when its queue of 8192 is full); the collector's CPU µs/ev: {:.1} (median)",
-        median(collector_cpu.into_iter())
-    );
+    for (i, (what, _)) in ways.iter().enumerate() {
+        if exported[i].is_empty() {
+            continue;
+        }
+        println!(
+            "{what}: spans the collector got per drain {:?} (of {n} events each); its CPU µs/ev {:.1} (median)",
+            exported[i],
+            median(collector_cpu[i].iter().copied())
+        );
+    }
 }
 
 /// Publish `count` orders at a steady `rate` (as fast as the publisher

@@ -42,6 +42,14 @@ pub const DEFAULT_DEDUPE_WINDOW_SECS: u64 = 7 * 24 * 3600;
 /// Default `state_schema`.
 pub const DEFAULT_STATE_SCHEMA: &str = "event_host";
 
+/// A sampling ratio is a share: 0 to 1.
+fn check_sample_ratio(ratio: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&ratio) {
+        bail!("trace_sample_ratio must be from 0 to 1 (a share of new traces), not {ratio}");
+    }
+    Ok(())
+}
+
 /// The host configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -122,6 +130,14 @@ pub struct Config {
     /// into the log lines about it and, as `traceparent`, onto everything
     /// it causes. Default true; false stamps nothing.
     pub trace_context: bool,
+    /// Share of new traces (events that arrive with no `traceparent`)
+    /// sampled, 0 to 1; default 1, all. An unsampled trace is stamped
+    /// (flags `00`), so hops after this one leave it out too, and its spans
+    /// are not exported. A trace that arrives with a `traceparent` keeps its
+    /// publisher's decision. Also the standard `OTEL_TRACES_SAMPLER`
+    /// (`always_on`, `always_off`, `traceidratio` and their `parentbased_`
+    /// forms, all applied parent-based) with `OTEL_TRACES_SAMPLER_ARG`.
+    pub trace_sample_ratio: f64,
     /// OTLP collector to export each event's span to, over HTTP/protobuf
     /// (also the standard `OTEL_EXPORTER_OTLP_ENDPOINT`, a base URL such as
     /// `http://collector:4318`, and `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`,
@@ -162,6 +178,7 @@ impl Default for Config {
             dedupe_window_secs: DEFAULT_DEDUPE_WINDOW_SECS,
             admin_token: None,
             trace_context: true,
+            trace_sample_ratio: 1.0,
             otlp_endpoint: None,
             exchanges: BTreeMap::new(),
             runtime: RuntimeConfig::default(),
@@ -363,6 +380,23 @@ impl Config {
         {
             self.otlp_endpoint = Some(v);
         }
+        if let Some(sampler) = otel("OTEL_TRACES_SAMPLER") {
+            let arg = otel("OTEL_TRACES_SAMPLER_ARG");
+            self.trace_sample_ratio = match sampler.trim_start_matches("parentbased_") {
+                "always_on" => 1.0,
+                "always_off" => 0.0,
+                "traceidratio" => match arg {
+                    Some(a) => a
+                        .parse()
+                        .with_context(|| format!("OTEL_TRACES_SAMPLER_ARG={a:?}: a ratio, 0 to 1"))?,
+                    None => 1.0,
+                },
+                other => bail!(
+                    "OTEL_TRACES_SAMPLER={other:?}: use always_on, always_off, traceidratio or their parentbased_ forms"
+                ),
+            };
+            check_sample_ratio(self.trace_sample_ratio).context("OTEL_TRACES_SAMPLER_ARG")?;
+        }
         let disabled = otel("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
             || otel("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
         if disabled {
@@ -407,6 +441,7 @@ impl Config {
     /// Parse config text.
     pub fn parse(text: &str) -> Result<Self> {
         let config: Config = toml::from_str(text)?;
+        check_sample_ratio(config.trace_sample_ratio)?;
         for name in config.handlers.keys() {
             crate::manifest::validate_name(name)?;
         }
@@ -988,5 +1023,13 @@ mod tests {
         assert!(Config::parse("[handlers.inventory]\ndeadline = 5").is_err());
         let c = Config::parse("[handlers.inventory]\nmemory_mb = 4096").unwrap();
         assert!(c.resolve(&manifest()).is_err());
+        let ratio = Config::parse("trace_sample_ratio = 2.0").unwrap_err();
+        assert!(format!("{ratio:#}").contains("0 to 1"), "{ratio:#}");
+        assert_eq!(
+            Config::parse("trace_sample_ratio = 0.1")
+                .unwrap()
+                .trace_sample_ratio,
+            0.1
+        );
     }
 }

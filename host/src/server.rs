@@ -69,7 +69,8 @@ pub async fn run(
         .context("opening the state store")??;
     let mut dispatcher = Dispatcher::new(runtime.clone(), state.clone())
         .with_host_id(&host_id)
-        .with_trace_context(config.trace_context);
+        .with_trace_context(config.trace_context)
+        .with_sample_ratio(config.trace_sample_ratio);
     let exporter = match crate::otlp::traces_url(config.otlp_endpoint.as_deref()) {
         Some(url) => {
             // Building the HTTP client starts threads: not on the runtime.

@@ -39,8 +39,9 @@ impl fmt::Debug for Span {
 
 impl Span {
     /// The span of an attempt at a delivery with these headers: a child of
-    /// its `traceparent`, or the root of a new trace.
-    pub fn for_delivery(headers: &[(String, HeaderValue)]) -> Self {
+    /// its `traceparent` (sampled or not as the publisher decided), or the
+    /// root of a new trace, sampled at `sample_ratio` (see [`sampled`]).
+    pub fn for_delivery(headers: &[(String, HeaderValue)], sample_ratio: f64) -> Self {
         let parent = headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(TRACEPARENT))
@@ -55,12 +56,15 @@ impl Span {
                 parent: Some(parent),
                 flags,
             },
-            None => Self {
-                trace_id: random_nonzero(),
-                span_id: random_span_id(),
-                parent: None,
-                flags: 0x01,
-            },
+            None => {
+                let trace_id = random_nonzero();
+                Self {
+                    trace_id,
+                    span_id: random_span_id(),
+                    parent: None,
+                    flags: u8::from(sampled(&trace_id, sample_ratio)),
+                }
+            }
         }
     }
 
@@ -83,6 +87,24 @@ impl Span {
     pub fn span_id(&self) -> String {
         hex::encode(self.span_id)
     }
+}
+
+/// Whether a new trace with this id is sampled at `ratio` (0 to 1), as
+/// OpenTelemetry's `TraceIdRatioBased` decides: the id's low 63 bits
+/// against the ratio, so the decision follows from the id alone. The flag
+/// then travels with the trace (`traceparent`), and every later hop
+/// exports it, or not, alike.
+pub fn sampled(trace_id: &[u8; 16], ratio: f64) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    if ratio.is_nan() || ratio <= 0.0 {
+        return false;
+    }
+    let bound = (ratio * (1u64 << 63) as f64) as u64;
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&trace_id[8..]);
+    (u64::from_be_bytes(low) >> 1) < bound
 }
 
 /// The `tracestate` a delivery carried, passed on unchanged (vendors'
@@ -166,9 +188,32 @@ mod tests {
     }
 
     #[test]
+    fn new_traces_are_sampled_at_the_ratio_and_continued_ones_as_they_came() {
+        let n = 20_000;
+        let share = |ratio: f64| {
+            (0..n)
+                .filter(|_| Span::for_delivery(&[], ratio).flags & 0x01 == 1)
+                .count() as f64
+                / n as f64
+        };
+        assert_eq!(share(1.0), 1.0);
+        assert_eq!(share(0.0), 0.0);
+        let quarter = share(0.25);
+        assert!((0.23..0.27).contains(&quarter), "{quarter}");
+        // A publisher's decision stands, whatever this host's ratio.
+        let unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+        let sampled_in = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        assert_eq!(Span::for_delivery(&headers(unsampled), 1.0).flags, 0);
+        assert_eq!(Span::for_delivery(&headers(sampled_in), 0.0).flags, 1);
+        // The decision follows from the id: the same for every host.
+        let id = Span::for_delivery(&[], 1.0).trace_id;
+        assert_eq!(sampled(&id, 0.5), sampled(&id, 0.5));
+    }
+
+    #[test]
     fn a_valid_traceparent_is_continued_with_a_new_span() {
         let incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-        let span = Span::for_delivery(&headers(incoming));
+        let span = Span::for_delivery(&headers(incoming), 1.0);
         assert_eq!(span.trace_id(), "0af7651916cd43dd8448eb211c80319c");
         assert_eq!(
             span.parent,
@@ -182,7 +227,7 @@ mod tests {
         );
         assert_eq!(out.len(), 55);
         // Continuing what we send continues the same trace.
-        let next = Span::for_delivery(&headers(&out));
+        let next = Span::for_delivery(&headers(&out), 1.0);
         assert_eq!(next.trace_id, span.trace_id);
         assert_eq!(next.parent, Some(span.span_id));
     }
@@ -199,18 +244,18 @@ mod tests {
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
             "zz-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         ] {
-            let span = Span::for_delivery(&headers(bad));
+            let span = Span::for_delivery(&headers(bad), 1.0);
             assert_eq!(span.parent, None, "{bad:?}");
             assert_ne!(span.trace_id, [0; 16]);
             assert_eq!(span.flags, 1);
         }
         // A later version is read by its first four fields.
         let later = "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what-comes";
-        assert!(Span::for_delivery(&headers(later)).parent.is_some());
+        assert!(Span::for_delivery(&headers(later), 1.0).parent.is_some());
         // Two new traces are two traces.
         assert_ne!(
-            Span::for_delivery(&[]).trace_id,
-            Span::for_delivery(&[]).trace_id
+            Span::for_delivery(&[], 1.0).trace_id,
+            Span::for_delivery(&[], 1.0).trace_id
         );
     }
 }

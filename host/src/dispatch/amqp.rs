@@ -355,13 +355,14 @@ fn run_batch(
     // handler allows it; it never outlives the batch.
     let mut warm = Warm::default();
     let traced = dispatcher.trace_context();
+    let ratio = dispatcher.sample_ratio();
     let exporting = dispatcher.exporter().is_some();
     let deliveries: Vec<Delivery> = batch
         .iter()
         .map(|raw| {
             let mut d = broker::to_delivery_signed(raw, signer, &version.topology.queue);
             if traced {
-                d.span = Some(Span::for_delivery(&d.headers));
+                d.span = Some(Span::for_delivery(&d.headers, ratio));
             }
             d
         })

@@ -459,6 +459,8 @@ pub struct Dispatcher {
     host_id: Option<std::sync::Arc<str>>,
     /// Continue and pass on W3C trace context (see [`crate::trace`]).
     trace_context: bool,
+    /// Share of new traces sampled (see [`crate::trace::sampled`]).
+    sample_ratio: f64,
     /// Where event spans are exported, when OTLP export is on.
     exporter: Option<std::sync::Arc<crate::otlp::Exporter>>,
 }
@@ -471,6 +473,7 @@ impl Dispatcher {
             state,
             host_id: None,
             trace_context: true,
+            sample_ratio: 1.0,
             exporter: None,
         }
     }
@@ -486,6 +489,18 @@ impl Dispatcher {
     /// Whether events get spans (see [`Dispatcher::with_trace_context`]).
     pub fn trace_context(&self) -> bool {
         self.trace_context
+    }
+
+    /// Sample this share of new traces (0 to 1; default 1): the rest are
+    /// stamped unsampled, and not exported here or after.
+    pub fn with_sample_ratio(mut self, ratio: f64) -> Self {
+        self.sample_ratio = ratio;
+        self
+    }
+
+    /// The share of new traces sampled.
+    pub fn sample_ratio(&self) -> f64 {
+        self.sample_ratio
     }
 
     /// Export every event's span through `exporter` (implies trace
