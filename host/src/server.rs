@@ -71,7 +71,14 @@ pub async fn run(
         .with_host_id(&host_id)
         .with_trace_context(config.trace_context)
         .with_sample_ratio(config.trace_sample_ratio);
-    let exporter = match crate::otlp::traces_url(config.otlp_endpoint.as_deref()) {
+    let mut url = crate::otlp::traces_url(config.otlp_endpoint.as_deref());
+    if url.is_some() && !config.trace_context {
+        // An explicit "no tracing" wins: nothing is stamped, so there is
+        // nothing to export either.
+        tracing::warn!("otlp_endpoint is set but trace_context = false: no spans are exported");
+        url = None;
+    }
+    let exporter = match url {
         Some(url) => {
             // Building the HTTP client starts threads: not on the runtime.
             let id = host_id.clone();

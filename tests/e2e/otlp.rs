@@ -171,12 +171,17 @@ fn each_attempt_at_a_retried_event_is_a_span_parented_by_the_one_before() {
         .is_some_and(|r| r.contains("not yet"))));
 }
 
-/// `trace_context = false`: nothing is stamped on what an event causes.
+/// `trace_context = false`: nothing is stamped on what an event causes,
+/// and nothing is exported, an endpoint set or not.
 #[test]
 fn with_trace_context_off_nothing_is_stamped() {
-    let (inv, client, reserved, host) =
-        inventory_configured_with_a_reservations_probe("trace_context = false\n");
+    let receiver = Receiver::start();
+    let (inv, client, reserved, host) = inventory_configured_with_a_reservations_probe(&format!(
+        "trace_context = false\n{}",
+        exporting_to(&receiver)
+    ));
     let got = a_traced_order_s_reservation(&inv, &client, &reserved);
     assert_eq!(header(&got, "traceparent"), None);
     host.stop().unwrap();
+    assert!(receiver.spans().is_empty(), "{:#?}", receiver.spans());
 }

@@ -503,10 +503,9 @@ impl Dispatcher {
         self.sample_ratio
     }
 
-    /// Export every event's span through `exporter` (implies trace
-    /// context).
+    /// Export every event's span through `exporter` (when trace context
+    /// is on: with it off, events have no spans to export).
     pub fn with_exporter(mut self, exporter: std::sync::Arc<crate::otlp::Exporter>) -> Self {
-        self.trace_context = true;
         self.exporter = Some(exporter);
         self
     }
