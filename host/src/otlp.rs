@@ -36,8 +36,9 @@ use crate::trace::Span;
 /// The OTLP/HTTP path of traces, appended to a base endpoint.
 const TRACES_PATH: &str = "/v1/traces";
 
-/// Spans waiting for export at most (a few seconds of a busy host); past
-/// it new spans are dropped rather than held.
+/// Spans waiting for export at most, unless `OTEL_BSP_MAX_QUEUE_SIZE` says
+/// otherwise (a few seconds of a busy host); past it new spans are dropped
+/// rather than held.
 const MAX_QUEUED_SPANS: usize = 8192;
 
 /// How long a graceful shutdown waits for the last spans to go out.
@@ -157,7 +158,7 @@ impl Exporter {
             .with_http()
             .with_endpoint(url)
             .build()
-            .with_context(|| format!("setting up OTLP export to {url}"))?;
+            .with_context(|| format!("setting up OTLP export to {}", redact(url)))?;
         let service = std::env::var("OTEL_SERVICE_NAME")
             .ok()
             .filter(|s| !s.is_empty())
@@ -171,12 +172,14 @@ impl Exporter {
                 ])
                 .build(),
         );
+        // The builder reads the OTEL_BSP_* variables; the queue is larger
+        // than the SDK's default unless one is given.
+        let mut batch = BatchConfigBuilder::default();
+        if std::env::var_os("OTEL_BSP_MAX_QUEUE_SIZE").is_none() {
+            batch = batch.with_max_queue_size(MAX_QUEUED_SPANS);
+        }
         let processor = BatchSpanProcessor::builder(exporter)
-            .with_batch_config(
-                BatchConfigBuilder::default()
-                    .with_max_queue_size(MAX_QUEUED_SPANS)
-                    .build(),
-            )
+            .with_batch_config(batch.build())
             .build();
         Ok(Self {
             processor,
@@ -192,8 +195,9 @@ impl Exporter {
         &self.url
     }
 
-    /// Queue one event's span for export (unless its trace is not sampled:
-    /// the publisher's `traceparent` decides, as W3C asks).
+    /// Queue one event's span for export, unless its trace is not sampled
+    /// (as the publisher's `traceparent` said, or, for a new trace,
+    /// `trace_sample_ratio`).
     pub fn export(&self, e: EventSpan<'_>) {
         if e.span.flags & 0x01 == 0 {
             return;
