@@ -85,10 +85,7 @@ pub struct Entry<'a> {
 impl Journal {
     /// Record `event` now.
     pub fn record(&self, event: Kind, entry: Entry<'_>) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        self.record_at(now, event, entry);
+        self.record_at(unix_ms(), event, entry);
     }
 
     /// Record `event` at `at_unix_ms`.
@@ -124,14 +121,14 @@ impl Journal {
 
 /// `text` cut to [`MAX_DETAIL_BYTES`] on a character boundary.
 fn cut(text: &str) -> &str {
-    if text.len() <= MAX_DETAIL_BYTES {
-        return text;
-    }
-    let mut end = MAX_DETAIL_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
+    crate::guest::truncate(text, MAX_DETAIL_BYTES)
+}
+
+/// Milliseconds since the Unix epoch, now (0 before it).
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Unix milliseconds as RFC 3339 UTC, without a date crate: the civil

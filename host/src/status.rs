@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use lapin::Connection;
 use serde::Serialize;
@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::activity::{self, Window};
 use crate::broker::Topology;
-use crate::journal::Happening;
+use crate::journal::{unix_ms, Happening};
 use crate::metrics::{HandlerCounters, Metrics};
 use crate::registry::{BrokenFile, Registry, Status};
 
@@ -248,12 +248,6 @@ async fn dlq_depth(conn: Option<&Connection>, handler: &str, topology: &Topology
             DEPTH_TIMEOUT.as_secs()
         )),
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]
