@@ -48,6 +48,20 @@ pub fn unique(what: &str) -> String {
     )
 }
 
+/// The whole HTTP answer (status line and headers too) of `GET path`, with
+/// one extra request header line if given; empty if unreachable.
+pub fn http_get_raw(addr: &str, path: &str, header: Option<&str>) -> String {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let header = header.map(|h| format!("{h}\r\n")).unwrap_or_default();
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n{header}\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text
+}
+
 /// GET `path` from an admin endpoint: (status, body); status 0 if
 /// unreachable.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
@@ -57,14 +71,7 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 /// [`http_get`] with one extra request header line (e.g. `Authorization:
 /// Bearer ...`).
 pub fn http_get_with(addr: &str, path: &str, header: Option<&str>) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let header = header.map(|h| format!("{h}\r\n")).unwrap_or_default();
-    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n{header}\r\n");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
+    let text = http_get_raw(addr, path, header);
     let status = text
         .split_whitespace()
         .nth(1)

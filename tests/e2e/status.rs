@@ -3,7 +3,7 @@
 //! Chromium (Debian's), driven by playwright-core (`tests/browser/`):
 //! orders flowing, and the admin token asked for.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use lapin::BasicProperties;
 use serde_json::Value;
 
-use crate::amqp_support::{http_get_with, unique, Client, TestHost};
+use crate::amqp_support::{http_get_raw, http_get_with, unique, Client, TestHost};
 use crate::support::{install, repo_root, variant};
 
 /// Both example handlers, wired as in `examples/config.toml` (checkouts →
@@ -138,16 +138,6 @@ fn sum(values: &Value) -> u64 {
         .unwrap_or(0)
 }
 
-/// The whole HTTP answer (status line and headers too) of `GET path`.
-fn raw_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text
-}
-
 #[test]
 fn the_status_document_reports_versions_rates_latency_dlq_depth_and_lifecycle() {
     let (shop, client, host) = Shop::behind_the_token();
@@ -155,7 +145,7 @@ fn the_status_document_reports_versions_rates_latency_dlq_depth_and_lifecycle() 
     // The data needs the token; the page, which holds none, does not.
     let (code, _) = http_get_with(&host.admin, "/status", None);
     assert_eq!(code, 401);
-    let page = raw_get(&host.admin, "/");
+    let page = http_get_raw(&host.admin, "/", None);
     let head = page.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
     assert!(
         page.starts_with("HTTP/1.0 200") || page.starts_with("HTTP/1.1 200"),
