@@ -212,17 +212,9 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
     let mut drains: Vec<Vec<Drain>> = (0..HOST_VARIANTS.len() + 3).map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         for (i, variant) in HOST_VARIANTS.iter().enumerate() {
-            prefill(&client, &orders, "", n);
-            let cpu = Cpu::now(broker);
-            let host = TestHost::start(&["inventory"], &config(variant));
-            // The consumer starts before the host reports ready: time what
-            // is left of the queue from here. (Profilers wait for this line.)
-            let (before, started) = (host.counter("inventory", "acked"), Instant::now());
-            eprintln!("draining through event-host: {}", variant.what);
-            host.wait_counter("inventory", "acked", n as u64);
-            let rate = (n as u64 - before) as f64 / started.elapsed().as_secs_f64();
-            drains[i].push(Drain::new(rate, cpu, Cpu::now(broker), n, false));
-            host.stop().unwrap();
+            let drain =
+                drain_through_host(&client, &orders, n, broker, &config(variant), variant.what);
+            drains[i].push(drain);
         }
         if only_host {
             continue;
@@ -383,6 +375,31 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
     }
 }
 
+/// Prefill `n` orders, then drain them through a host running inventory
+/// with `config`, and stop it: the drain's rate (timed from when the host
+/// is ready) and CPU (from before it starts).
+fn drain_through_host(
+    client: &Client,
+    orders: &str,
+    n: usize,
+    broker: Servers,
+    config: &str,
+    what: &str,
+) -> Drain {
+    prefill(client, orders, "", n);
+    let cpu = Cpu::now(broker);
+    let host = TestHost::start(&["inventory"], config);
+    // The consumer starts before the host reports ready: time what is
+    // left of the queue from here. (Profilers wait for this line.)
+    let (before, started) = (host.counter("inventory", "acked"), Instant::now());
+    eprintln!("draining through event-host: {what}");
+    host.wait_counter("inventory", "acked", n as u64);
+    let rate = (n as u64 - before) as f64 / started.elapsed().as_secs_f64();
+    let drain = Drain::new(rate, cpu, Cpu::now(broker), n, false);
+    host.stop().unwrap();
+    drain
+}
+
 /// A collector for the tracing comparison: this benchmark run again as a
 /// process of its own (`BENCH_OTLP_RECEIVER`), decoding and counting what
 /// it is sent, so its CPU is not counted as the host's — but it shares the
@@ -486,17 +503,11 @@ fn tracing_overhead(
             if !selected(i) {
                 continue;
             }
-            prefill(client, orders, "", n);
             let (before_spans, before_cpu) = (receiver.received(), receiver.cpu());
-            let cpu = Cpu::now(broker);
-            let host = TestHost::start(&["inventory"], &format!("{top}{example}"));
-            let (before, started) = (host.counter("inventory", "acked"), Instant::now());
-            eprintln!("draining through event-host: {what}");
-            host.wait_counter("inventory", "acked", n as u64);
-            let rate = (n as u64 - before) as f64 / started.elapsed().as_secs_f64();
-            drains[i].push(Drain::new(rate, cpu, Cpu::now(broker), n, false));
-            // Stopping flushes the exporter: every span is in by now.
-            host.stop().unwrap();
+            let config = format!("{top}{example}");
+            drains[i].push(drain_through_host(client, orders, n, broker, &config, what));
+            // The host stopped, which flushes the exporter: every span is
+            // in by now.
             if top.starts_with("otlp") {
                 exported[i].push(receiver.received() - before_spans);
                 collector_cpu[i].push((receiver.cpu() - before_cpu) * 1e6 / n as f64);
