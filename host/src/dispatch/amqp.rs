@@ -34,7 +34,8 @@ use lapin::{BasicProperties, Connection};
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    decide, Cause, Committed, Delivery, Dispatcher, Handled, Happened, Outcome, Oversize, Warm,
+    decide, Cause, Committed, Delivery, Dispatcher, Handled, Happened, Outcome, Oversize,
+    PendingBatch, Warm,
 };
 use crate::broker::{self, text, KeepHeaders, RetryFacts, RetrySigner};
 use crate::guest::GuestLog;
@@ -132,6 +133,7 @@ pub async fn serve(
             in_flight: unsettled.gauge.clone(),
             unsettled: unsettled.count.clone(),
             signer: signer.clone(),
+            in_place: std::cell::Cell::new(0),
         };
         std::thread::Builder::new()
             .name(format!("dispatch-{name}"))
@@ -269,73 +271,389 @@ struct Worker {
     unsettled: Arc<AtomicI64>,
     /// Verifies the host's retry copies.
     signer: RetrySigner,
+    /// Batches still to commit in place (settled before the next runs)
+    /// since one run while its predecessor committed did not commit
+    /// cleanly: see [`Worker::run_after`].
+    in_place: std::cell::Cell<u32>,
 }
+
+/// Batches committed in place after a batch run beside its predecessor's
+/// commit failed to commit cleanly. Another host changing a key the two
+/// share (a fleet's hot key) is what makes that happen, and while it
+/// goes on the hosts do better taking turns on the key's lock than
+/// reading it ahead of the lock and running again; after this many
+/// batches the worker tries again.
+const IN_PLACE_AFTER_CONFLICT: u32 = 64;
 
 impl Worker {
     /// Batches in, settled batches out, until the consumer ends.
+    ///
+    /// Where the state store is a round trip away, a batch's commit runs
+    /// in the background while the next batch, if one has arrived, runs
+    /// its events ([`Dispatcher::commit_in_background`]). The first is
+    /// settled and handed to the acker before the second commits, so
+    /// batches still commit and settle in order.
     fn run(self, mut consumer: lapin::Consumer, tx: mpsc::Sender<Vec<Settled>>) -> ConsumerEnd {
+        // The batch whose commit is under way.
+        let mut committing: Option<Ran> = None;
         loop {
-            // Wait for one delivery, then take whatever else has arrived.
-            let mut end = None;
-            let mut batch = match self.runtime.block_on(consumer.next()) {
-                Some(Ok(first)) => vec![first],
-                Some(Err(e)) => return ConsumerEnd::Failed(anyhow::Error::from(e)),
-                None => return ConsumerEnd::Cancelled,
+            // Take one delivery (waiting for it only once the batch in
+            // flight is settled: its acks must not wait for more events),
+            // then whatever else has arrived.
+            let first = match consumer.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    if !self.settle(committing.take(), &tx) {
+                        return ConsumerEnd::AckerGone;
+                    }
+                    self.runtime.block_on(consumer.next())
+                }
             };
-            while batch.len() < MAX_BATCH {
+            let mut end = None;
+            let mut batch = Vec::new();
+            match first {
+                Some(Ok(first)) => batch.push(first),
+                Some(Err(e)) => end = Some(ConsumerEnd::Failed(anyhow::Error::from(e))),
+                None => end = Some(ConsumerEnd::Cancelled),
+            }
+            while end.is_none() && batch.len() < MAX_BATCH {
                 match consumer.next().now_or_never() {
                     Some(Some(Ok(d))) => batch.push(d),
-                    Some(Some(Err(e))) => {
-                        end = Some(ConsumerEnd::Failed(anyhow::Error::from(e)));
-                        break;
-                    }
-                    Some(None) => {
-                        end = Some(ConsumerEnd::Cancelled);
-                        break;
-                    }
+                    Some(Some(Err(e))) => end = Some(ConsumerEnd::Failed(anyhow::Error::from(e))),
+                    Some(None) => end = Some(ConsumerEnd::Cancelled),
                     None => break, // nothing more has arrived yet
                 }
             }
-            self.in_flight.inc_by(batch.len() as i64);
-            self.unsettled
-                .fetch_add(batch.len() as i64, Ordering::Relaxed);
-            // A batch runs on the version current when it starts; events
-            // already in flight keep theirs.
-            let version = self.entry.version();
-            let settled = if self.entry.is_active() {
-                let settled = run_batch(
-                    &self.dispatcher,
-                    &self.entry,
-                    &version,
-                    &self.metrics,
-                    &self.signer,
-                    batch,
-                );
-                judge(&self.entry, &self.metrics, &settled);
-                settled
-            } else {
-                // Paused or removed since these arrived: they go back to
-                // the queue unrun, without spending an attempt.
-                requeue_unrun(&version, &self.signer, batch)
-            };
-            if tx.blocking_send(settled).is_err() {
-                return ConsumerEnd::AckerGone;
+            if !batch.is_empty() {
+                self.in_flight.inc_by(batch.len() as i64);
+                self.unsettled
+                    .fetch_add(batch.len() as i64, Ordering::Relaxed);
+                // A batch runs on the version current when it starts;
+                // events already in flight keep theirs.
+                let version = self.entry.version();
+                if self.entry.is_active() {
+                    let ran = self.run_after(committing.take(), version, batch, &tx);
+                    let in_place = self.in_place.get();
+                    self.in_place.set(in_place.saturating_sub(1));
+                    match ran {
+                        Some(ran) if ran.commit.is_done() || in_place > 0 => {
+                            if !self.settle(Some(ran), &tx) {
+                                return ConsumerEnd::AckerGone;
+                            }
+                        }
+                        Some(ran) => committing = Some(ran),
+                        None => return ConsumerEnd::AckerGone,
+                    }
+                } else {
+                    // Paused or removed since these arrived: they go back
+                    // to the queue unrun, without spending an attempt
+                    // (after the batch before them).
+                    if !self.settle(committing.take(), &tx)
+                        || tx
+                            .blocking_send(requeue_unrun(&version, &self.signer, batch))
+                            .is_err()
+                    {
+                        return ConsumerEnd::AckerGone;
+                    }
+                }
             }
             if let Some(end) = end {
+                if !self.settle(committing.take(), &tx) {
+                    return ConsumerEnd::AckerGone;
+                }
                 return end;
             }
         }
     }
+
+    /// Run `batch`'s events while `previous` commits, settle `previous`,
+    /// then start `batch`'s commit. Should `previous` not commit cleanly
+    /// (a conflict, a store failure), what `batch` built on its writes is
+    /// void: `batch` runs again once `previous`'s events have run again,
+    /// and the next [`IN_PLACE_AFTER_CONFLICT`] batches commit in place.
+    /// `None` when the acker is gone.
+    fn run_after(
+        &self,
+        previous: Option<Ran>,
+        version: Arc<HandlerVersion>,
+        batch: Vec<lapin::message::Delivery>,
+        tx: &mpsc::Sender<Vec<Settled>>,
+    ) -> Option<Ran> {
+        let executed = self.execute(&version, batch);
+        let Some(previous) = previous else {
+            return Some(executed.commit(&self.dispatcher));
+        };
+        let (previous, committed) = previous.finish();
+        let clean = committed
+            .as_ref()
+            .is_ok_and(|c| c.iter().all(|c| matches!(c, Committed::Done(_))));
+        if clean {
+            let settled = previous.settle(&self.dispatcher, &self.entry, committed);
+            return self
+                .hand_over(settled, tx)
+                .then(|| executed.commit(&self.dispatcher));
+        }
+        // Its staged writes go, and on shared state its transaction,
+        // before the previous batch's re-runs.
+        self.dispatcher.state().end_batch(&version.name);
+        self.in_place.set(IN_PLACE_AFTER_CONFLICT);
+        let batch = executed.into_deliveries();
+        let settled = previous.settle(&self.dispatcher, &self.entry, committed);
+        self.hand_over(settled, tx)
+            .then(|| self.execute(&version, batch).commit(&self.dispatcher))
+    }
+
+    fn execute(
+        &self,
+        version: &Arc<HandlerVersion>,
+        batch: Vec<lapin::message::Delivery>,
+    ) -> Executed {
+        execute_batch(
+            &self.dispatcher,
+            &self.entry,
+            version,
+            &self.metrics,
+            &self.signer,
+            batch,
+        )
+    }
+
+    /// Wait for `ran`'s commit, settle it and hand it to the acker; false
+    /// when the acker is gone.
+    fn settle(&self, ran: Option<Ran>, tx: &mpsc::Sender<Vec<Settled>>) -> bool {
+        let Some(ran) = ran else { return true };
+        let (ran, committed) = ran.finish();
+        let settled = ran.settle(&self.dispatcher, &self.entry, committed);
+        self.hand_over(settled, tx)
+    }
+
+    fn hand_over(&self, settled: Vec<Settled>, tx: &mpsc::Sender<Vec<Settled>>) -> bool {
+        judge(&self.entry, &self.metrics, &settled);
+        tx.blocking_send(settled).is_ok()
+    }
 }
 
-fn run_batch(
+/// One event of a batch on its way through the worker.
+struct InBatch {
+    raw: lapin::message::Delivery,
+    input: Delivery,
+    /// Settled without a commit (too large, a host fault), or once its
+    /// commit's outcome is known.
+    handled: Option<Handled>,
+    /// When the host started on it, while spans are exported.
+    started: Option<SystemTime>,
+    /// The guest's log lines, for the exported span.
+    logs: Vec<GuestLog>,
+}
+
+/// A batch whose events ran, their commit not yet started.
+struct Executed {
+    version: Arc<HandlerVersion>,
+    events: Vec<InBatch>,
+    /// Which events the executions are, in order.
+    pending: Vec<usize>,
+    executions: Vec<super::Execution>,
+}
+
+impl Executed {
+    /// Start the commit (in the background where the store allows).
+    fn commit(self, dispatcher: &Dispatcher) -> Ran {
+        let commit = dispatcher.commit_in_background(&self.version.name, self.executions);
+        Ran {
+            version: self.version,
+            events: self.events,
+            pending: self.pending,
+            commit,
+        }
+    }
+
+    /// Give up on this run (its writes built on a commit that failed):
+    /// the deliveries, to run again.
+    fn into_deliveries(self) -> Vec<lapin::message::Delivery> {
+        self.events.into_iter().map(|e| e.raw).collect()
+    }
+}
+
+/// A batch whose commit is under way.
+struct Ran {
+    version: Arc<HandlerVersion>,
+    events: Vec<InBatch>,
+    pending: Vec<usize>,
+    commit: PendingBatch,
+}
+
+/// A batch whose commit is over, with its outcome.
+struct Finished {
+    version: Arc<HandlerVersion>,
+    events: Vec<InBatch>,
+    pending: Vec<usize>,
+}
+
+impl Ran {
+    /// Wait for the commit.
+    fn finish(self) -> (Finished, Result<Vec<Committed>>) {
+        let committed = self.commit.finish();
+        (
+            Finished {
+                version: self.version,
+                events: self.events,
+                pending: self.pending,
+            },
+            committed,
+        )
+    }
+}
+
+impl Finished {
+    /// Every event's outcome: a conflicted one runs again on its own, a
+    /// failed commit is a host fault for each of its events.
+    fn settle(
+        mut self,
+        dispatcher: &Dispatcher,
+        entry: &Entry,
+        committed: Result<Vec<Committed>>,
+    ) -> Vec<Settled> {
+        let version = &self.version;
+        match committed {
+            Ok(results) => {
+                let mut conflicted = Vec::new();
+                for (index, result) in self.pending.into_iter().zip(results) {
+                    match result {
+                        Committed::Done(handled) => self.events[index].handled = Some(handled),
+                        // Another writer changed what it read.
+                        Committed::Conflict(_) => conflicted.push(index),
+                    }
+                }
+                rerun(dispatcher, entry, version, &mut self.events, conflicted);
+            }
+            Err(e) => {
+                let fault = host_fault(&e);
+                for index in self.pending {
+                    self.events[index].handled = Some(fault.clone());
+                }
+            }
+        }
+        self.events
+            .into_iter()
+            .map(|e| Settled {
+                delivery: e.raw,
+                handled: e
+                    .handled
+                    .unwrap_or_else(|| host_fault(&anyhow::anyhow!("event was not settled"))),
+                version: version.clone(),
+                attempt: e.input.attempt,
+                exchange: e.input.exchange,
+                routing_key: e.input.routing_key,
+                span: e.input.span,
+                started: e.started,
+                logs: e.logs,
+            })
+            .collect()
+    }
+}
+
+/// Run `events[indices]`, reading ahead for them first, in one instance
+/// where the handler allows it, staging each one's writes for the next
+/// (nothing is committed). Returns which events ran and their executions,
+/// in order; `ran` sees each execution first. An event the host failed to
+/// run is settled as a host fault.
+fn run_events(
+    dispatcher: &Dispatcher,
+    entry: &Entry,
+    version: &Arc<HandlerVersion>,
+    events: &mut [InBatch],
+    indices: Vec<usize>,
+    mut ran: impl FnMut(&super::Execution),
+) -> (Vec<usize>, Vec<super::Execution>) {
+    let ns = &*version.name;
+    {
+        let inputs: Vec<&Delivery> = indices.iter().map(|&i| &events[i].input).collect();
+        dispatcher.prefetch(version, &inputs);
+    }
+    let exporting = dispatcher.exporter().is_some();
+    // One instance may serve several events, when the handler allows it;
+    // it never outlives them.
+    let mut warm = Warm::default();
+    let mut pending = Vec::with_capacity(indices.len());
+    let mut executions = Vec::with_capacity(indices.len());
+    for index in indices {
+        let event = &mut events[index];
+        event.started = exporting.then(SystemTime::now);
+        // Bracketed so `/readyz` can tell a call stuck past its deadline.
+        entry.call_started(version);
+        let executed = dispatcher.execute_in(version, &event.input, &mut warm);
+        entry.call_ended();
+        match executed {
+            Ok(mut execution) => {
+                event.logs = std::mem::take(&mut execution.logs);
+                if let Some(commit) = &execution.commit {
+                    dispatcher.state().stage(ns, &commit.writes);
+                }
+                ran(&execution);
+                pending.push(index);
+                executions.push(execution);
+            }
+            Err(e) => event.handled = Some(host_fault(&e)),
+        }
+    }
+    (pending, executions)
+}
+
+/// Run the events whose commit conflicted again: together, as a batch of
+/// their own committed in place (one transaction, not one per event),
+/// then any that conflict once more one at a time, as
+/// [`Dispatcher::dispatch`] runs an event.
+fn rerun(
+    dispatcher: &Dispatcher,
+    entry: &Entry,
+    version: &Arc<HandlerVersion>,
+    events: &mut [InBatch],
+    conflicted: Vec<usize>,
+) {
+    let ns = &*version.name;
+    let alone = if conflicted.len() > 1 {
+        let (ran, executions) = run_events(dispatcher, entry, version, events, conflicted, |_| {});
+        let committed = dispatcher.commit(ns, executions);
+        dispatcher.state().end_batch(ns);
+        let mut alone = Vec::new();
+        match committed {
+            Ok(results) => {
+                for (index, result) in ran.into_iter().zip(results) {
+                    match result {
+                        Committed::Done(handled) => events[index].handled = Some(handled),
+                        Committed::Conflict(_) => alone.push(index),
+                    }
+                }
+            }
+            Err(e) => {
+                let fault = host_fault(&e);
+                for index in ran {
+                    events[index].handled = Some(fault.clone());
+                }
+            }
+        }
+        alone
+    } else {
+        conflicted
+    };
+    for index in alone {
+        entry.call_started(version);
+        let rerun = dispatcher.dispatch(version, &events[index].input);
+        entry.call_ended();
+        events[index].handled = Some(rerun.unwrap_or_else(|e| host_fault(&e)));
+    }
+}
+
+/// Run a batch's events (reading ahead first), staging each one's writes
+/// for the next; nothing is committed yet.
+fn execute_batch(
     dispatcher: &Dispatcher,
     entry: &Entry,
     version: &Arc<HandlerVersion>,
     metrics: &Metrics,
     signer: &RetrySigner,
     batch: Vec<lapin::message::Delivery>,
-) -> Vec<Settled> {
+) -> Executed {
     let ns = &*version.name;
     // Resolved once per batch: a family lookup per event is a lock and a
     // hash of the label.
@@ -347,124 +665,68 @@ fn run_batch(
         .get_or_create(&label)
         .clone();
     let max_payload = version.settings.broker.max_payload_bytes;
-    let mut executions = Vec::new();
-    let mut pending = Vec::new();
-    let mut settled: Vec<Option<Handled>> = Vec::with_capacity(batch.len());
-    let mut inputs = Vec::with_capacity(batch.len());
-    // One instance may serve several events of the batch, when the
-    // handler allows it; it never outlives the batch.
-    let mut warm = Warm::default();
     let traced = dispatcher.trace_context();
     let ratio = dispatcher.sample_ratio();
     let exporting = dispatcher.exporter().is_some();
-    let deliveries: Vec<Delivery> = batch
-        .iter()
+    let mut events: Vec<InBatch> = batch
+        .into_iter()
         .map(|raw| {
-            let mut d = broker::to_delivery_signed(raw, signer, &version.topology.queue);
+            let mut input = broker::to_delivery_signed(&raw, signer, &version.topology.queue);
             if traced {
-                d.span = Some(Span::for_delivery(&d.headers, ratio));
+                input.span = Some(Span::for_delivery(&input.headers, ratio));
             }
-            d
+            InBatch {
+                raw,
+                input,
+                handled: None,
+                started: None,
+                logs: Vec::new(),
+            }
         })
         .collect();
-    let mut started = Vec::with_capacity(batch.len());
-    let mut logs = Vec::with_capacity(batch.len());
-    dispatcher.prefetch(version, &deliveries);
-    for (raw, delivery) in batch.iter().zip(deliveries) {
-        started.push(exporting.then(SystemTime::now));
-        logs.push(Vec::new());
-        let mut result = None;
-        let header_bytes = broker::headers_size(&raw.properties);
+    let mut runnable = Vec::with_capacity(events.len());
+    for (index, event) in events.iter_mut().enumerate() {
+        let header_bytes = broker::headers_size(&event.raw.properties);
         let too_large = if header_bytes > broker::MAX_HEADER_BYTES {
             Some(Happened::TooLarge(Oversize::Headers {
                 bytes: header_bytes,
                 cap: broker::MAX_HEADER_BYTES,
             }))
-        } else if raw.data.len() > max_payload {
+        } else if event.raw.data.len() > max_payload {
             Some(Happened::TooLarge(Oversize::Payload {
-                bytes: raw.data.len(),
+                bytes: event.raw.data.len(),
                 cap: max_payload,
             }))
         } else {
             None
         };
-        if let Some(happened) = too_large {
-            result = Some(Handled::without_effects(
-                decide(happened, delivery.attempt, 1),
-                Default::default(),
-            ));
-        } else {
-            // Bracketed so `/readyz` can tell a call stuck past its deadline.
-            entry.call_started(version);
-            let executed = dispatcher.execute_in(version, &delivery, &mut warm);
-            entry.call_ended();
-            match executed {
-                Ok(mut execution) => {
-                    if let Some(last) = logs.last_mut() {
-                        *last = std::mem::take(&mut execution.logs);
-                    }
-                    if let Some(commit) = &execution.commit {
-                        dispatcher.state().stage(ns, &commit.writes);
-                    }
-                    if execution.instantiated {
-                        instantiations.inc();
-                    }
-                    if execution.keyless {
-                        keyless.inc();
-                    }
-                    latency.observe(execution.elapsed.as_secs_f64());
-                    pending.push(settled.len());
-                    executions.push(execution);
-                }
-                Err(e) => result = Some(host_fault(&e)),
+        match too_large {
+            Some(happened) => {
+                event.started = exporting.then(SystemTime::now);
+                event.handled = Some(Handled::without_effects(
+                    decide(happened, event.input.attempt, 1),
+                    Default::default(),
+                ))
             }
-        }
-        settled.push(result);
-        inputs.push(delivery);
-    }
-    drop(warm);
-    let committed = dispatcher.commit(ns, executions);
-    dispatcher.state().end_batch(ns);
-    match committed {
-        Ok(results) => {
-            for (index, result) in pending.into_iter().zip(results) {
-                settled[index] = Some(match result {
-                    Committed::Done(handled) => handled,
-                    // Another writer changed what it read: run it alone.
-                    Committed::Conflict(_) => {
-                        entry.call_started(version);
-                        let rerun = dispatcher.dispatch(version, &inputs[index]);
-                        entry.call_ended();
-                        rerun.unwrap_or_else(|e| host_fault(&e))
-                    }
-                });
-            }
-        }
-        Err(e) => {
-            let fault = host_fault(&e);
-            for index in pending {
-                settled[index] = Some(fault.clone());
-            }
+            None => runnable.push(index),
         }
     }
-    batch
-        .into_iter()
-        .zip(settled)
-        .zip(inputs)
-        .zip(started.into_iter().zip(logs))
-        .map(|(((delivery, handled), input), (started, logs))| Settled {
-            delivery,
-            handled: handled
-                .unwrap_or_else(|| host_fault(&anyhow::anyhow!("event was not settled"))),
-            version: version.clone(),
-            attempt: input.attempt,
-            exchange: input.exchange,
-            routing_key: input.routing_key,
-            span: input.span,
-            started,
-            logs,
-        })
-        .collect()
+    let (pending, executions) =
+        run_events(dispatcher, entry, version, &mut events, runnable, |e| {
+            if e.instantiated {
+                instantiations.inc();
+            }
+            if e.keyless {
+                keyless.inc();
+            }
+            latency.observe(e.elapsed.as_secs_f64());
+        });
+    Executed {
+        version: version.clone(),
+        events,
+        pending,
+        executions,
+    }
 }
 
 /// Feed the batch's outcomes to the handler's health tracker and count

@@ -19,7 +19,7 @@ use crate::handler::HandlerVersion;
 use crate::idempotency;
 use crate::read_ahead;
 use crate::runtime::{CallResult, Runtime, WarmInstance};
-use crate::state::{Commit, CommitOutcome, Contended, Outgoing, StateStore};
+use crate::state::{Commit, CommitOutcome, Contended, Outgoing, PendingCommit, StateStore};
 use crate::trace;
 
 /// One message as it arrived, in host terms (the broker adapter and replay
@@ -572,7 +572,7 @@ impl Dispatcher {
     /// `handler`) will ask of shared state: their dedupe records and the
     /// keys the handler's `read_ahead` names, in one round trip instead of
     /// one per event and read.
-    pub fn prefetch(&self, handler: &HandlerVersion, deliveries: &[Delivery]) {
+    pub fn prefetch(&self, handler: &HandlerVersion, deliveries: &[&Delivery]) {
         if !self.state.is_shared() {
             return; // embedded: a point lookup is cheaper than the batching
         }
@@ -727,47 +727,40 @@ impl Dispatcher {
     /// dead-lettered; a chunk the store fails after an earlier one
     /// committed settles as a host fault (the earlier ones stand).
     pub fn commit(&self, ns: &str, executions: Vec<Execution>) -> Result<Vec<Committed>> {
-        // Commits move out of their executions: a batch's writes and
-        // publishes are not copied on the way to the store.
-        let mut chunks: Vec<Vec<(usize, Commit, Duration)>> = vec![Vec::new()];
-        let mut chunk_bytes = 0usize;
-        let mut out: Vec<Option<Committed>> = Vec::with_capacity(executions.len());
-        for e in executions {
-            let index = out.len();
-            out.push(None);
-            if let Some(why) = e.contended {
-                out[index] = Some(Committed::Conflict(why));
-                continue;
-            }
-            let Some(commit) = e.commit else {
-                let decision = Decision {
-                    outcome: e.outcome,
-                    reason: e.reason,
-                };
-                out[index] = Some(Committed::Done(Handled::without_effects(
-                    decision, e.elapsed,
-                )));
-                continue;
-            };
-            let bytes = commit_bytes(&commit);
-            if bytes > MAX_BATCH_COMMIT_BYTES {
-                let cap = MAX_BATCH_COMMIT_BYTES;
-                out[index] = Some(Committed::Done(Handled::without_effects(
-                    decide(Happened::TooLarge(Oversize::Commit { bytes, cap }), 1, 1),
-                    e.elapsed,
-                )));
-                continue;
-            }
-            let current = chunks.last().map_or(0, Vec::len);
-            if current > 0 && chunk_bytes.saturating_add(bytes) > MAX_BATCH_COMMIT_BYTES {
-                chunks.push(Vec::new());
-                chunk_bytes = 0;
-            }
-            chunk_bytes = chunk_bytes.saturating_add(bytes);
-            if let Some(chunk) = chunks.last_mut() {
-                chunk.push((index, commit, e.elapsed));
-            }
+        self.commit_prepared(ns, Prepared::new(executions))
+    }
+
+    /// [`Dispatcher::commit`] and the end of the batch, overlapped with the
+    /// next batch where the store is a round trip away (see
+    /// [`StateStore::commit_in_background`]): the next batch of `ns` may
+    /// run once this returns, and must not commit before
+    /// [`PendingBatch::finish`]. A batch over the commit budget commits
+    /// here, in chunks.
+    pub fn commit_in_background(&self, ns: &str, executions: Vec<Execution>) -> PendingBatch {
+        let mut prepared = Prepared::new(executions);
+        prepared.chunks.retain(|c| !c.is_empty());
+        if !self.state.commits_in_background() || prepared.chunks.len() != 1 {
+            let committed = self.commit_prepared(ns, prepared);
+            self.state.end_batch(ns);
+            return PendingBatch(Pending::Done(committed));
         }
+        let Prepared { out, mut chunks } = prepared;
+        let (indices, commits): (Vec<(usize, Duration)>, Vec<Commit>) = chunks
+            .pop()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(index, commit, elapsed)| ((index, elapsed), commit))
+            .unzip();
+        PendingBatch(Pending::Committing {
+            ns: ns.to_owned(),
+            out,
+            indices,
+            commit: self.state.commit_in_background(ns, commits),
+        })
+    }
+
+    fn commit_prepared(&self, ns: &str, prepared: Prepared) -> Result<Vec<Committed>> {
+        let Prepared { mut out, chunks } = prepared;
         let mut committed_any = false;
         let mut failed: Option<String> = None;
         for chunk in chunks.into_iter().filter(|c| !c.is_empty()) {
@@ -809,36 +802,150 @@ impl Dispatcher {
                 }
             };
             committed_any = true;
-            if outcomes.len() != commits.len() {
-                bail!(
-                    "state store returned {} outcomes for {} commits",
-                    outcomes.len(),
-                    commits.len()
-                );
+            settle_chunk(&mut out, indices, commits, outcomes)?;
+        }
+        collect_committed(out)
+    }
+}
+
+/// A batch's executions sorted for the store: those settled without a
+/// commit, and the commits in chunks within [`MAX_BATCH_COMMIT_BYTES`].
+struct Prepared {
+    /// One per execution; `None` until its commit's outcome is known.
+    out: Vec<Option<Committed>>,
+    /// (execution index, commit, time in the guest), in order.
+    chunks: Vec<Vec<(usize, Commit, Duration)>>,
+}
+
+impl Prepared {
+    fn new(executions: Vec<Execution>) -> Self {
+        // Commits move out of their executions: a batch's writes and
+        // publishes are not copied on the way to the store.
+        let mut chunks: Vec<Vec<(usize, Commit, Duration)>> = vec![Vec::new()];
+        let mut chunk_bytes = 0usize;
+        let mut out: Vec<Option<Committed>> = Vec::with_capacity(executions.len());
+        for e in executions {
+            let index = out.len();
+            out.push(None);
+            if let Some(why) = e.contended {
+                out[index] = Some(Committed::Conflict(why));
+                continue;
             }
-            for (((index, elapsed), commit), outcome) in
-                indices.into_iter().zip(commits).zip(outcomes)
-            {
-                out[index] = Some(match outcome {
-                    CommitOutcome::Committed { outbox_ids } => Committed::Done(Handled {
-                        outcome: Outcome::Ack,
-                        reason: None,
-                        published: commit.outbox,
-                        outbox_ids,
-                        duplicate: false,
-                        elapsed,
-                    }),
-                    CommitOutcome::Duplicate => Committed::Done(Handled::without_effects(
-                        decide(Happened::Duplicate, 1, 1),
-                        elapsed,
-                    )),
-                    CommitOutcome::Conflict { key } => Committed::Conflict(key),
-                });
+            let Some(commit) = e.commit else {
+                let decision = Decision {
+                    outcome: e.outcome,
+                    reason: e.reason,
+                };
+                out[index] = Some(Committed::Done(Handled::without_effects(
+                    decision, e.elapsed,
+                )));
+                continue;
+            };
+            let bytes = commit_bytes(&commit);
+            if bytes > MAX_BATCH_COMMIT_BYTES {
+                let cap = MAX_BATCH_COMMIT_BYTES;
+                out[index] = Some(Committed::Done(Handled::without_effects(
+                    decide(Happened::TooLarge(Oversize::Commit { bytes, cap }), 1, 1),
+                    e.elapsed,
+                )));
+                continue;
+            }
+            let current = chunks.last().map_or(0, Vec::len);
+            if current > 0 && chunk_bytes.saturating_add(bytes) > MAX_BATCH_COMMIT_BYTES {
+                chunks.push(Vec::new());
+                chunk_bytes = 0;
+            }
+            chunk_bytes = chunk_bytes.saturating_add(bytes);
+            if let Some(chunk) = chunks.last_mut() {
+                chunk.push((index, commit, e.elapsed));
             }
         }
-        out.into_iter()
-            .map(|c| c.context("commit list out of step"))
-            .collect()
+        Self { out, chunks }
+    }
+}
+
+/// Fill in what the store said of one chunk's commits.
+fn settle_chunk(
+    out: &mut [Option<Committed>],
+    indices: Vec<(usize, Duration)>,
+    commits: Vec<Commit>,
+    outcomes: Vec<CommitOutcome>,
+) -> Result<()> {
+    if outcomes.len() != commits.len() || indices.len() != commits.len() {
+        bail!(
+            "state store returned {} outcomes for {} commits",
+            outcomes.len(),
+            commits.len()
+        );
+    }
+    for (((index, elapsed), commit), outcome) in indices.into_iter().zip(commits).zip(outcomes) {
+        out[index] = Some(match outcome {
+            CommitOutcome::Committed { outbox_ids } => Committed::Done(Handled {
+                outcome: Outcome::Ack,
+                reason: None,
+                published: commit.outbox,
+                outbox_ids,
+                duplicate: false,
+                elapsed,
+            }),
+            CommitOutcome::Duplicate => Committed::Done(Handled::without_effects(
+                decide(Happened::Duplicate, 1, 1),
+                elapsed,
+            )),
+            CommitOutcome::Conflict { key } => Committed::Conflict(key),
+        });
+    }
+    Ok(())
+}
+
+fn collect_committed(out: Vec<Option<Committed>>) -> Result<Vec<Committed>> {
+    out.into_iter()
+        .map(|c| c.context("commit list out of step"))
+        .collect()
+}
+
+/// A batch's commit, maybe still under way
+/// ([`Dispatcher::commit_in_background`]).
+pub struct PendingBatch(Pending);
+
+enum Pending {
+    /// Committed (or failed) in place.
+    Done(Result<Vec<Committed>>),
+    /// Committing on another thread.
+    Committing {
+        ns: String,
+        out: Vec<Option<Committed>>,
+        indices: Vec<(usize, Duration)>,
+        commit: PendingCommit,
+    },
+}
+
+impl PendingBatch {
+    /// Whether the commit is over: the batch can be settled at once.
+    pub fn is_done(&self) -> bool {
+        match &self.0 {
+            Pending::Done(_) => true,
+            Pending::Committing { commit, .. } => commit.is_done(),
+        }
+    }
+
+    /// How each execution fared, as [`Dispatcher::commit`] says.
+    pub fn finish(self) -> Result<Vec<Committed>> {
+        match self.0 {
+            Pending::Done(committed) => committed,
+            Pending::Committing {
+                ns,
+                mut out,
+                indices,
+                commit,
+            } => {
+                let (outcomes, commits) = commit.finish();
+                let outcomes =
+                    outcomes.with_context(|| format!("committing state of handler {ns}"))?;
+                settle_chunk(&mut out, indices, commits, outcomes)?;
+                collect_committed(out)
+            }
+        }
     }
 }
 

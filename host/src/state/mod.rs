@@ -240,6 +240,26 @@ pub(crate) trait Backend: Send + Sync {
     /// Commit `batch` in one transaction, deleting the `confirmed` outbox
     /// rows in it too.
     fn commit(&self, batch: &[Commit], confirmed: &[i64]) -> Result<Vec<CommitOutcome>>;
+    /// Whether a batch's commit is worth overlapping with the next batch's
+    /// run ([`Backend::detach_commit`]): true where it costs round trips
+    /// and a remote WAL flush, false where it is a local write.
+    fn commits_in_background(&self) -> bool {
+        false
+    }
+    /// Take the open batch of `ns` out of the way of the namespace's next
+    /// one and return the work that commits it (as [`Backend::commit`]
+    /// would, then ends it), to run on another thread while the next batch
+    /// begins. The default commits here and now.
+    fn detach_commit(
+        self: Arc<Self>,
+        ns: &str,
+        batch: Vec<Commit>,
+        confirmed: Vec<i64>,
+    ) -> CommitJob {
+        let result = self.commit(&batch, &confirmed);
+        self.end_batch(ns);
+        Box::new(move || (result, batch))
+    }
     /// The batch of `ns` is over: release whatever it holds.
     fn end_batch(&self, ns: &str);
     /// Unconfirmed outbox messages, in publish order.
@@ -256,6 +276,10 @@ pub(crate) trait Backend: Send + Sync {
 /// One namespace's staged writes: key to new value, `None` for a delete.
 type Staged = HashMap<String, Option<Vec<u8>>>;
 
+/// A detached batch commit ([`Backend::detach_commit`]): its outcomes, and
+/// the commits handed back.
+pub(crate) type CommitJob = Box<dyn FnOnce() -> (Result<Vec<CommitOutcome>>, Vec<Commit>) + Send>;
+
 /// The state store: embedded SQLite or shared PostgreSQL behind one
 /// interface. Cheap to clone.
 #[derive(Clone)]
@@ -271,6 +295,11 @@ struct Inner {
     /// validation happens in the same order inside one transaction, so it
     /// agrees with what the events saw.
     staged: Mutex<HashMap<String, Staged>>,
+    /// Per namespace, what the batch committing in the background (at
+    /// most one: see [`StateStore::commit_in_background`]) read and wrote,
+    /// as its events left it. The next batch reads through it while the
+    /// commit is under way, and does not lock these keys meanwhile.
+    committing: Mutex<HashMap<String, Staged>>,
     /// Outbox rows already confirmed, deleted by the next commit's
     /// transaction rather than one of their own.
     confirmed_outbox: Mutex<Vec<i64>>,
@@ -313,6 +342,7 @@ impl StateStore {
         Self {
             inner: Arc::new(Inner {
                 staged: Mutex::new(HashMap::new()),
+                committing: Mutex::new(HashMap::new()),
                 confirmed_outbox: Mutex::new(Vec::new()),
                 backend,
             }),
@@ -370,6 +400,19 @@ impl StateStore {
                 return Ok(v.clone());
             }
         }
+        {
+            // The previous batch, still committing: what it left is what
+            // this one sees (its commit validates the key against what
+            // is then committed).
+            let committing = self
+                .inner
+                .committing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(v) = committing.get(ns).and_then(|m| m.get(key)) {
+                return Ok(v.clone());
+            }
+        }
         self.inner.backend.read(ns, key)
     }
 
@@ -396,10 +439,28 @@ impl StateStore {
     /// one per event and read. A failure here is left for the per-event
     /// reads to report.
     pub fn prefetch(&self, ns: &str, message_ids: &[&str], keys: &[String]) {
+        // Keys the batch committing in the background holds are read
+        // through it, not locked: locking one would wait for that commit,
+        // or, if it got there first, make that commit wait for this batch.
+        let mut keys = std::borrow::Cow::Borrowed(keys);
+        {
+            let committing = self
+                .inner
+                .committing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(held) = committing.get(ns) {
+                keys = keys
+                    .iter()
+                    .filter(|k| !held.contains_key(*k))
+                    .cloned()
+                    .collect();
+            }
+        }
         if message_ids.is_empty() && keys.is_empty() {
             return;
         }
-        if let Err(e) = self.inner.backend.prefetch(ns, message_ids, keys) {
+        if let Err(e) = self.inner.backend.prefetch(ns, message_ids, &keys) {
             tracing::debug!(handler = ns, "reading ahead for a batch: {e:#}");
         }
     }
@@ -424,6 +485,76 @@ impl StateStore {
                 // reconnect.
                 self.forget_outbox_later(confirmed.clone());
             })
+    }
+
+    /// Whether [`StateStore::commit_in_background`] overlaps a commit with
+    /// the next batch (shared state), or commits in place.
+    pub fn commits_in_background(&self) -> bool {
+        self.inner.backend.commits_in_background()
+    }
+
+    /// Start committing the batch of `ns` that just ran, as
+    /// [`StateStore::commit`] and then [`StateStore::end_batch`] would, on
+    /// another thread where the backend is a round trip away: the next
+    /// batch of `ns` may begin (read ahead, run its events) meanwhile. It
+    /// reads what this batch read and wrote as this batch's events left
+    /// it, without locking those keys; its own commit locks and validates
+    /// them once this one is over, so should this commit fail, the next
+    /// batch's events that built on it conflict and run again.
+    ///
+    /// One at a time per namespace: [`PendingCommit::finish`] this one
+    /// before the next batch of `ns` commits.
+    pub fn commit_in_background(&self, ns: &str, batch: Vec<Commit>) -> PendingCommit {
+        if !self.commits_in_background() {
+            let result = self.commit(&batch);
+            self.end_batch(ns);
+            return PendingCommit {
+                store: self.clone(),
+                ns: None,
+                confirmed: Vec::new(),
+                job: Some(Job::Done(result, batch)),
+            };
+        }
+        let mut layer: Staged = HashMap::new();
+        for commit in &batch {
+            for (key, value) in &commit.reads {
+                layer.entry(key.clone()).or_insert_with(|| value.clone());
+            }
+        }
+        let staged = self
+            .inner
+            .staged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(ns);
+        layer.extend(staged.unwrap_or_default());
+        self.inner
+            .committing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ns.to_owned(), layer);
+        let confirmed = self.take_confirmed();
+        let job = self
+            .inner
+            .backend
+            .clone()
+            .detach_commit(ns, batch, confirmed.clone());
+        let job = match std::thread::Builder::new()
+            .name("state-commit".into())
+            .spawn(job)
+        {
+            Ok(running) => Job::Running(running),
+            Err(e) => Job::Done(
+                Err(anyhow::Error::new(e).context("starting a state commit thread")),
+                Vec::new(),
+            ),
+        };
+        PendingCommit {
+            store: self.clone(),
+            ns: Some(ns.to_owned()),
+            confirmed,
+            job: Some(job),
+        }
     }
 
     /// Outbox messages not yet confirmed published (after a crash, for
@@ -513,6 +644,73 @@ impl StateStore {
             }
         }
         Ok(secret)
+    }
+}
+
+/// A batch commit under way ([`StateStore::commit_in_background`]).
+/// Dropping it waits for the commit, as [`PendingCommit::finish`] does.
+pub struct PendingCommit {
+    store: StateStore,
+    /// The namespace whose committing layer this commit holds, when it
+    /// runs in the background.
+    ns: Option<String>,
+    /// Confirmed outbox rows the commit deletes: kept for the next one
+    /// if it fails.
+    confirmed: Vec<i64>,
+    job: Option<Job>,
+}
+
+enum Job {
+    Done(Result<Vec<CommitOutcome>>, Vec<Commit>),
+    Running(std::thread::JoinHandle<(Result<Vec<CommitOutcome>>, Vec<Commit>)>),
+}
+
+impl PendingCommit {
+    /// Whether the commit is over already (it ran in place): nothing is
+    /// gained by waiting to collect it.
+    pub fn is_done(&self) -> bool {
+        matches!(self.job, Some(Job::Done(..)) | None)
+    }
+
+    /// Wait for the commit: each commit's outcome (as
+    /// [`StateStore::commit`]), and the commits handed back.
+    pub fn finish(mut self) -> (Result<Vec<CommitOutcome>>, Vec<Commit>) {
+        self.wait()
+    }
+
+    fn wait(&mut self) -> (Result<Vec<CommitOutcome>>, Vec<Commit>) {
+        let (result, batch) = match self.job.take() {
+            Some(Job::Done(result, batch)) => (result, batch),
+            Some(Job::Running(running)) => running.join().unwrap_or_else(|_| {
+                (
+                    Err(anyhow::anyhow!("the state commit thread panicked")),
+                    Vec::new(),
+                )
+            }),
+            None => (Err(anyhow::anyhow!("commit already collected")), Vec::new()),
+        };
+        if let Some(ns) = self.ns.take() {
+            self.store
+                .inner
+                .committing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&ns);
+            if result.is_err() {
+                // Rolled back: the confirmed rows are still to delete.
+                self.store
+                    .forget_outbox_later(std::mem::take(&mut self.confirmed));
+            }
+        }
+        (result, batch)
+    }
+}
+
+impl Drop for PendingCommit {
+    fn drop(&mut self) {
+        if self.job.is_some() {
+            let _ = self.wait();
+        }
     }
 }
 

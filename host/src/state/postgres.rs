@@ -15,7 +15,12 @@
 //!
 //! The commit sends every statement at once (tokio-postgres pipelines the
 //! requests of one connection): the batch's net writes, its dedupe
-//! records, its outbox row and `COMMIT` cost one round trip.
+//! records, its outbox row and `COMMIT` cost one round trip. It runs on a
+//! thread of its own ([`Backend::detach_commit`]) while the handler's next
+//! batch, on another connection, reads ahead and runs its events: those
+//! see what the committing batch left through the store's committing
+//! layer (see `StateStore::commit_in_background`), and lock those keys
+//! only at their own commit.
 //!
 //! Nothing is cached across batches: another host may change any key
 //! between two of this host's batches.
@@ -23,7 +28,7 @@
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
 use foldhash::{HashMap, HashMapExt};
@@ -33,8 +38,8 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::{
-    decode_messages, encode_messages, new_secret, Backend, Commit, CommitOutcome, Contended, Owed,
-    PendingMessage, Plan, PRUNE_CHUNK,
+    decode_messages, encode_messages, new_secret, Backend, Commit, CommitJob, CommitOutcome,
+    Contended, Owed, PendingMessage, Plan, PRUNE_CHUNK,
 };
 
 /// How long another host's claim on its outbox rows lasts, in seconds.
@@ -98,6 +103,28 @@ const MIGRATIONS: &[&str] = &[
             RAISE EXCEPTION 'a key read as absent was created by another host'
                 USING ERRCODE = 'serialization_failure';
         END IF;
+    END $$;
+",
+    // Key by key: `key = ANY(...)` over many keys of a table PostgreSQL
+    // has no statistics for yet is planned as a scan of the namespace
+    // (see `Typed`).
+    "
+    CREATE OR REPLACE FUNCTION still_absent(p_ns text, p_keys bytea[]) RETURNS void
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        IF EXISTS (SELECT 1 FROM unnest(p_keys) AS u(k),
+                   LATERAL (SELECT 1 FROM kv WHERE ns = p_ns AND key = u.k OFFSET 0) r) THEN
+            RAISE EXCEPTION 'a key read as absent was created by another host'
+                USING ERRCODE = 'serialization_failure';
+        END IF;
+    END $$;
+    CREATE OR REPLACE FUNCTION delete_keys(p_ns text, p_keys bytea[]) RETURNS void
+    LANGUAGE plpgsql AS $$
+    DECLARE k bytea;
+    BEGIN
+        FOREACH k IN ARRAY p_keys LOOP
+            DELETE FROM kv WHERE ns = p_ns AND key = k;
+        END LOOP;
     END $$;
 ",
 ];
@@ -164,7 +191,7 @@ fn check_schema(schema: &str) -> Result<()> {
 
 /// The hot path's SQL, in the order of [`Statements`]' fields: prepared
 /// once per connection. Statements that find rows by `= ANY($n)` are not
-/// among them (see [`Typed`]).
+/// among them: they are [`MANY`].
 const HOT_PATH_SQL: [&str; 9] = [
     "SELECT value FROM kv WHERE ns = $1 AND key = $2 FOR UPDATE",
     "SELECT value FROM kv WHERE ns = $1 AND key = $2",
@@ -181,38 +208,51 @@ const HOT_PATH_SQL: [&str; 9] = [
     "INSERT INTO outbox (ns, messages, claimed_by) VALUES ($1, $2, $3) RETURNING id",
 ];
 
-/// A statement that finds rows by `= ANY($n)`, sent unnamed with its
-/// parameter types (`query_typed`: still one round trip) so PostgreSQL
-/// plans it with the actual keys every time. Prepared once, it would get a
-/// generic plan made while the table was small, which finds the rows by
-/// the index on `ns` alone and a filter on the key — a scan of the whole
-/// namespace per batch once it holds many keys or dedupe records (the
-/// fleet bench saw 400 µs of PostgreSQL CPU per event).
+/// A statement over many keys or ids, prepared with its parameter types
+/// (as [`MANY`] lists them) on every connection.
+///
+/// The statements over many keys of a namespace look each key up on its
+/// own (a `LATERAL` subquery per element of the array), so every lookup is
+/// the primary key's whatever the planner knows of the table. Written as
+/// `ns = $1 AND key = ANY($2)`, PostgreSQL finds the rows by the index on
+/// `ns` alone and filters on the key — a scan of the whole namespace per
+/// batch — both with a generic plan (prepared while the table was small)
+/// and, for more than a few keys, with a fresh plan on a table not yet
+/// analysed, as a new fleet's is for its first minutes (the fleet bench
+/// saw 40–400 µs of PostgreSQL CPU per event from it).
 struct Typed {
     sql: &'static str,
     types: &'static [Type],
 }
 
+/// Lock and read keys `$2` of namespace `$1`, in the array's order (the
+/// callers sort the keys, so two hosts lock shared keys in one order).
 const LOCK_MANY: Typed = Typed {
-    sql: "SELECT key, value FROM kv WHERE ns = $1 AND key = ANY($2) ORDER BY key FOR UPDATE",
+    sql: "SELECT r.key, r.value FROM unnest($2::bytea[]) AS u(k),
+          LATERAL (SELECT key, value FROM kv WHERE ns = $1 AND key = u.k FOR UPDATE) r",
     types: &[Type::TEXT, Type::BYTEA_ARRAY],
 };
 
 /// [`LOCK_MANY`], keeping only values up to `$3` bytes (the third column
 /// says whether the value came).
 const READ_AHEAD: Typed = Typed {
-    sql: "SELECT key, CASE WHEN octet_length(value) <= $3 THEN value END, octet_length(value) <= $3
-          FROM kv WHERE ns = $1 AND key = ANY($2) ORDER BY key FOR UPDATE",
+    sql: "SELECT r.key, CASE WHEN octet_length(r.value) <= $3 THEN r.value END,
+                 octet_length(r.value) <= $3
+          FROM unnest($2::bytea[]) AS u(k),
+          LATERAL (SELECT key, value FROM kv WHERE ns = $1 AND key = u.k FOR UPDATE) r",
     types: &[Type::TEXT, Type::BYTEA_ARRAY, Type::INT4],
 };
 
 const PROCESSED_MANY: Typed = Typed {
-    sql: "SELECT message_id FROM processed WHERE ns = $1 AND message_id = ANY($2)",
+    sql: "SELECT r.message_id FROM unnest($2::bytea[]) AS u(id),
+          LATERAL (SELECT message_id FROM processed
+                   WHERE ns = $1 AND message_id = u.id OFFSET 0) r",
     types: &[Type::TEXT, Type::BYTEA_ARRAY],
 };
 
+/// `delete_keys` deletes key by key (see the migrations).
 const DELETE_MANY: Typed = Typed {
-    sql: "DELETE FROM kv WHERE ns = $1 AND key = ANY($2)",
+    sql: "SELECT delete_keys($1, $2::bytea[])",
     types: &[Type::TEXT, Type::BYTEA_ARRAY],
 };
 
@@ -221,11 +261,33 @@ const OUTBOX_DELETE: Typed = Typed {
     types: &[Type::INT8_ARRAY],
 };
 
-/// One statement of the hot path: prepared, or sent typed.
+/// Every [`Typed`] statement, in [`Many`]'s order, prepared on each
+/// connection. Their plans do not depend on the keys (each is looked up
+/// by the primary key), so a generic plan is as good as a fresh one,
+/// without planning per batch.
+const MANY: [&Typed; 5] = [
+    &LOCK_MANY,
+    &READ_AHEAD,
+    &PROCESSED_MANY,
+    &DELETE_MANY,
+    &OUTBOX_DELETE,
+];
+
+/// Which of [`MANY`].
+#[derive(Clone, Copy)]
+enum Many {
+    Lock = 0,
+    ReadAhead = 1,
+    Processed = 2,
+    Delete = 3,
+    OutboxDelete = 4,
+}
+
+/// One statement of the hot path.
 #[derive(Clone, Copy)]
 enum Sql {
     Prepared(fn(&Statements) -> &Statement),
-    Typed(&'static Typed),
+    Many(Many),
 }
 
 /// The statements of the hot path, prepared once per connection.
@@ -245,6 +307,8 @@ struct Statements {
 struct Conn {
     client: Client,
     st: Statements,
+    /// The [`MANY`] statements, in its order.
+    many: Vec<Statement>,
 }
 
 impl Conn {
@@ -253,14 +317,7 @@ impl Conn {
     fn send<'a>(&'a self, sql: Sql, params: &'a [&'a (dyn ToSql + Sync)]) -> Query<'a> {
         match sql {
             Sql::Prepared(statement) => Box::pin(self.client.query(statement(&self.st), params)),
-            Sql::Typed(typed) => {
-                let params: Vec<(&(dyn ToSql + Sync), Type)> = params
-                    .iter()
-                    .zip(typed.types)
-                    .map(|(p, t)| (*p, t.clone()))
-                    .collect();
-                Box::pin(async move { self.client.query_typed(typed.sql, &params).await })
-            }
+            Sql::Many(many) => Box::pin(self.client.query(&self.many[many as usize], params)),
         }
     }
 }
@@ -282,6 +339,31 @@ struct Batch {
     /// another host committing one of them meanwhile is caught by the
     /// processed table's key at commit.
     processed: HashMap<String, bool>,
+}
+
+impl Batch {
+    /// A batch on `conn`, not begun.
+    fn new(conn: Conn) -> Self {
+        Self {
+            conn,
+            open: false,
+            locked: HashMap::new(),
+            failed: None,
+            processed: HashMap::new(),
+        }
+    }
+}
+
+/// The one namespace a shared-state commit is for (`None`: an empty one).
+fn batch_ns(commits: &[Commit]) -> Result<Option<&str>> {
+    let Some(first) = commits.first() else {
+        return Ok(None);
+    };
+    let ns = first.ns.as_str();
+    if commits.iter().any(|c| c.ns != ns) {
+        bail!("a shared-state commit holds one handler's events");
+    }
+    Ok(Some(ns))
 }
 
 /// Shared state on PostgreSQL.
@@ -480,13 +562,19 @@ impl Postgres {
                 ))
                 .await?;
             // Prepared together: one round trip for all of them.
-            let prepared = futures_util::future::try_join_all(
-                HOT_PATH_SQL.iter().map(|sql| client.prepare(sql)),
+            let (prepared, many) = futures_util::future::try_join(
+                futures_util::future::try_join_all(
+                    HOT_PATH_SQL.iter().map(|sql| client.prepare(sql)),
+                ),
+                futures_util::future::try_join_all(
+                    MANY.iter().map(|m| client.prepare_typed(m.sql, m.types)),
+                ),
             )
             .await?;
-            Ok::<_, tokio_postgres::Error>(prepared)
+            Ok::<_, tokio_postgres::Error>((prepared, many))
         })
         .with_context(|| format!("preparing the state database connection ({})", self.shown))?;
+        let (st, many) = st;
         let Ok(
             [read_for_update, read, list, processed, still_absent, insert_new, upsert, mark, outbox_insert],
         ) = <[Statement; 9]>::try_from(st)
@@ -504,7 +592,7 @@ impl Postgres {
             mark,
             outbox_insert,
         };
-        Ok(Conn { client, st })
+        Ok(Conn { client, st, many })
     }
     /// An idle connection, or a new one.
     fn take(&self) -> Result<Conn> {
@@ -539,13 +627,7 @@ impl Postgres {
             .remove(ns);
         let mut batch = match existing {
             Some(batch) => batch,
-            None => Batch {
-                conn: self.take()?,
-                open: false,
-                locked: HashMap::new(),
-                failed: None,
-                processed: HashMap::new(),
-            },
+            None => Batch::new(self.take()?),
         };
         let result = f(&mut batch);
         self.batches
@@ -641,7 +723,7 @@ impl Postgres {
             let rows = match self.query_in_batch(
                 batch,
                 "locking keys read",
-                Sql::Typed(&LOCK_MANY),
+                Sql::Many(Many::Lock),
                 &[&ns, &unlocked_bytes],
             ) {
                 Ok(rows) => rows,
@@ -725,7 +807,7 @@ impl Postgres {
             }));
         }
         if !confirmed.is_empty() {
-            statements.push(batch.conn.send(Sql::Typed(&OUTBOX_DELETE), &p_confirmed));
+            statements.push(batch.conn.send(Sql::Many(Many::OutboxDelete), &p_confirmed));
         }
         if !absent.is_empty() {
             statements.push(Box::pin(client.query(&st.still_absent, &p_absent)));
@@ -737,7 +819,7 @@ impl Postgres {
             statements.push(Box::pin(client.query(&st.upsert, &p_upsert)));
         }
         if !deleted.is_empty() {
-            statements.push(batch.conn.send(Sql::Typed(&DELETE_MANY), &p_delete));
+            statements.push(batch.conn.send(Sql::Many(Many::Delete), &p_delete));
         }
         if !marks.is_empty() {
             statements.push(Box::pin(client.query(&st.mark, &p_marks)));
@@ -779,6 +861,50 @@ impl Postgres {
             plan.outbox_row(0, row);
         }
         Ok(Ok(plan.outcomes))
+    }
+
+    /// End `batch` (of `ns`): roll back what is still open, releasing its
+    /// locks, and give its connection back.
+    fn release(&self, ns: &str, batch: Batch) {
+        if batch.open {
+            // Reads only, or a failed batch: release its locks now.
+            if let Err(e) = wait(batch.conn.client.batch_execute("ROLLBACK")) {
+                tracing::warn!(handler = ns, "ending a state transaction: {e}");
+                return; // the connection is dropped, ending it for sure
+            }
+        }
+        self.put(batch.conn);
+    }
+
+    /// What [`Postgres::commit_in`]'s answer means for each commit: a
+    /// contended transaction makes every one a conflict (they run again).
+    fn outcomes(
+        &self,
+        ns: &str,
+        committed: Result<Result<Vec<CommitOutcome>, String>>,
+        commits: &[Commit],
+        confirmed: &[i64],
+    ) -> Result<Vec<CommitOutcome>> {
+        match committed? {
+            Ok(outcomes) => Ok(outcomes),
+            Err(why) => {
+                tracing::debug!(
+                    handler = ns,
+                    "shared state contended, events run again: {why}"
+                );
+                // The deletes of the confirmed rows rolled back with the
+                // rest: delete them on their own, or they would be
+                // published again (at this host's next reconnect, or by
+                // another host once it is gone).
+                if !confirmed.is_empty() {
+                    self.clear_outbox(confirmed)?;
+                }
+                Ok(commits
+                    .iter()
+                    .map(|_| CommitOutcome::Conflict { key: why.clone() })
+                    .collect())
+            }
+        }
     }
 
     /// Run `f` on an idle connection, outside any batch.
@@ -850,10 +976,10 @@ impl Backend for Postgres {
         let state: [&(dyn ToSql + Sync); 3] = [&ns, &key_bytes, &cap];
         let mut queries: Vec<(Sql, &[&(dyn ToSql + Sync)])> = Vec::new();
         if !ids.is_empty() {
-            queries.push((Sql::Typed(&PROCESSED_MANY), &dedupe));
+            queries.push((Sql::Many(Many::Processed), &dedupe));
         }
         if !keys.is_empty() {
-            queries.push((Sql::Typed(&READ_AHEAD), &state));
+            queries.push((Sql::Many(Many::ReadAhead), &state));
         }
         if queries.is_empty() {
             return Ok(());
@@ -908,40 +1034,64 @@ impl Backend for Postgres {
     }
 
     fn commit(&self, commits: &[Commit], confirmed: &[i64]) -> Result<Vec<CommitOutcome>> {
-        let Some(first) = commits.first() else {
-            if !confirmed.is_empty() {
-                self.clear_outbox(confirmed)?;
+        let ns = match batch_ns(commits) {
+            Ok(Some(ns)) => ns,
+            Ok(None) => {
+                if !confirmed.is_empty() {
+                    self.clear_outbox(confirmed)?;
+                }
+                return Ok(Vec::new());
             }
-            return Ok(Vec::new());
+            Err(e) => return Err(e),
         };
-        let ns = first.ns.as_str();
-        if commits.iter().any(|c| c.ns != ns) {
-            bail!("a shared-state commit holds one handler's events");
-        }
         let committed = self.in_batch(ns, |batch| self.commit_in(batch, ns, commits, confirmed));
         // The transaction is over either way: the connection goes back to
         // the pool (or is dropped, broken) and the next batch starts anew.
         self.end_batch(ns);
-        match committed? {
-            Ok(outcomes) => Ok(outcomes),
-            Err(why) => {
-                tracing::debug!(
-                    handler = ns,
-                    "shared state contended, events run again: {why}"
-                );
-                // The deletes of the confirmed rows rolled back with the
-                // rest: delete them on their own, or they would be
-                // published again (at this host's next reconnect, or by
-                // another host once it is gone).
-                if !confirmed.is_empty() {
-                    self.clear_outbox(confirmed)?;
+        self.outcomes(ns, committed, commits, confirmed)
+    }
+
+    fn commits_in_background(&self) -> bool {
+        // A commit here is a round trip or two and a WAL flush on the
+        // server: time the next batch can spend running its events.
+        true
+    }
+
+    fn detach_commit(
+        self: Arc<Self>,
+        ns: &str,
+        batch: Vec<Commit>,
+        confirmed: Vec<i64>,
+    ) -> CommitJob {
+        let open = self
+            .batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(ns);
+        let ns = ns.to_owned();
+        Box::new(move || {
+            let result = match batch_ns(&batch) {
+                Ok(Some(of)) if of == ns => {
+                    // A batch that read nothing begins with its commit.
+                    match open.map_or_else(|| self.take().map(Batch::new), Ok) {
+                        Ok(mut open) => {
+                            let committed = self.commit_in(&mut open, &ns, &batch, &confirmed);
+                            self.release(&ns, open);
+                            self.outcomes(&ns, committed, &batch, &confirmed)
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
-                Ok(commits
-                    .iter()
-                    .map(|_| CommitOutcome::Conflict { key: why.clone() })
-                    .collect())
-            }
-        }
+                // Empty, or not one namespace's: as a plain commit.
+                _ => {
+                    if let Some(open) = open {
+                        self.release(&ns, open);
+                    }
+                    self.commit(&batch, &confirmed)
+                }
+            };
+            (result, batch)
+        })
     }
 
     fn end_batch(&self, ns: &str) {
@@ -950,15 +1100,9 @@ impl Backend for Postgres {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(ns);
-        let Some(batch) = batch else { return };
-        if batch.open {
-            // Reads only, or a failed batch: release its locks now.
-            if let Err(e) = wait(batch.conn.client.batch_execute("ROLLBACK")) {
-                tracing::warn!(handler = ns, "ending a state transaction: {e}");
-                return; // the connection is dropped, ending it for sure
-            }
+        if let Some(batch) = batch {
+            self.release(ns, batch);
         }
-        self.put(batch.conn);
     }
 
     fn pending_outbox(&self, owed: Owed) -> Result<Vec<PendingMessage>> {
@@ -996,7 +1140,7 @@ impl Backend for Postgres {
 
     fn clear_outbox(&self, ids: &[i64]) -> Result<()> {
         self.with_conn(|c| {
-            wait(c.send(Sql::Typed(&OUTBOX_DELETE), &[&ids]))
+            wait(c.send(Sql::Many(Many::OutboxDelete), &[&ids]))
                 .with_context(|| format!("clearing outbox rows ({})", self.shown))?;
             Ok(())
         })
@@ -1159,6 +1303,112 @@ mod tests {
         let (outcome, _b) = waiter.join().expect("thread")?;
         assert!(matches!(outcome, CommitOutcome::Committed { .. }));
         assert_eq!(value(&a, "k").as_deref(), Some("11"), "b saw a's write");
+        Ok(())
+    }
+
+    /// One batch's state work on `store`: add one to `counter`, set
+    /// `own` (as the broker path runs it, writes staged for the next
+    /// event).
+    fn counting_batch(store: &StateStore, counter: &str, own: &str) -> Result<Commit> {
+        let mut txn = Txn::default();
+        let n = txn
+            .get(store, "h", counter)?
+            .map(|v| String::from_utf8_lossy(&v).parse::<u64>().unwrap_or(0))
+            .unwrap_or(0);
+        txn.set(counter, (n + 1).to_string().into_bytes());
+        txn.set(own, b"x".to_vec());
+        let commit = txn.into_commit("h", Some(own.to_owned()), Vec::new());
+        store.stage("h", &commit.writes);
+        Ok(commit)
+    }
+
+    #[test]
+    fn batches_read_through_the_commit_under_way_before_theirs() -> Result<()> {
+        let schema = Schema::new();
+        let a = schema.host("a");
+        assert!(a.commits_in_background());
+        let mut under_way: Option<crate::state::PendingCommit> = None;
+        for i in 0..5 {
+            let commit = counting_batch(&a, "n", &format!("k{i}"))?;
+            if let Some(previous) = under_way.take() {
+                let (outcomes, _) = previous.finish();
+                assert!(matches!(outcomes?[..], [CommitOutcome::Committed { .. }]));
+            }
+            under_way = Some(a.commit_in_background("h", vec![commit]));
+        }
+        let (outcomes, commits) = under_way.take().expect("last").finish();
+        assert!(matches!(outcomes?[..], [CommitOutcome::Committed { .. }]));
+        assert_eq!(commits.len(), 1, "the commits come back");
+        assert_eq!(
+            value(&a, "n").as_deref(),
+            Some("5"),
+            "every batch saw the one before"
+        );
+        assert_eq!(value(&a, "k4").as_deref(), Some("x"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_batch_built_on_a_commit_that_failed_conflicts() -> Result<()> {
+        let schema = Schema::new();
+        let (a, b) = (schema.host("a"), schema.host("b"));
+        // a's first batch creates `n`; b creates it first (and makes it
+        // 2), so that commit fails (contended) after a's second batch read
+        // a's value of it.
+        let first = counting_batch(&a, "n", "k1")?;
+        for _ in 0..2 {
+            assert!(matches!(
+                increment(&b, "n", None)?,
+                CommitOutcome::Committed { .. }
+            ));
+        }
+        let under_way = a.commit_in_background("h", vec![first]);
+        let second = counting_batch(&a, "n", "k2")?;
+        assert_eq!(second.reads, vec![("n".to_owned(), Some(b"1".to_vec()))]);
+        let (outcomes, _) = under_way.finish();
+        assert!(matches!(outcomes?[..], [CommitOutcome::Conflict { .. }]));
+        let outcomes = a.commit(&[second])?;
+        a.end_batch("h");
+        assert!(
+            matches!(outcomes[..], [CommitOutcome::Conflict { .. }]),
+            "checked against what is committed: {outcomes:?}"
+        );
+        assert_eq!(value(&a, "n").as_deref(), Some("2"), "b's alone");
+        assert_eq!(value(&a, "k1"), None);
+        assert_eq!(value(&a, "k2"), None);
+        Ok(())
+    }
+
+    #[test]
+    fn keys_of_the_commit_under_way_are_not_locked_by_the_next_batch() -> Result<()> {
+        let schema = Schema::new();
+        let (a, b) = (schema.host("a"), schema.host("b"));
+        assert!(matches!(
+            increment(&a, "hot", None)?,
+            CommitOutcome::Committed { .. }
+        ));
+        let first = counting_batch(&a, "hot", "k1")?;
+        let under_way = a.commit_in_background("h", vec![first]);
+        // The next batch reads ahead and reads `hot`: through the commit
+        // under way, not locking it.
+        a.prefetch("h", &[], &["hot".to_owned()]);
+        let second = counting_batch(&a, "hot", "k2")?;
+        assert_eq!(second.reads, vec![("hot".to_owned(), Some(b"2".to_vec()))]);
+        let (outcomes, _) = under_way.finish();
+        assert!(matches!(outcomes?[..], [CommitOutcome::Committed { .. }]));
+        // Were `hot` locked by a's open batch, b would wait out the lock
+        // timeout and be told it is contended.
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            increment(&b, "hot", None)?,
+            CommitOutcome::Committed { .. }
+        ));
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // a's second batch read 2, b made it 3: it runs again.
+        let outcomes = a.commit(&[second])?;
+        a.end_batch("h");
+        assert!(matches!(outcomes[..], [CommitOutcome::Conflict { .. }]));
+        assert_eq!(value(&a, "hot").as_deref(), Some("3"));
         Ok(())
     }
 
@@ -1357,6 +1607,7 @@ mod tests {
         drop(schema.host("old"));
         schema.sql(
             "DROP FUNCTION still_absent(text, bytea[]);
+             DROP FUNCTION delete_keys(text, bytea[]);
              UPDATE meta SET value = '1' WHERE key = 'schema_version'",
         );
         let (a, c) = (schema.host("a"), schema.host("c"));
@@ -1397,38 +1648,96 @@ mod tests {
              INSERT INTO processed SELECT 'h', convert_to('m' || g, 'UTF8'), 0
                  FROM generate_series(1, 5000) g;",
         );
-        let keys: Vec<&[u8]> = vec![b"k1", b"k4999"];
+        // As many keys as a batch reads ahead: with a few, PostgreSQL
+        // used the whole index even for `= ANY`; with a batch's worth, on
+        // a table it has no statistics for, it scanned the namespace.
+        let names: Vec<String> = (0..100).map(|i| format!("k{}", i * 50 + 1)).collect();
+        let keys: Vec<&[u8]> = names.iter().map(|k| k.as_bytes()).collect();
         let cap = READ_AHEAD_VALUE_BYTES;
-        let cases: [(&Typed, Vec<&(dyn ToSql + Sync)>); 4] = [
+        let cases: [(&Typed, Vec<&(dyn ToSql + Sync)>); 3] = [
             (&LOCK_MANY, vec![&"h", &keys]),
             (&READ_AHEAD, vec![&"h", &keys, &cap]),
             (&PROCESSED_MANY, vec![&"h", &keys]),
-            (&DELETE_MANY, vec![&"h", &keys]),
         ];
-        for (typed, params) in &cases {
-            for _ in 0..7 {
-                let plan: Vec<String> = store.with_conn(|c| {
-                    let params: Vec<(&(dyn ToSql + Sync), Type)> = params
-                        .iter()
-                        .zip(typed.types)
-                        .map(|(p, t)| (*p, t.clone()))
-                        .collect();
-                    let rows = wait(
-                        c.client
-                            .query_typed(&format!("EXPLAIN {}", typed.sql), &params),
-                    )?;
-                    Ok(rows.iter().map(|r| r.get(0)).collect())
-                })?;
-                let plan = plan.join("\n");
-                assert!(
-                    plan.contains("Index Cond")
-                        && plan.contains("= ANY")
-                        && !plan.contains("Filter"),
-                    "{}:\n{plan}",
-                    typed.sql
-                );
+        let functions = ["SELECT 1 FROM unnest($2::bytea[]) AS u(k),
+             LATERAL (SELECT 1 FROM kv WHERE ns = $1 AND key = u.k OFFSET 0) r"];
+        // A fresh plan (with the keys), or the generic one a prepared
+        // statement may settle on.
+        let explain = |sql: &str, types: &[Type], params: &[&(dyn ToSql + Sync)], mode: &str| {
+            store.with_conn(|c| {
+                let params: Vec<(&(dyn ToSql + Sync), Type)> = params
+                    .iter()
+                    .zip(types)
+                    .map(|(p, t)| (*p, t.clone()))
+                    .collect();
+                wait(
+                    c.client
+                        .batch_execute(&format!("SET plan_cache_mode = {mode}")),
+                )?;
+                let rows = wait(c.client.query_typed(&format!("EXPLAIN {sql}"), &params))?;
+                Ok(rows
+                    .iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<_>>()
+                    .join("\n"))
+            })
+        };
+        let by_key = |sql: &str, plan: &str| {
+            assert!(
+                plan.contains("Index Cond")
+                    && (plan.contains("key = u.k") || plan.contains("message_id = u.id"))
+                    && !plan.contains("Filter")
+                    && !plan.contains("Bitmap")
+                    && !plan.contains("Seq Scan"),
+                "{sql}:\n{plan}"
+            );
+        };
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            for (typed, params) in &cases {
+                by_key(typed.sql, &explain(typed.sql, typed.types, params, mode)?);
+            }
+            // What the functions run (still_absent; delete_keys deletes
+            // one key at a time).
+            for sql in functions {
+                let types = [Type::TEXT, Type::BYTEA_ARRAY];
+                by_key(sql, &explain(sql, &types, &[&"h", &keys], mode)?);
             }
         }
+        store.with_conn(|c| Ok(wait(c.client.batch_execute("RESET plan_cache_mode"))?))?;
+        store.with_conn(|c| {
+            let body: String = wait(c.client.query_one(
+                "SELECT prosrc FROM pg_proc WHERE proname = 'still_absent'
+                 AND pronamespace = current_schema()::regnamespace",
+                &[],
+            ))?
+            .get(0);
+            assert!(
+                body.contains("LATERAL (SELECT 1 FROM kv WHERE ns = p_ns AND key = u.k OFFSET 0)"),
+                "{body}"
+            );
+            Ok(())
+        })?;
+        // And they do their work.
+        let absent: Vec<&[u8]> = vec![b"nope", b"neither"];
+        store.with_conn(|c| {
+            wait(c.client.query_typed(
+                "SELECT still_absent($1, $2::bytea[])",
+                &[(&"h", Type::TEXT), (&absent, Type::BYTEA_ARRAY)],
+            ))?;
+            let err = wait(c.client.query_typed(
+                "SELECT still_absent($1, $2::bytea[])",
+                &[(&"h", Type::TEXT), (&keys, Type::BYTEA_ARRAY)],
+            ))
+            .expect_err("present keys are not absent");
+            assert_eq!(err.code(), Some(&SqlState::T_R_SERIALIZATION_FAILURE));
+            wait(c.client.query_typed(
+                DELETE_MANY.sql,
+                &[(&"h", Type::TEXT), (&keys, Type::BYTEA_ARRAY)],
+            ))?;
+            let left: i64 = wait(c.client.query_one("SELECT count(*) FROM kv", &[]))?.get(0);
+            assert_eq!(left, 4900);
+            Ok(())
+        })?;
         Ok(())
     }
 
