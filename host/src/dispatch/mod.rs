@@ -735,11 +735,11 @@ impl Dispatcher {
     /// [`StateStore::commit_in_background`]): the next batch of `ns` may
     /// run once this returns, and must not commit before
     /// [`PendingBatch::finish`]. A batch over the commit budget commits
-    /// here, in chunks.
+    /// here, in chunks, as does one with nothing to commit.
     pub fn commit_in_background(&self, ns: &str, executions: Vec<Execution>) -> PendingBatch {
         let mut prepared = Prepared::new(executions);
         prepared.chunks.retain(|c| !c.is_empty());
-        if !self.state.commits_in_background() || prepared.chunks.len() != 1 {
+        if prepared.chunks.len() != 1 {
             let committed = self.commit_prepared(ns, prepared);
             self.state.end_batch(ns);
             return PendingBatch(Pending::Done(committed));

@@ -494,10 +494,11 @@ impl StateStore {
     }
 
     /// Start committing the batch of `ns` that just ran, as
-    /// [`StateStore::commit`] and then [`StateStore::end_batch`] would, on
-    /// another thread where the backend is a round trip away: the next
-    /// batch of `ns` may begin (read ahead, run its events) meanwhile. It
-    /// reads what this batch read and wrote as this batch's events left
+    /// [`StateStore::commit`] and then [`StateStore::end_batch`] would: in
+    /// place on embedded state, on another thread where the backend is a
+    /// round trip away ([`StateStore::commits_in_background`]), where the
+    /// next batch of `ns` may begin (read ahead, run its events) meanwhile.
+    /// That batch reads what this one read and wrote as its events left
     /// it, without locking those keys; its own commit locks and validates
     /// them once this one is over, so should this commit fail, the next
     /// batch's events that built on it conflict and run again.
@@ -505,53 +506,54 @@ impl StateStore {
     /// One at a time per namespace: [`PendingCommit::finish`] this one
     /// before the next batch of `ns` commits.
     pub fn commit_in_background(&self, ns: &str, batch: Vec<Commit>) -> PendingCommit {
-        if !self.commits_in_background() {
-            let result = self.commit(&batch);
-            self.end_batch(ns);
-            return PendingCommit {
-                store: self.clone(),
-                ns: None,
-                confirmed: Vec::new(),
-                job: Some(Job::Done(result, batch)),
-            };
-        }
-        let mut layer: Staged = HashMap::new();
-        for commit in &batch {
-            for (key, value) in &commit.reads {
-                layer.entry(key.clone()).or_insert_with(|| value.clone());
-            }
-        }
+        let background = self.commits_in_background();
+        // This batch's staged writes end here: in the committing layer for
+        // the next batch to read, or (committed in place) simply gone, as
+        // `end_batch` would drop them.
         let staged = self
             .inner
             .staged
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(ns);
-        layer.extend(staged.unwrap_or_default());
-        self.inner
-            .committing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ns.to_owned(), layer);
+        if background {
+            let mut layer: Staged = HashMap::new();
+            for commit in &batch {
+                for (key, value) in &commit.reads {
+                    layer.entry(key.clone()).or_insert_with(|| value.clone());
+                }
+            }
+            layer.extend(staged.unwrap_or_default());
+            self.inner
+                .committing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(ns.to_owned(), layer);
+        }
         let confirmed = self.take_confirmed();
         let job = self
             .inner
             .backend
             .clone()
             .detach_commit(ns, batch, confirmed.clone());
-        let job = match std::thread::Builder::new()
-            .name("state-commit".into())
-            .spawn(job)
-        {
-            Ok(running) => Job::Running(running),
-            Err(e) => Job::Done(
-                Err(anyhow::Error::new(e).context("starting a state commit thread")),
-                Vec::new(),
-            ),
+        let job = if !background {
+            let (result, batch) = job();
+            Job::Done(result, batch)
+        } else {
+            match std::thread::Builder::new()
+                .name("state-commit".into())
+                .spawn(job)
+            {
+                Ok(running) => Job::Running(running),
+                Err(e) => Job::Done(
+                    Err(anyhow::Error::new(e).context("starting a state commit thread")),
+                    Vec::new(),
+                ),
+            }
         };
         PendingCommit {
             store: self.clone(),
-            ns: Some(ns.to_owned()),
+            ns: background.then(|| ns.to_owned()),
             confirmed,
             job: Some(job),
         }
@@ -666,8 +668,8 @@ enum Job {
 }
 
 impl PendingCommit {
-    /// Whether the commit is over already (it ran in place): nothing is
-    /// gained by waiting to collect it.
+    /// Whether the commit is over already (it ran in place, on embedded
+    /// state): nothing is gained by waiting to collect it.
     pub fn is_done(&self) -> bool {
         matches!(self.job, Some(Job::Done(..)) | None)
     }
@@ -696,11 +698,11 @@ impl PendingCommit {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&ns);
-            if result.is_err() {
-                // Rolled back: the confirmed rows are still to delete.
-                self.store
-                    .forget_outbox_later(std::mem::take(&mut self.confirmed));
-            }
+        }
+        if result.is_err() {
+            // Rolled back: the confirmed rows are still to delete.
+            self.store
+                .forget_outbox_later(std::mem::take(&mut self.confirmed));
         }
         (result, batch)
     }
