@@ -359,7 +359,7 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
         eprintln!("round {round}/{rounds}: events/s {}", rates.join(" / "));
     }
     let rtt_schema = format!("bench_{pid}_rtt");
-    let host_way = round_trip(&url, &rtt_schema, servers, false);
+    let io_thread = round_trip(&url, &rtt_schema, servers, false);
     let same_thread = round_trip(&url, &rtt_schema, servers, true);
     pg.drop_schema(&rtt_schema);
 
@@ -432,8 +432,8 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
         "(x = rate / that case's rate in the same round; CPU per event drained, from /proc: consumers = this process, every host of the fleet; xact, rollback = PostgreSQL transactions per 1000 events, database-wide; events re-queued over all drains: {requeued})"
     );
     println!("PostgreSQL round trip alone, SELECT … FOR UPDATE of an absent key in a transaction:");
-    println!("  as the host sends it (I/O on another thread, this one blocked), {host_way}");
-    println!("  the connection driven on the calling thread, {same_thread}");
+    println!("  I/O on another thread, this one blocked (the host until 2026-12-02), {io_thread}");
+    println!("  the connection driven on the calling thread (as the host sends it now), {same_thread}");
 }
 
 /// One PostgreSQL round trip, measured alone.
@@ -463,9 +463,10 @@ impl std::fmt::Display for RoundTrip {
 /// Time `SELECT … FOR UPDATE` round trips of absent keys, one
 /// transaction per 100 reads (as a batch), in `schema` (created here,
 /// dropped by the caller). `same_thread` false: the way the state store
-/// sends them — the connection's I/O on a one-thread runtime, this thread
-/// blocked on each query; true: the connection driven on this thread (no
-/// hand-over between threads).
+/// sent them until 2026-12-02 — the connection's I/O on a one-thread
+/// runtime, this thread blocked on each query; true: the connection
+/// driven on this thread, no hand-over between threads (the store's way
+/// now).
 fn round_trip(url: &str, schema: &str, servers: Servers, same_thread: bool) -> RoundTrip {
     const TRIPS: usize = 10_000;
     let rt = if same_thread {

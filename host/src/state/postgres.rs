@@ -309,6 +309,107 @@ struct Conn {
     st: Statements,
     /// The [`MANY`] statements, in its order.
     many: Vec<Statement>,
+    io: Io,
+}
+
+/// The connection's socket I/O, driven by the thread that waits on one of
+/// its queries ([`Conn::wait`]) on a runtime of the connection's own, not
+/// by a task on an I/O thread: a round trip then wakes one thread (the
+/// waiting one) instead of handing the request and the answer across two
+/// more, which on a loaded host is most of what a round trip costs (see
+/// BENCHMARKS.md, the fleet bench's round-trip probe).
+struct Io {
+    /// A current-thread runtime; `None` only while dropping.
+    rt: Option<tokio::runtime::Runtime>,
+    /// `tokio_postgres::Connection`, until it ends.
+    connection: Mutex<Option<Connection>>,
+}
+
+type Connection = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
+
+impl Drop for Io {
+    fn drop(&mut self) {
+        // The socket first, while its runtime is there; then the runtime,
+        // without blocking (the last clone of the store may be dropped
+        // inside the host's runtime, where blocking is refused).
+        drop(
+            self.connection
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Io {
+    /// Run `f` to completion on this thread, driving the connection
+    /// meanwhile. Callers are plain threads (the dispatchers, the commit
+    /// threads, `spawn_blocking`), never an async task: the store's
+    /// contract (see [`super::Backend`]).
+    fn wait<F: Future>(&self, f: F) -> F::Output {
+        let Some(rt) = self.rt.as_ref() else {
+            unreachable!("a connection's runtime outlives it");
+        };
+        let mut connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        rt.block_on(async {
+            let mut f = std::pin::pin!(f);
+            loop {
+                let Some(driving) = connection.as_mut() else {
+                    // Ended: the query fails by itself (the client sees
+                    // the connection closed).
+                    return f.await;
+                };
+                match futures_util::future::select(f.as_mut(), driving.as_mut()).await {
+                    futures_util::future::Either::Left((out, _)) => return out,
+                    futures_util::future::Either::Right((ended, _)) => {
+                        if let Err(e) = ended {
+                            tracing::warn!("state database connection ended: {e}");
+                        }
+                        *connection = None;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Whether the connection is still up, as far as it can tell without
+    /// waiting (the server may have closed it while it sat idle).
+    fn alive(&self) -> bool {
+        let Some(rt) = self.rt.as_ref() else {
+            return false;
+        };
+        let mut connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        rt.block_on(async {
+            // Once round the runtime first, so the socket's news (an
+            // end of file) reaches the connection.
+            tokio::task::yield_now().await;
+            if let Some(driving) = connection.as_mut() {
+                let polled =
+                    std::future::poll_fn(|cx| std::task::Poll::Ready(driving.as_mut().poll(cx)))
+                        .await;
+                if let std::task::Poll::Ready(ended) = polled {
+                    if let Err(e) = ended {
+                        tracing::warn!("state database connection ended: {e}");
+                    }
+                    *connection = None;
+                }
+            }
+        });
+        connection.is_some()
+    }
+}
+
+impl Conn {
+    fn wait<F: Future>(&self, f: F) -> F::Output {
+        self.io.wait(f)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed() || !self.io.alive()
+    }
 }
 
 impl Conn {
@@ -373,9 +474,10 @@ pub(super) struct Postgres {
     host_id: String,
     /// The URL without its password, for errors.
     shown: String,
-    /// Runs the connections' I/O. Its own, because the store is used from
-    /// plain threads (the dispatchers, `replay`) as well as from the
-    /// host's runtime; `None` only while dropping.
+    /// Runs the I/O of the connection that migrates the schema (the hot
+    /// path's connections drive their own, see [`Io`]). Its own, because
+    /// the store is used from plain threads (the dispatchers, `replay`) as
+    /// well as from the host's runtime; `None` only while dropping.
     rt: Option<tokio::runtime::Runtime>,
     idle: Mutex<Vec<Conn>>,
     /// Open batches, by handler namespace (one batch per handler at a
@@ -549,31 +651,43 @@ impl Postgres {
         })
     }
 
-    /// A connection set up for the hot path.
+    /// A connection set up for the hot path, its I/O on a runtime of its
+    /// own (see [`Io`]).
     fn conn(&self) -> Result<Conn> {
-        let client = self.client()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a state database connection's runtime")?;
+        let (client, connection) = rt
+            .block_on(self.config.connect(NoTls))
+            .with_context(|| format!("connecting to the state database {}", self.shown))?;
+        let io = Io {
+            rt: Some(rt),
+            connection: Mutex::new(Some(Box::pin(connection))),
+        };
         let schema = &self.schema;
-        let st = wait(async {
-            client
-                .batch_execute(&format!(
-                    "SET search_path TO \"{schema}\";
+        let st = io
+            .wait(async {
+                client
+                    .batch_execute(&format!(
+                        "SET search_path TO \"{schema}\";
                      SET lock_timeout = '{LOCK_TIMEOUT}';
                      SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}';"
-                ))
+                    ))
+                    .await?;
+                // Prepared together: one round trip for all of them.
+                let (prepared, many) = futures_util::future::try_join(
+                    futures_util::future::try_join_all(
+                        HOT_PATH_SQL.iter().map(|sql| client.prepare(sql)),
+                    ),
+                    futures_util::future::try_join_all(
+                        MANY.iter().map(|m| client.prepare_typed(m.sql, m.types)),
+                    ),
+                )
                 .await?;
-            // Prepared together: one round trip for all of them.
-            let (prepared, many) = futures_util::future::try_join(
-                futures_util::future::try_join_all(
-                    HOT_PATH_SQL.iter().map(|sql| client.prepare(sql)),
-                ),
-                futures_util::future::try_join_all(
-                    MANY.iter().map(|m| client.prepare_typed(m.sql, m.types)),
-                ),
-            )
-            .await?;
-            Ok::<_, tokio_postgres::Error>((prepared, many))
-        })
-        .with_context(|| format!("preparing the state database connection ({})", self.shown))?;
+                Ok::<_, tokio_postgres::Error>((prepared, many))
+            })
+            .with_context(|| format!("preparing the state database connection ({})", self.shown))?;
         let (st, many) = st;
         let Ok(
             [read_for_update, read, list, processed, still_absent, insert_new, upsert, mark, outbox_insert],
@@ -592,14 +706,20 @@ impl Postgres {
             mark,
             outbox_insert,
         };
-        Ok(Conn { client, st, many })
+        Ok(Conn {
+            client,
+            st,
+            many,
+            io,
+        })
     }
+
     /// An idle connection, or a new one.
     fn take(&self) -> Result<Conn> {
         loop {
             let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             match idle {
-                Some(conn) if conn.client.is_closed() => continue,
+                Some(conn) if conn.is_closed() => continue,
                 Some(conn) => return Ok(conn),
                 None => return self.conn(),
             }
@@ -608,7 +728,7 @@ impl Postgres {
 
     /// Give a connection back (dropped when broken or when enough idle).
     fn put(&self, conn: Conn) {
-        if conn.client.is_closed() {
+        if conn.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -669,7 +789,7 @@ impl Postgres {
                 .iter()
                 .map(|(statement, params)| conn.send(*statement, params)),
         );
-        let result = wait(async {
+        let result = conn.wait(async {
             let all = if begin {
                 let (began, all) =
                     futures_util::future::join(conn.client.batch_execute("BEGIN"), sent).await;
@@ -834,7 +954,7 @@ impl Postgres {
         statements.push(Box::pin(async {
             client.batch_execute("COMMIT").await.map(|()| Vec::new())
         }));
-        let results = wait(futures_util::future::join_all(statements));
+        let results = batch.conn.wait(futures_util::future::join_all(statements));
         batch.open = false;
         batch.locked.clear();
         if let Some(failed) = results.iter().position(Result::is_err) {
@@ -868,7 +988,7 @@ impl Postgres {
     fn release(&self, ns: &str, batch: Batch) {
         if batch.open {
             // Reads only, or a failed batch: release its locks now.
-            if let Err(e) = wait(batch.conn.client.batch_execute("ROLLBACK")) {
+            if let Err(e) = batch.conn.wait(batch.conn.client.batch_execute("ROLLBACK")) {
                 tracing::warn!(handler = ns, "ending a state transaction: {e}");
                 return; // the connection is dropped, ending it for sure
             }
@@ -948,7 +1068,8 @@ impl Backend for Postgres {
 
     fn read_committed(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
         self.with_conn(|c| {
-            let row = wait(c.client.query_opt(&c.st.read, &[&ns, &key.as_bytes()]))
+            let row = c
+                .wait(c.client.query_opt(&c.st.read, &[&ns, &key.as_bytes()]))
                 .with_context(|| format!("reading state {ns}/{key} ({})", self.shown))?;
             Ok(row.map(|r| r.get(0)))
         })
@@ -1111,7 +1232,7 @@ impl Backend for Postgres {
         let mine = owed == Owed::Mine;
         let host = self.host_id.as_str();
         let rows = self.with_conn(|c| {
-            wait(c.client.query(
+            c.wait(c.client.query(
                 "UPDATE outbox SET claimed_by = $1, claimed_at = now()
                  WHERE id IN (
                      SELECT id FROM outbox
@@ -1140,7 +1261,7 @@ impl Backend for Postgres {
 
     fn clear_outbox(&self, ids: &[i64]) -> Result<()> {
         self.with_conn(|c| {
-            wait(c.send(Sql::Many(Many::OutboxDelete), &[&ids]))
+            c.wait(c.send(Sql::Many(Many::OutboxDelete), &[&ids]))
                 .with_context(|| format!("clearing outbox rows ({})", self.shown))?;
             Ok(())
         })
@@ -1151,7 +1272,7 @@ impl Backend for Postgres {
         let mut total = 0;
         loop {
             let n = self.with_conn(|c| {
-                wait(c.client.execute(
+                c.wait(c.client.execute(
                     "DELETE FROM processed WHERE ctid = ANY(ARRAY(
                          SELECT ctid FROM processed WHERE at < $1 LIMIT $2))",
                     &[&cutoff, &chunk],
@@ -1170,7 +1291,7 @@ impl Backend for Postgres {
         let stored: Vec<u8> = self.with_conn(|c| {
             // The first host to get here makes the fleet's secret; every
             // other one reads it.
-            wait(async {
+            c.wait(async {
                 c.client
                     .execute(
                         "INSERT INTO meta (key, value) VALUES ('host-secret', $1)
@@ -1223,7 +1344,7 @@ mod tests {
         fn sql(&self, sql: &str) {
             let store = Postgres::unmigrated(&url(), &self.0, "admin").expect("connect");
             store
-                .with_conn(|c| Ok(wait(c.client.batch_execute(sql))?))
+                .with_conn(|c| Ok(c.wait(c.client.batch_execute(sql))?))
                 .expect(sql);
         }
     }
@@ -1231,12 +1352,13 @@ mod tests {
     impl Drop for Schema {
         fn drop(&mut self) {
             if let Ok(store) = Postgres::unmigrated(&url(), &self.0, "cleanup") {
-                let _ = store.with_conn(|c| {
-                    Ok(wait(c.client.batch_execute(&format!(
-                        "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
-                        self.0
-                    )))?)
-                });
+                let _ =
+                    store.with_conn(|c| {
+                        Ok(c.wait(c.client.batch_execute(&format!(
+                            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                            self.0
+                        )))?)
+                    });
             }
         }
     }
@@ -1670,11 +1792,11 @@ mod tests {
                     .zip(types)
                     .map(|(p, t)| (*p, t.clone()))
                     .collect();
-                wait(
+                c.wait(
                     c.client
                         .batch_execute(&format!("SET plan_cache_mode = {mode}")),
                 )?;
-                let rows = wait(c.client.query_typed(&format!("EXPLAIN {sql}"), &params))?;
+                let rows = c.wait(c.client.query_typed(&format!("EXPLAIN {sql}"), &params))?;
                 Ok(rows
                     .iter()
                     .map(|r| r.get::<_, String>(0))
@@ -1703,14 +1825,15 @@ mod tests {
                 by_key(sql, &explain(sql, &types, &[&"h", &keys], mode)?);
             }
         }
-        store.with_conn(|c| Ok(wait(c.client.batch_execute("RESET plan_cache_mode"))?))?;
+        store.with_conn(|c| Ok(c.wait(c.client.batch_execute("RESET plan_cache_mode"))?))?;
         store.with_conn(|c| {
-            let body: String = wait(c.client.query_one(
-                "SELECT prosrc FROM pg_proc WHERE proname = 'still_absent'
+            let body: String = c
+                .wait(c.client.query_one(
+                    "SELECT prosrc FROM pg_proc WHERE proname = 'still_absent'
                  AND pronamespace = current_schema()::regnamespace",
-                &[],
-            ))?
-            .get(0);
+                    &[],
+                ))?
+                .get(0);
             assert!(
                 body.contains("LATERAL (SELECT 1 FROM kv WHERE ns = p_ns AND key = u.k OFFSET 0)"),
                 "{body}"
@@ -1720,21 +1843,24 @@ mod tests {
         // And they do their work.
         let absent: Vec<&[u8]> = vec![b"nope", b"neither"];
         store.with_conn(|c| {
-            wait(c.client.query_typed(
+            c.wait(c.client.query_typed(
                 "SELECT still_absent($1, $2::bytea[])",
                 &[(&"h", Type::TEXT), (&absent, Type::BYTEA_ARRAY)],
             ))?;
-            let err = wait(c.client.query_typed(
-                "SELECT still_absent($1, $2::bytea[])",
-                &[(&"h", Type::TEXT), (&keys, Type::BYTEA_ARRAY)],
-            ))
-            .expect_err("present keys are not absent");
+            let err = c
+                .wait(c.client.query_typed(
+                    "SELECT still_absent($1, $2::bytea[])",
+                    &[(&"h", Type::TEXT), (&keys, Type::BYTEA_ARRAY)],
+                ))
+                .expect_err("present keys are not absent");
             assert_eq!(err.code(), Some(&SqlState::T_R_SERIALIZATION_FAILURE));
-            wait(c.client.query_typed(
+            c.wait(c.client.query_typed(
                 DELETE_MANY.sql,
                 &[(&"h", Type::TEXT), (&keys, Type::BYTEA_ARRAY)],
             ))?;
-            let left: i64 = wait(c.client.query_one("SELECT count(*) FROM kv", &[]))?.get(0);
+            let left: i64 = c
+                .wait(c.client.query_one("SELECT count(*) FROM kv", &[]))?
+                .get(0);
             assert_eq!(left, 4900);
             Ok(())
         })?;
