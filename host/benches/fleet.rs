@@ -433,7 +433,9 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
     );
     println!("PostgreSQL round trip alone, SELECT … FOR UPDATE of an absent key in a transaction:");
     println!("  I/O on another thread, this one blocked (the host until 2026-12-02), {io_thread}");
-    println!("  the connection driven on the calling thread (as the host sends it now), {same_thread}");
+    println!(
+        "  the connection driven on the calling thread (as the host sends it now), {same_thread}"
+    );
 }
 
 /// One PostgreSQL round trip, measured alone.

@@ -366,7 +366,10 @@ impl Io {
                     futures_util::future::Either::Left((out, _)) => return out,
                     futures_util::future::Either::Right((ended, _)) => {
                         if let Err(e) = ended {
-                            tracing::warn!("state database connection ended: {e}");
+                            tracing::warn!(
+                                "state database connection ended: {:#}",
+                                anyhow::Error::new(e)
+                            );
                         }
                         *connection = None;
                     }
@@ -392,7 +395,10 @@ impl Io {
                         .await;
                 if let std::task::Poll::Ready(ended) = polled {
                     if let Err(e) = ended {
-                        tracing::warn!("state database connection ended: {e}");
+                        tracing::warn!(
+                            "state database connection ended: {:#}",
+                            anyhow::Error::new(e)
+                        );
                     }
                     *connection = None;
                 }
@@ -573,7 +579,10 @@ impl Postgres {
                 Ok((client, connection)) => {
                     tokio::spawn(async move {
                         if let Err(e) = connection.await {
-                            tracing::warn!("state database connection ended: {e}");
+                            tracing::warn!(
+                                "state database connection ended: {:#}",
+                                anyhow::Error::new(e)
+                            );
                         }
                     });
                     Ok(client)
