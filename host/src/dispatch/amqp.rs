@@ -446,23 +446,27 @@ struct InBatch {
     logs: Vec<GuestLog>,
 }
 
-/// A batch whose events ran, their commit not yet started.
-struct Executed {
+/// A batch's events on their way through the worker, and which of them
+/// are executions handed to the commit.
+struct BatchRun {
     version: Arc<HandlerVersion>,
     events: Vec<InBatch>,
     /// Which events the executions are, in order.
     pending: Vec<usize>,
+}
+
+/// A batch whose events ran, their commit not yet started.
+struct Executed {
+    run: BatchRun,
     executions: Vec<super::Execution>,
 }
 
 impl Executed {
     /// Start the commit (in the background where the store allows).
     fn commit(self, dispatcher: &Dispatcher) -> Ran {
-        let commit = dispatcher.commit_in_background(&self.version.name, self.executions);
+        let commit = dispatcher.commit_in_background(&self.run.version.name, self.executions);
         Ran {
-            version: self.version,
-            events: self.events,
-            pending: self.pending,
+            run: self.run,
             commit,
         }
     }
@@ -470,43 +474,26 @@ impl Executed {
     /// Give up on this run (its writes built on a commit that failed):
     /// the deliveries, to run again.
     fn into_deliveries(self) -> Vec<lapin::message::Delivery> {
-        self.events.into_iter().map(|e| e.raw).collect()
+        self.run.events.into_iter().map(|e| e.raw).collect()
     }
 }
 
 /// A batch whose commit is under way.
 struct Ran {
-    version: Arc<HandlerVersion>,
-    events: Vec<InBatch>,
-    pending: Vec<usize>,
+    run: BatchRun,
     commit: PendingBatch,
-}
-
-/// A batch whose commit is over, with its outcome.
-struct Finished {
-    version: Arc<HandlerVersion>,
-    events: Vec<InBatch>,
-    pending: Vec<usize>,
 }
 
 impl Ran {
     /// Wait for the commit.
-    fn finish(self) -> (Finished, Result<Vec<Committed>>) {
-        let committed = self.commit.finish();
-        (
-            Finished {
-                version: self.version,
-                events: self.events,
-                pending: self.pending,
-            },
-            committed,
-        )
+    fn finish(self) -> (BatchRun, Result<Vec<Committed>>) {
+        (self.run, self.commit.finish())
     }
 }
 
-impl Finished {
-    /// Every event's outcome: a conflicted one runs again on its own, a
-    /// failed commit is a host fault for each of its events.
+impl BatchRun {
+    /// Every event's outcome once its commit is over: a conflicted one
+    /// runs again, a failed commit is a host fault for each of its events.
     fn settle(
         mut self,
         dispatcher: &Dispatcher,
@@ -514,25 +501,8 @@ impl Finished {
         committed: Result<Vec<Committed>>,
     ) -> Vec<Settled> {
         let version = &self.version;
-        match committed {
-            Ok(results) => {
-                let mut conflicted = Vec::new();
-                for (index, result) in self.pending.into_iter().zip(results) {
-                    match result {
-                        Committed::Done(handled) => self.events[index].handled = Some(handled),
-                        // Another writer changed what it read.
-                        Committed::Conflict(_) => conflicted.push(index),
-                    }
-                }
-                rerun(dispatcher, entry, version, &mut self.events, conflicted);
-            }
-            Err(e) => {
-                let fault = host_fault(&e);
-                for index in self.pending {
-                    self.events[index].handled = Some(fault.clone());
-                }
-            }
-        }
+        let conflicted = apply(&mut self.events, self.pending, committed);
+        rerun(dispatcher, entry, version, &mut self.events, conflicted);
         self.events
             .into_iter()
             .map(|e| Settled {
@@ -550,6 +520,35 @@ impl Finished {
             })
             .collect()
     }
+}
+
+/// Settle `events[pending]` (in order) as their commit came out: each
+/// done one with its outcome, every one as a host fault when the commit
+/// failed. Returns the ones that conflicted, to run again.
+fn apply(
+    events: &mut [InBatch],
+    pending: Vec<usize>,
+    committed: Result<Vec<Committed>>,
+) -> Vec<usize> {
+    let mut conflicted = Vec::new();
+    match committed {
+        Ok(results) => {
+            for (index, result) in pending.into_iter().zip(results) {
+                match result {
+                    Committed::Done(handled) => events[index].handled = Some(handled),
+                    // Another writer changed what it read.
+                    Committed::Conflict(_) => conflicted.push(index),
+                }
+            }
+        }
+        Err(e) => {
+            let fault = host_fault(&e);
+            for index in pending {
+                events[index].handled = Some(fault.clone());
+            }
+        }
+    }
+    conflicted
 }
 
 /// Run `events[indices]`, reading ahead for them first, in one instance
@@ -615,24 +614,7 @@ fn rerun(
         let (ran, executions) = run_events(dispatcher, entry, version, events, conflicted, |_| {});
         let committed = dispatcher.commit(ns, executions);
         dispatcher.state().end_batch(ns);
-        let mut alone = Vec::new();
-        match committed {
-            Ok(results) => {
-                for (index, result) in ran.into_iter().zip(results) {
-                    match result {
-                        Committed::Done(handled) => events[index].handled = Some(handled),
-                        Committed::Conflict(_) => alone.push(index),
-                    }
-                }
-            }
-            Err(e) => {
-                let fault = host_fault(&e);
-                for index in ran {
-                    events[index].handled = Some(fault.clone());
-                }
-            }
-        }
-        alone
+        apply(events, ran, committed)
     } else {
         conflicted
     };
@@ -722,9 +704,11 @@ fn execute_batch(
             latency.observe(e.elapsed.as_secs_f64());
         });
     Executed {
-        version: version.clone(),
-        events,
-        pending,
+        run: BatchRun {
+            version: version.clone(),
+            events,
+            pending,
+        },
         executions,
     }
 }

@@ -745,12 +745,7 @@ impl Dispatcher {
             return PendingBatch(Pending::Done(committed));
         }
         let Prepared { out, mut chunks } = prepared;
-        let (indices, commits): (Vec<(usize, Duration)>, Vec<Commit>) = chunks
-            .pop()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(index, commit, elapsed)| ((index, elapsed), commit))
-            .unzip();
+        let (indices, commits) = split(chunks.pop().unwrap_or_default());
         PendingBatch(Pending::Committing {
             ns: ns.to_owned(),
             out,
@@ -764,10 +759,7 @@ impl Dispatcher {
         let mut committed_any = false;
         let mut failed: Option<String> = None;
         for chunk in chunks.into_iter().filter(|c| !c.is_empty()) {
-            let (indices, commits): (Vec<(usize, Duration)>, Vec<Commit>) = chunk
-                .into_iter()
-                .map(|(index, commit, elapsed)| ((index, elapsed), commit))
-                .unzip();
+            let (indices, commits) = split(chunk);
             // Once a chunk failed, the later ones are not tried: they are
             // given back as the same host fault.
             let committed = match &failed {
@@ -862,6 +854,15 @@ impl Prepared {
         }
         Self { out, chunks }
     }
+}
+
+/// A chunk's commits apart from which executions they are (and their time
+/// in the guest).
+fn split(chunk: Vec<(usize, Commit, Duration)>) -> (Vec<(usize, Duration)>, Vec<Commit>) {
+    chunk
+        .into_iter()
+        .map(|(index, commit, elapsed)| ((index, elapsed), commit))
+        .unzip()
 }
 
 /// Fill in what the store said of one chunk's commits.

@@ -992,6 +992,26 @@ impl Postgres {
         Ok(Ok(plan.outcomes))
     }
 
+    /// Commit `commits` of `ns` in `open`, the batch's transaction (a
+    /// batch that read nothing begins with its commit), and end it.
+    fn commit_open(
+        &self,
+        ns: &str,
+        open: Option<Batch>,
+        commits: &[Commit],
+        confirmed: &[i64],
+    ) -> Result<Vec<CommitOutcome>> {
+        let mut open = match open {
+            Some(open) => open,
+            None => Batch::new(self.take()?),
+        };
+        let committed = self.commit_in(&mut open, ns, commits, confirmed);
+        // The transaction is over either way: the connection goes back to
+        // the pool (or is dropped, broken) and the next batch starts anew.
+        self.release(ns, open);
+        self.outcomes(ns, committed, commits, confirmed)
+    }
+
     /// End `batch` (of `ns`): roll back what is still open, releasing its
     /// locks, and give its connection back.
     fn release(&self, ns: &str, batch: Batch) {
@@ -1174,11 +1194,12 @@ impl Backend for Postgres {
             }
             Err(e) => return Err(e),
         };
-        let committed = self.in_batch(ns, |batch| self.commit_in(batch, ns, commits, confirmed));
-        // The transaction is over either way: the connection goes back to
-        // the pool (or is dropped, broken) and the next batch starts anew.
-        self.end_batch(ns);
-        self.outcomes(ns, committed, commits, confirmed)
+        let open = self
+            .batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(ns);
+        self.commit_open(ns, open, commits, confirmed)
     }
 
     fn commits_in_background(&self) -> bool {
@@ -1201,17 +1222,7 @@ impl Backend for Postgres {
         let ns = ns.to_owned();
         Box::new(move || {
             let result = match batch_ns(&batch) {
-                Ok(Some(of)) if of == ns => {
-                    // A batch that read nothing begins with its commit.
-                    match open.map_or_else(|| self.take().map(Batch::new), Ok) {
-                        Ok(mut open) => {
-                            let committed = self.commit_in(&mut open, &ns, &batch, &confirmed);
-                            self.release(&ns, open);
-                            self.outcomes(&ns, committed, &batch, &confirmed)
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
+                Ok(Some(of)) if of == ns => self.commit_open(&ns, open, &batch, &confirmed),
                 // Empty, or not one namespace's: as a plain commit.
                 _ => {
                     if let Some(open) = open {
