@@ -8,7 +8,9 @@
 //! `tracestate` passed on as it came). Log lines about an event carry its
 //! trace and span ids. The guest sees the incoming headers as they came.
 
+use std::cell::RefCell;
 use std::fmt;
+use std::hash::Hash;
 
 use crate::dispatch::HeaderValue;
 
@@ -158,25 +160,40 @@ fn random_span_id() -> [u8; 8] {
 }
 
 /// Random bytes, never all zero (which W3C reserves for "invalid").
+///
+/// Drawn from a per-thread generator seeded once from the OS: ids must be
+/// unique and evenly spread (sampling reads the trace id's bits), not
+/// secret, and asking the OS for each one cost the dispatch thread two
+/// `getrandom` system calls per event.
 fn random_nonzero<const N: usize>() -> [u8; N] {
-    let mut bytes = [0u8; N];
-    while bytes.iter().all(|b| *b == 0) {
-        if getrandom::getrandom(&mut bytes).is_err() {
-            // No OS randomness: a clock- and counter-derived id is still
-            // unique enough to tell spans apart in a trace.
-            use std::hash::{BuildHasher, Hasher};
-            for chunk in bytes.chunks_mut(8) {
-                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-                h.write_u128(
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_nanos()),
-                );
-                chunk.copy_from_slice(&h.finish().to_be_bytes()[..chunk.len()]);
-            }
-        }
+    thread_local! {
+        static IDS: RefCell<fastrand::Rng> = RefCell::new(fastrand::Rng::with_seed(os_seed()));
     }
+    let mut bytes = [0u8; N];
+    IDS.with_borrow_mut(|rng| {
+        while bytes.iter().all(|b| *b == 0) {
+            rng.fill(&mut bytes);
+        }
+    });
     bytes
+}
+
+/// A generator seed from the OS; without OS randomness, one derived from
+/// the clock and the thread (still unique enough to tell spans apart).
+fn os_seed() -> u64 {
+    let mut seed = [0u8; 8];
+    if getrandom::getrandom(&mut seed).is_ok() {
+        return u64::from_le_bytes(seed);
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    std::thread::current().id().hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]
@@ -185,6 +202,35 @@ mod tests {
 
     fn headers(traceparent: &str) -> Vec<(String, HeaderValue)> {
         vec![(TRACEPARENT.into(), HeaderValue::Text(traceparent.into()))]
+    }
+
+    #[test]
+    fn ids_are_distinct_across_threads_and_never_zero() {
+        // Each thread has its own generator: seeded alike (or not at
+        // all), two threads would hand out the same ids.
+        let ids: Vec<([u8; 16], [u8; 8])> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..5_000)
+                            .map(|_| {
+                                let span = Span::for_delivery(&[], 1.0);
+                                (span.trace_id, span.span_id)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect()
+        });
+        let traces: std::collections::HashSet<_> = ids.iter().map(|(t, _)| *t).collect();
+        let spans: std::collections::HashSet<_> = ids.iter().map(|(_, s)| *s).collect();
+        assert_eq!(traces.len(), ids.len());
+        assert_eq!(spans.len(), ids.len());
+        assert!(!traces.contains(&[0; 16]) && !spans.contains(&[0; 8]));
     }
 
     #[test]
