@@ -268,11 +268,13 @@ impl GuestState {
         effects.stderr = self.stderr.take();
         effects.memory_exceeded = self.limiter.exceeded;
         if self.log_lines > self.limits.max_log_lines {
-            tracing::warn!(
-                handler = %self.handler,
-                dropped = self.log_lines - self.limits.max_log_lines,
-                "guest log lines over the per-event limit were dropped"
-            );
+            crate::trace::about_event(tracing::Level::WARN, || {
+                tracing::warn!(
+                    handler = %self.handler,
+                    dropped = self.log_lines - self.limits.max_log_lines,
+                    "guest log lines over the per-event limit were dropped"
+                );
+            });
         }
         self.log_lines = 0;
         self.writes = 0;
@@ -882,7 +884,14 @@ impl logging::Host for GuestState {
             });
         }
         let handler = &*self.handler;
-        match level {
+        let at = match level {
+            logging::Level::Trace => tracing::Level::TRACE,
+            logging::Level::Debug => tracing::Level::DEBUG,
+            logging::Level::Info => tracing::Level::INFO,
+            logging::Level::Warn => tracing::Level::WARN,
+            logging::Level::Error | logging::Level::Critical => tracing::Level::ERROR,
+        };
+        crate::trace::about_event(at, || match level {
             logging::Level::Trace => {
                 tracing::trace!(target: "guest", handler, context, "{message}")
             }
@@ -894,7 +903,7 @@ impl logging::Host for GuestState {
             logging::Level::Error | logging::Level::Critical => {
                 tracing::error!(target: "guest", handler, context, "{message}")
             }
-        }
+        });
         Ok(())
     }
 }

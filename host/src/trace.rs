@@ -8,7 +8,7 @@
 //! `tracestate` passed on as it came). Log lines about an event carry its
 //! trace and span ids. The guest sees the incoming headers as they came.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::hash::Hash;
 
@@ -153,6 +153,50 @@ fn parse_traceparent(s: &str) -> Option<([u8; 16], [u8; 8], u8)> {
     }
     let flags = u8::from_str_radix(&flags[..2], 16).ok()?;
     Some((trace_id, parent_id, flags))
+}
+
+thread_local! {
+    /// The event this thread is running, if any (see [`running`]).
+    static RUNNING: Cell<Option<Span>> = const { Cell::new(None) };
+}
+
+/// Marks the event whose span this is as the one this thread runs, until
+/// the guard is dropped: lines logged meanwhile through [`about_event`]
+/// name its trace and span.
+pub fn running(span: Option<Span>) -> Running {
+    Running(RUNNING.replace(span))
+}
+
+/// Restores, when dropped, the event the thread ran before [`running`].
+pub struct Running(Option<Span>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.set(self.0.take());
+    }
+}
+
+/// Log a line about the event this thread is running: `log` runs inside
+/// an `event` span holding the event's `trace_id` and `span_id`, so the
+/// line carries them in either log format.
+///
+/// The span is made per line, and only for a line at a level the filter
+/// may let through: one made for every event, whether or not anything
+/// was logged about it, cost the dispatch thread ~3 µs an event at the
+/// default `info` filter (most events log nothing).
+pub fn about_event(level: tracing::Level, log: impl FnOnce()) {
+    if level > tracing::level_filters::LevelFilter::current() {
+        return;
+    }
+    match RUNNING.get() {
+        Some(s) => {
+            let _entered =
+                tracing::info_span!("event", trace_id = %s.trace_id(), span_id = %s.span_id())
+                    .entered();
+            log()
+        }
+        None => log(),
+    }
 }
 
 fn random_span_id() -> [u8; 8] {

@@ -614,10 +614,8 @@ impl Dispatcher {
     ) -> Result<Execution> {
         let ns = &*handler.name;
         // Every line logged about the event, the guest's included, names
-        // its trace and span.
-        let _span = delivery.span.map(|s| {
-            tracing::info_span!("event", trace_id = %s.trace_id(), span_id = %s.span_id()).entered()
-        });
+        // its trace and span (see `trace::about_event`).
+        let _running = crate::trace::running(delivery.span);
         let key = idempotency::key_for(&handler.settings.idempotency_key, delivery);
         if let Some(key) = &key {
             let processed = match self.state.is_processed(ns, key) {
@@ -682,7 +680,9 @@ impl Dispatcher {
             handler.settings.max_attempts,
         );
         if decision.outcome != Outcome::Ack {
-            tracing::debug!(handler = %handler.name, outcome = ?decision.outcome, reason = %DisplayReason(&decision.reason), "event failed");
+            crate::trace::about_event(tracing::Level::DEBUG, || {
+                tracing::debug!(handler = %handler.name, outcome = ?decision.outcome, reason = %DisplayReason(&decision.reason), "event failed");
+            });
             return Ok(Execution {
                 instantiated: call.instantiated,
                 ..Execution::settled(decision, call.elapsed)
@@ -1103,13 +1103,15 @@ impl std::fmt::Display for DisplayReason<'_> {
 
 fn log_output(handler: &HandlerVersion, stream: &str, bytes: &[u8]) {
     if !bytes.is_empty() {
-        tracing::info!(
-            target: "guest",
-            handler = %handler.name,
-            stream,
-            "{}",
-            String::from_utf8_lossy(bytes).trim_end()
-        );
+        crate::trace::about_event(tracing::Level::INFO, || {
+            tracing::info!(
+                target: "guest",
+                handler = %handler.name,
+                stream,
+                "{}",
+                String::from_utf8_lossy(bytes).trim_end()
+            );
+        });
     }
 }
 
