@@ -60,7 +60,7 @@ use std::time::{Duration, Instant};
 use amqp_support::{unique, Client, TestHost};
 use drain::{
     declare_queue, events, lapin_drain, median, median_of, order, prefill, rounds, Cpu, Drain,
-    Servers, ACK_EVERY, PREFETCH,
+    Servers, Work, ACK_EVERY, PREFETCH,
 };
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
@@ -229,11 +229,11 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
         };
         let first = HOST_VARIANTS.len();
         baseline(first, &lapin_q, false, &|| {
-            lapin_drain(&client, &lapin_q, n, None)
+            lapin_drain(&client, &lapin_q, n, Work::Parse)
         });
         baseline(first + 1, &pika_q, true, &|| pika_drain(&pika_q, n));
         baseline(first + 2, &lapin_pub_q, false, &|| {
-            lapin_drain(&client, &lapin_pub_q, n, Some(&out))
+            lapin_drain(&client, &lapin_pub_q, n, Work::Announce(&out))
         });
         let rates: Vec<String> = drains
             .iter()

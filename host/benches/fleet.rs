@@ -1,7 +1,9 @@
 //! Scale out (issue #12): one queue drained by one host on embedded
 //! SQLite, by one host on PostgreSQL, and by 2, 3, … hosts sharing it and
-//! one PostgreSQL schema — against the plain lapin consumer doing the same
-//! work, in the same round.
+//! one PostgreSQL schema — against two plain lapin consumers in the same
+//! round: one that parses and acks (less work than the hosts: no state),
+//! and one that also makes inventory's state updates itself in SQLite,
+//! durably before the ack (the embedded host's work, without the host).
 //!
 //! Run: `cargo bench -p event-host --bench fleet` (RabbitMQ on
 //! `EVENT_HOST_AMQP_URL`, default local; PostgreSQL on
@@ -9,7 +11,7 @@
 //! `postgres://postgres@127.0.0.1:5432/test`). `BENCH_EVENTS` (default
 //! 200000) and `BENCH_ROUNDS` (default 3) as in the broker benchmark;
 //! `BENCH_HOSTS` the largest fleet (default 3); `BENCH_CASES` picks cases
-//! (`lapin,sqlite,pg1-per-read,pg1,pg3`: for profiling one);
+//! (`lapin,lapin-sqlite,sqlite,pg1-per-read,pg1,pg3`: for profiling one);
 //! `BENCH_IDEMPOTENCY_KEY`
 //! gives inventory an `idempotency_key` (e.g. `/id`, as the example
 //! deployment has it: one dedupe check and one dedupe record per event).
@@ -57,7 +59,7 @@ use std::time::{Duration, Instant};
 use amqp_support::{unique, Client, TestHost};
 use drain::{
     declare_queue, events, lapin_drain, median, median_of, prefill, rounds, Cpu, Drain, Servers,
-    PREFETCH,
+    Work, PREFETCH,
 };
 
 /// The PostgreSQL the fleet shares.
@@ -76,15 +78,17 @@ fn max_hosts() -> usize {
 }
 
 /// The cases to run: `BENCH_CASES` (comma-separated, of `lapin`,
-/// `sqlite`, `pg1-per-read`, `pg1`, `pg2`, …; for profiling one), else
-/// lapin, SQLite, one host on PostgreSQL without `read_ahead`, and
-/// 1 to [`max_hosts`] hosts on PostgreSQL.
+/// `lapin-sqlite`, `sqlite`, `pg1-per-read`, `pg1`, `pg2`, …; for
+/// profiling one), else both lapin consumers, SQLite, one host on
+/// PostgreSQL without `read_ahead`, and 1 to [`max_hosts`] hosts on
+/// PostgreSQL.
 fn cases() -> Vec<Case> {
     match std::env::var("BENCH_CASES") {
         Ok(list) if !list.trim().is_empty() => list
             .split(',')
             .map(|c| match c.trim() {
                 "lapin" => Case::Lapin,
+                "lapin-sqlite" => Case::LapinSqlite,
                 "sqlite" => Case::Sqlite,
                 "pg1-per-read" => Case::PostgresPerRead,
                 pg => Case::Postgres(
@@ -95,17 +99,26 @@ fn cases() -> Vec<Case> {
                 ),
             })
             .collect(),
-        _ => [Case::Lapin, Case::Sqlite, Case::PostgresPerRead]
-            .into_iter()
-            .chain((1..=max_hosts()).map(Case::Postgres))
-            .collect(),
+        _ => [
+            Case::Lapin,
+            Case::LapinSqlite,
+            Case::Sqlite,
+            Case::PostgresPerRead,
+        ]
+        .into_iter()
+        .chain((1..=max_hosts()).map(Case::Postgres))
+        .collect(),
     }
 }
 
 /// One way of draining the queue.
 #[derive(Clone, Copy, PartialEq)]
 enum Case {
+    /// Parse and ack: less than the hosts do (no state).
     Lapin,
+    /// Parse, inventory's state updates by hand in SQLite, ack: the
+    /// embedded host's work without the host ([`Work::Sqlite`]).
+    LapinSqlite,
     Sqlite,
     /// This many hosts on one PostgreSQL schema.
     Postgres(usize),
@@ -118,6 +131,7 @@ impl Case {
     fn what(self) -> String {
         match self {
             Case::Lapin => "plain lapin (JSON parse, multiple ack every 30)".into(),
+            Case::LapinSqlite => "plain lapin + the same state writes in SQLite".into(),
             Case::Sqlite => "1 host, SQLite (embedded, synchronous=normal)".into(),
             Case::Postgres(1) => "1 host, PostgreSQL".into(),
             Case::PostgresPerRead => "1 host, PostgreSQL, no read_ahead".into(),
@@ -269,11 +283,16 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
     let mut extras: Vec<Vec<Extra>> = cases.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         for (i, &case) in cases.iter().enumerate() {
-            if case == Case::Lapin {
+            if let Case::Lapin | Case::LapinSqlite = case {
                 declare_queue(&client, &lapin_q);
                 prefill(&client, "", &lapin_q, n);
+                let work = if case == Case::Lapin {
+                    Work::Parse
+                } else {
+                    Work::Sqlite
+                };
                 let cpu = Cpu::now(servers);
-                let rate = lapin_drain(&client, &lapin_q, n, None);
+                let rate = lapin_drain(&client, &lapin_q, n, work);
                 drains[i].push(Drain::new(rate, cpu, Cpu::now(servers), n, false));
                 extras[i].push(Extra::default());
                 continue;
@@ -371,10 +390,11 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
             .unwrap_or_default()
     );
     println!(
-        "{:<47} {:>8} {:>7} {:>8} {:>7} {:>21} {:>8} {:>8} {:>7} {:>9} {:>8}",
+        "{:<47} {:>8} {:>7} {:>10} {:>8} {:>7} {:>21} {:>8} {:>8} {:>7} {:>9} {:>8}",
         "case (medians over the rounds)",
         "events/s",
         "x lapin",
+        "x same work",
         "x sqlite",
         "x 1 pg",
         "CPU µs/ev: consumers",
@@ -390,6 +410,7 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
     };
     let index = |case: Case| cases.iter().position(|c| *c == case);
     let lapin = index(Case::Lapin).map(|i| &drains[i]);
+    let by_hand = index(Case::LapinSqlite).map(|i| &drains[i]);
     let sqlite = index(Case::Sqlite).map(|i| &drains[i]);
     let one_pg = index(Case::Postgres(1)).map(|i| &drains[i]);
     for (i, &case) in cases.iter().enumerate() {
@@ -399,6 +420,7 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
             _ => String::new(),
         };
         let x_lapin = x(lapin, case != Case::Lapin);
+        let x_same = x(by_hand, case == Case::Sqlite);
         let x_sqlite = x(
             sqlite,
             matches!(case, Case::Postgres(_) | Case::PostgresPerRead),
@@ -417,7 +439,7 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
             }
         };
         println!(
-            "{:<47} {:>8.0} {x_lapin:>7} {x_sqlite:>8} {x_pg:>7} {:>21.1} {:>8} {:>8} {total:>7.1} {:>9} {:>8}",
+            "{:<47} {:>8.0} {x_lapin:>7} {x_same:>10} {x_sqlite:>8} {x_pg:>7} {:>21.1} {:>8} {:>8} {total:>7.1} {:>9} {:>8}",
             case.what(),
             median(runs.iter().map(|d| d.rate)),
             median(runs.iter().map(|d| d.own)),
@@ -429,7 +451,7 @@ publishes_to = [{{ exchange = "{out}", kind = "topic" }}]
     }
     let requeued: u64 = extras.iter().flatten().map(|e| e.requeued).sum();
     println!(
-        "(x = rate / that case's rate in the same round; CPU per event drained, from /proc: consumers = this process, every host of the fleet; xact, rollback = PostgreSQL transactions per 1000 events, database-wide; events re-queued over all drains: {requeued})"
+        "(x = rate / that case's rate in the same round; x same work: the SQLite host against plain lapin with the same state writes; CPU per event drained, from /proc: consumers = this process, every host of the fleet; xact, rollback = PostgreSQL transactions per 1000 events, database-wide; events re-queued over all drains: {requeued})"
     );
     println!("PostgreSQL round trip alone, SELECT … FOR UPDATE of an absent key in a transaction:");
     println!("  I/O on another thread, this one blocked (the host until 2026-12-02), {io_thread}");

@@ -100,12 +100,95 @@ pub fn declare_queue(client: &Client, queue: &str) {
     });
 }
 
-/// The plain lapin consumer: parse, ack multiple every ACK_EVERY. With
-/// `announce` (an exchange), it also does what the example deployment
-/// does per order: publish a persistent JSON reservation with a message id,
-/// and ack a window only once the broker has confirmed its publishes —
-/// windows pipelined two deep, so it does not stall a round trip per window.
-pub fn lapin_drain(client: &Client, queue: &str, n: usize, announce: Option<&str>) -> f64 {
+/// What the plain lapin consumer does with each order beside parsing it.
+#[derive(Clone, Copy)]
+pub enum Work<'a> {
+    /// Nothing more: parse and ack.
+    Parse,
+    /// What the example deployment does per order: publish a persistent
+    /// JSON reservation with a message id to this exchange, and ack a
+    /// window only once the broker has confirmed its publishes — windows
+    /// pipelined two deep, so it does not stall a round trip per window.
+    Announce(&'a str),
+    /// What inventory does with stock updates only, written by hand as a
+    /// service without event-host would: skip an order already recorded,
+    /// decrement the item's stock, record the order — in an SQLite file
+    /// with the host's table, pragmas and writes ([`HandState`]), one
+    /// transaction per ack window, committed before the ack.
+    Sqlite,
+}
+
+/// Inventory's state kept by hand for [`Work::Sqlite`]: the embedded
+/// store's `kv` table and pragmas (WAL, `synchronous=NORMAL`, exclusive
+/// lock), statements prepared once, the seed stock read from SQLite like
+/// any other value.
+pub struct HandState {
+    conn: rusqlite::Connection,
+    _dir: tempfile::TempDir,
+}
+
+impl HandState {
+    const NS: &'static str = "inventory";
+
+    pub fn open() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+            .unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
+        conn.execute_batch(
+            "CREATE TABLE kv (ns TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
+                 PRIMARY KEY (ns, key)) WITHOUT ROWID;",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO kv (ns, key, value) VALUES (?1, 'stock.Laptop', ?2)",
+            rusqlite::params![Self::NS, b"1000000000000".as_slice()],
+        )
+        .unwrap();
+        HandState { conn, _dir: dir }
+    }
+
+    /// Reserve one order inside the open transaction.
+    fn reserve(&self, order: &serde_json::Value, quantity: i64) {
+        let read = |key: &str| -> Option<Vec<u8>> {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT value FROM kv WHERE ns = ?1 AND key = ?2")
+                .unwrap();
+            let mut rows = stmt.query(rusqlite::params![Self::NS, key]).unwrap();
+            rows.next().unwrap().map(|r| r.get(0).unwrap())
+        };
+        let seen = format!("order.{}", order["id"]);
+        if read(&seen).is_some() {
+            return;
+        }
+        let stock = format!("stock.{}", order["item"].as_str().unwrap());
+        let available: i64 = std::str::from_utf8(&read(&stock).unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(available >= quantity);
+        let mut put = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO kv (ns, key, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value",
+            )
+            .unwrap();
+        let remaining = (available - quantity).to_string();
+        put.execute(rusqlite::params![Self::NS, stock, remaining.as_bytes()])
+            .unwrap();
+        put.execute(rusqlite::params![Self::NS, seen, b"reserved".as_slice()])
+            .unwrap();
+    }
+}
+
+/// The plain lapin consumer: parse, do `work`, ack multiple every
+/// ACK_EVERY.
+pub fn lapin_drain(client: &Client, queue: &str, n: usize, work: Work<'_>) -> f64 {
+    let state = matches!(work, Work::Sqlite).then(HandState::open);
     client.rt.block_on(async {
         let ch = client.conn.create_channel().await.unwrap();
         ch.basic_qos(PREFETCH, BasicQosOptions::default())
@@ -133,7 +216,13 @@ pub fn lapin_drain(client: &Client, queue: &str, n: usize, announce: Option<&str
             let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
             let quantity = v["quantity"].as_i64().unwrap();
             assert!(quantity > 0);
-            if let Some(exchange) = announce {
+            if let Some(state) = &state {
+                if (seen as u64).is_multiple_of(ACK_EVERY) {
+                    state.conn.execute_batch("BEGIN").unwrap();
+                }
+                state.reserve(&v, quantity);
+            }
+            if let Work::Announce(exchange) = work {
                 remaining -= quantity;
                 let body = serde_json::to_vec(&serde_json::json!({
                     "order_id": v["id"], "item": v["item"],
@@ -162,6 +251,9 @@ pub fn lapin_drain(client: &Client, queue: &str, n: usize, announce: Option<&str
             }
             seen += 1;
             if (seen as u64).is_multiple_of(ACK_EVERY) || seen == n {
+                if let Some(state) = &state {
+                    state.conn.execute_batch("COMMIT").unwrap();
+                }
                 windows.push_back((d.delivery_tag, std::mem::take(&mut confirms)));
                 while windows.len() > 2 || (seen == n && !windows.is_empty()) {
                     let (tag, confirms) = windows.pop_front().unwrap();
