@@ -303,8 +303,19 @@ struct Inner {
     /// Outbox rows already confirmed, deleted by the next commit's
     /// transaction rather than one of their own.
     confirmed_outbox: Mutex<Vec<i64>>,
+    /// Per namespace, the thread its background commits run on, started
+    /// with its first one and kept for the next: one thread a batch cost
+    /// a thread's start and end per commit, on the commit's path.
+    committers: Mutex<HashMap<String, Committer>>,
     backend: Arc<dyn Backend>,
 }
+
+/// What a commit job hands back: each commit's outcome, and the commits.
+type JobOutput = (Result<Vec<CommitOutcome>>, Vec<Commit>);
+
+/// Hands jobs to a namespace's commit thread, each with where its output
+/// goes.
+type Committer = std::sync::mpsc::Sender<(CommitJob, std::sync::mpsc::SyncSender<JobOutput>)>;
 
 impl StateStore {
     /// The store `config` names: PostgreSQL when `state_url` is set,
@@ -344,6 +355,7 @@ impl StateStore {
                 staged: Mutex::new(HashMap::new()),
                 committing: Mutex::new(HashMap::new()),
                 confirmed_outbox: Mutex::new(Vec::new()),
+                committers: Mutex::new(HashMap::new()),
                 backend,
             }),
         }
@@ -540,15 +552,9 @@ impl StateStore {
             let (result, batch) = job();
             Job::Done(result, batch)
         } else {
-            match std::thread::Builder::new()
-                .name("state-commit".into())
-                .spawn(job)
-            {
+            match self.on_commit_thread(ns, job) {
                 Ok(running) => Job::Running(running),
-                Err(e) => Job::Done(
-                    Err(anyhow::Error::new(e).context("starting a state commit thread")),
-                    Vec::new(),
-                ),
+                Err(e) => Job::Done(Err(e), Vec::new()),
             }
         };
         PendingCommit {
@@ -557,6 +563,48 @@ impl StateStore {
             confirmed,
             job: Some(job),
         }
+    }
+
+    /// Run `job` on the commit thread of `ns`, starting it if there is
+    /// none; its output arrives on the receiver. A job that panics fails
+    /// its batch (the receiver finds the sender gone), not the thread.
+    fn on_commit_thread(
+        &self,
+        ns: &str,
+        job: CommitJob,
+    ) -> Result<std::sync::mpsc::Receiver<JobOutput>> {
+        let (done, output) = std::sync::mpsc::sync_channel(1);
+        let mut committers = self
+            .inner
+            .committers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut work = (job, done);
+        if let Some(committer) = committers.get(ns) {
+            match committer.send(work) {
+                Ok(()) => return Ok(output),
+                // Its thread is gone: start another.
+                Err(std::sync::mpsc::SendError(back)) => work = back,
+            }
+        }
+        let (committer, jobs) =
+            std::sync::mpsc::channel::<(CommitJob, std::sync::mpsc::SyncSender<JobOutput>)>();
+        std::thread::Builder::new()
+            .name("state-commit".into())
+            .spawn(move || {
+                // Ends when the store, and with it the sender, is dropped.
+                for (job, done) in jobs {
+                    if let Ok(out) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
+                        let _ = done.send(out);
+                    }
+                }
+            })
+            .context("starting a state commit thread")?;
+        committer
+            .send(work)
+            .map_err(|_| anyhow::anyhow!("the state commit thread ended at its start"))?;
+        committers.insert(ns.to_owned(), committer);
+        Ok(output)
     }
 
     /// Outbox messages not yet confirmed published (after a crash, for
@@ -664,7 +712,7 @@ pub struct PendingCommit {
 
 enum Job {
     Done(Result<Vec<CommitOutcome>>, Vec<Commit>),
-    Running(std::thread::JoinHandle<(Result<Vec<CommitOutcome>>, Vec<Commit>)>),
+    Running(std::sync::mpsc::Receiver<JobOutput>),
 }
 
 impl PendingCommit {
@@ -683,9 +731,9 @@ impl PendingCommit {
     fn wait(&mut self) -> (Result<Vec<CommitOutcome>>, Vec<Commit>) {
         let (result, batch) = match self.job.take() {
             Some(Job::Done(result, batch)) => (result, batch),
-            Some(Job::Running(running)) => running.join().unwrap_or_else(|_| {
+            Some(Job::Running(running)) => running.recv().unwrap_or_else(|_| {
                 (
-                    Err(anyhow::anyhow!("the state commit thread panicked")),
+                    Err(anyhow::anyhow!("the state commit panicked")),
                     Vec::new(),
                 )
             }),
