@@ -15,8 +15,8 @@
 //!
 //! The commit sends every statement at once (tokio-postgres pipelines the
 //! requests of one connection): the batch's net writes, its dedupe
-//! records, its outbox row and `COMMIT` cost one round trip. It runs on a
-//! thread of its own ([`Backend::detach_commit`]) while the handler's next
+//! records, its outbox row and `COMMIT` cost one round trip. It runs on the
+//! handler's commit thread ([`Backend::detach_commit`]) while the handler's next
 //! batch, on another connection, reads ahead and runs its events: those
 //! see what the committing batch left through the store's committing
 //! layer (see `StateStore::commit_in_background`), and lock those keys
