@@ -924,3 +924,42 @@ fn new_secret() -> Result<[u8; 32]> {
         .map_err(|e| anyhow::anyhow!("generating the host secret: {e}"))?;
     Ok(secret)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A namespace's background commits run one after another on one kept
+    /// thread (not a thread each), and a commit that panics fails only its
+    /// own batch: the next still runs, on the same thread.
+    #[test]
+    fn background_commits_share_their_namespace_s_thread_and_outlive_a_panic() -> Result<()> {
+        let store = StateStore::in_memory()?;
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let job = |panics: bool| -> CommitJob {
+            let threads = threads.clone();
+            Box::new(move || {
+                threads.lock().unwrap().push(std::thread::current().id());
+                assert!(!panics, "a commit job panicked (as this test wants)");
+                (Ok(Vec::new()), Vec::new())
+            })
+        };
+        let ok = store.on_commit_thread("h", job(false))?.recv()?;
+        assert!(ok.0.is_ok());
+        let panicked = store.on_commit_thread("h", job(true))?.recv();
+        assert!(panicked.is_err(), "the waiter sees a panicked commit fail");
+        let after = store.on_commit_thread("h", job(false))?.recv()?;
+        assert!(after.0.is_ok());
+        assert!(store
+            .on_commit_thread("other", job(false))?
+            .recv()?
+            .0
+            .is_ok());
+        let threads = threads.lock().unwrap();
+        assert_eq!(threads[0], threads[1]);
+        assert_eq!(threads[1], threads[2]);
+        assert_ne!(threads[0], std::thread::current().id());
+        assert_ne!(threads[3], threads[0], "each namespace has its own");
+        Ok(())
+    }
+}
