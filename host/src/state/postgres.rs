@@ -14,8 +14,9 @@
 //! events run again (see [`Contended`]).
 //!
 //! The commit sends every statement at once (tokio-postgres pipelines the
-//! requests of one connection): the batch's net writes, its dedupe
-//! records, its outbox row and `COMMIT` cost one round trip. It runs on the
+//! requests of one connection): the check of keys the batch read without
+//! locking them, its net writes, its dedupe records, its outbox row and
+//! `COMMIT` cost one round trip. It runs on the
 //! handler's commit thread ([`Backend::detach_commit`]) while the handler's next
 //! batch, on another connection, reads ahead and runs its events: those
 //! see what the committing batch left through the store's committing
@@ -127,6 +128,23 @@ const MIGRATIONS: &[&str] = &[
         END LOOP;
     END $$;
 ",
+    // A commit's check of the keys its batch read without locking them:
+    // lock each (in the array's order) and fail the transaction, as
+    // contention, if one no longer holds what the batch read (NULL:
+    // absent). Sent with the commit's writes, not a round trip before them.
+    "
+    CREATE OR REPLACE FUNCTION still_read(p_ns text, p_keys bytea[], p_values bytea[]) RETURNS void
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        IF EXISTS (SELECT 1 FROM unnest(p_keys, p_values) AS u(k, v)
+                   LEFT JOIN LATERAL (SELECT value FROM kv WHERE ns = p_ns AND key = u.k
+                                      FOR UPDATE) r ON true
+                   WHERE r.value IS DISTINCT FROM u.v) THEN
+            RAISE EXCEPTION 'a key the batch read was changed by another host'
+                USING ERRCODE = 'serialization_failure';
+        END IF;
+    END $$;
+",
 ];
 
 /// `url` with its password replaced by `***` (URL and key=value forms),
@@ -192,12 +210,13 @@ fn check_schema(schema: &str) -> Result<()> {
 /// The hot path's SQL, in the order of [`Statements`]' fields: prepared
 /// once per connection. Statements that find rows by `= ANY($n)` are not
 /// among them: they are [`MANY`].
-const HOT_PATH_SQL: [&str; 9] = [
+const HOT_PATH_SQL: [&str; 10] = [
     "SELECT value FROM kv WHERE ns = $1 AND key = $2 FOR UPDATE",
     "SELECT value FROM kv WHERE ns = $1 AND key = $2",
     "SELECT key FROM kv WHERE ns = $1 AND key > $2 ORDER BY key LIMIT $3",
     "SELECT 1 FROM processed WHERE ns = $1 AND message_id = $2",
     "SELECT still_absent($1, $2::bytea[])",
+    "SELECT still_read($1, $2::bytea[], $3::bytea[])",
     "INSERT INTO kv (ns, key, value)
      SELECT $1, k, v FROM unnest($2::bytea[], $3::bytea[]) AS u(k, v)",
     "INSERT INTO kv (ns, key, value)
@@ -297,6 +316,7 @@ struct Statements {
     list: Statement,
     processed: Statement,
     still_absent: Statement,
+    still_read: Statement,
     insert_new: Statement,
     upsert: Statement,
     mark: Statement,
@@ -699,8 +719,8 @@ impl Postgres {
             .with_context(|| format!("preparing the state database connection ({})", self.shown))?;
         let (st, many) = st;
         let Ok(
-            [read_for_update, read, list, processed, still_absent, insert_new, upsert, mark, outbox_insert],
-        ) = <[Statement; 9]>::try_from(st)
+            [read_for_update, read, list, processed, still_absent, still_read, insert_new, upsert, mark, outbox_insert],
+        ) = <[Statement; 10]>::try_from(st)
         else {
             bail!("prepared statements out of step");
         };
@@ -710,6 +730,7 @@ impl Postgres {
             list,
             processed,
             still_absent,
+            still_read,
             insert_new,
             upsert,
             mark,
@@ -837,16 +858,52 @@ impl Postgres {
         if let Some(why) = &batch.failed {
             return Ok(Err(why.clone()));
         }
-        // Keys read but not locked by this transaction: read by an earlier
-        // chunk of the batch (its commit released them) or only ever seen
-        // staged. Lock them now, to validate against what is there.
-        let mut unlocked: Vec<&str> = commits
+        // Keys read but not locked by this transaction: read through the
+        // commit under way before this batch's (see `StateStore::
+        // commit_in_background`), read by an earlier chunk of the batch
+        // (its commit released them), or seen only as an earlier event of
+        // the batch left them. Each is locked now, to validate against
+        // what is there.
+        //
+        // A key the batch read before any of its events wrote it must
+        // still hold what was read: `still_read` locks such keys and
+        // checks that at the head of the commit's statements, in their
+        // round trip, and they are planned against the values read (should
+        // one differ, the transaction fails as contention and the batch
+        // runs again). The hot key read through the commit under way is
+        // one. A key first written, then read, is locked and read in a
+        // round trip of its own: only its committed value says what
+        // planning the batch against it must find.
+        let mut first: HashMap<&str, Option<Option<&[u8]>>> = HashMap::new();
+        for commit in commits {
+            for (key, value) in &commit.reads {
+                if !batch.locked.contains_key(key.as_str()) {
+                    first.entry(key.as_str()).or_insert(Some(value.as_deref()));
+                }
+            }
+            // A call's reads of a key came before its own write of it.
+            for (key, _) in &commit.writes {
+                if !batch.locked.contains_key(key.as_str()) {
+                    first.entry(key.as_str()).or_insert(None);
+                }
+            }
+        }
+        let ever_read: std::collections::HashSet<&str> = commits
             .iter()
             .flat_map(|c| c.reads.iter().map(|(k, _)| k.as_str()))
-            .filter(|k| !batch.locked.contains_key(*k))
             .collect();
+        let mut read_first: Vec<(&str, Option<&[u8]>)> = Vec::new();
+        let mut unlocked: Vec<&str> = Vec::new();
+        for (key, read) in first {
+            match read {
+                Some(value) => read_first.push((key, value)),
+                None if ever_read.contains(key) => unlocked.push(key),
+                None => {}
+            }
+        }
+        // Sorted: two hosts lock shared keys in one order.
+        read_first.sort_unstable_by_key(|(k, _)| *k);
         unlocked.sort_unstable();
-        unlocked.dedup();
         let unlocked_bytes: Vec<&[u8]> = unlocked.iter().map(|k| k.as_bytes()).collect();
         if !unlocked.is_empty() {
             let rows = match self.query_in_batch(
@@ -867,6 +924,13 @@ impl Postgres {
             for row in rows {
                 batch.locked.insert(text_of(row.get(0)), Some(row.get(1)));
             }
+        }
+        let (read_keys, read_values): (Vec<&[u8]>, Vec<Option<&[u8]>>) =
+            read_first.iter().map(|(k, v)| (k.as_bytes(), *v)).unzip();
+        for (key, value) in &read_first {
+            batch
+                .locked
+                .insert((*key).to_owned(), value.map(<[u8]>::to_vec));
         }
         let locked = &batch.locked;
         // Dedupe against other hosts is the processed table's primary key:
@@ -924,6 +988,7 @@ impl Postgres {
         let client = &batch.conn.client;
         let host = self.host_id.as_str();
         let p_confirmed: [&(dyn ToSql + Sync); 1] = [&confirmed];
+        let p_read: [&(dyn ToSql + Sync); 3] = [&ns, &read_keys, &read_values];
         let p_new: [&(dyn ToSql + Sync); 3] = [&ns, &new_keys, &new_values];
         let p_upsert: [&(dyn ToSql + Sync); 3] = [&ns, &keys, &values];
         let p_delete: [&(dyn ToSql + Sync); 2] = [&ns, &deleted];
@@ -934,6 +999,9 @@ impl Postgres {
             statements.push(Box::pin(async {
                 client.batch_execute("BEGIN").await.map(|()| Vec::new())
             }));
+        }
+        if !read_keys.is_empty() {
+            statements.push(Box::pin(client.query(&st.still_read, &p_read)));
         }
         if !confirmed.is_empty() {
             statements.push(batch.conn.send(Sql::Many(Many::OutboxDelete), &p_confirmed));
@@ -1551,6 +1619,39 @@ mod tests {
         a.end_batch("h");
         assert!(matches!(outcomes[..], [CommitOutcome::Conflict { .. }]));
         assert_eq!(value(&a, "hot").as_deref(), Some("3"));
+        Ok(())
+    }
+
+    /// A key an event of the batch wrote before another read it: the
+    /// reader saw the batch's own value, not the committed one, and the
+    /// commit must not take that for a change by another host.
+    #[test]
+    fn a_key_written_then_read_within_a_batch_commits() -> Result<()> {
+        let schema = Schema::new();
+        let a = schema.host("a");
+        assert!(matches!(
+            increment(&a, "k", None)?,
+            CommitOutcome::Committed { .. }
+        ));
+        let mut writer = Txn::default();
+        writer.set("k", b"5".to_vec());
+        let writer = writer.into_commit("h", Some("m1".into()), Vec::new());
+        a.stage("h", &writer.writes);
+        let reader = counting_batch(&a, "k", "k2")?;
+        assert_eq!(reader.reads, vec![("k".to_owned(), Some(b"5".to_vec()))]);
+        let outcomes = a.commit(&[writer, reader])?;
+        a.end_batch("h");
+        assert!(
+            matches!(
+                outcomes[..],
+                [
+                    CommitOutcome::Committed { .. },
+                    CommitOutcome::Committed { .. }
+                ]
+            ),
+            "{outcomes:?}"
+        );
+        assert_eq!(value(&a, "k").as_deref(), Some("6"));
         Ok(())
     }
 
