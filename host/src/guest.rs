@@ -100,6 +100,12 @@ pub struct CallEffects {
     /// [`crate::state::Contended`]): the call trapped, and the event runs
     /// again rather than failing.
     pub contended: Option<String>,
+    /// A state call the host refused for going over a per-event limit
+    /// (`max_key_bytes`, `max_value_bytes`, `max_writes`,
+    /// `max_written_bytes`), the first one. The same event would go over
+    /// it again, so should the call then fail, the event is dead-lettered
+    /// at once rather than retried (see [`crate::dispatch::Happened::OverLimit`]).
+    pub refused: Option<String>,
     /// What the guest logged through `wasi:logging`, kept (bounded by
     /// `max_log_lines`) only when spans are exported, as their events.
     pub logs: Vec<GuestLog>,
@@ -328,9 +334,9 @@ impl GuestState {
     }
 
     /// Refuse a key over the configured size, before anything keeps it.
-    fn check_key(&self, key: &str) -> Result<(), kv::Error> {
+    fn check_key(&mut self, key: &str) -> Result<(), kv::Error> {
         if key.len() > self.limits.max_key_bytes {
-            return Err(kv::Error::Other(format!(
+            return Err(self.refuse(format!(
                 "key of {} bytes is over the limit of {} bytes (max_key_bytes)",
                 key.len(),
                 self.limits.max_key_bytes
@@ -339,25 +345,33 @@ impl GuestState {
         Ok(())
     }
 
+    /// The error for a state call refused for going over a per-event
+    /// limit, the first such refusal kept in the effects (see
+    /// [`CallEffects::refused`]).
+    fn refuse(&mut self, why: String) -> kv::Error {
+        self.effects.refused.get_or_insert_with(|| why.clone());
+        kv::Error::Other(why)
+    }
+
     /// Count one write of `key` and `value_len` bytes against the per-call
     /// bounds, refusing it (nothing buffered) when it would exceed one.
     fn admit_write(&mut self, key: &str, value_len: usize) -> Result<(), kv::Error> {
         self.check_key(key)?;
         if value_len > self.limits.max_value_bytes {
-            return Err(kv::Error::Other(format!(
+            return Err(self.refuse(format!(
                 "value of {value_len} bytes is over the limit of {} bytes (max_value_bytes)",
                 self.limits.max_value_bytes
             )));
         }
         if self.writes >= self.limits.max_writes {
-            return Err(kv::Error::Other(format!(
+            return Err(self.refuse(format!(
                 "more than {} writes in one event (max_writes)",
                 self.limits.max_writes
             )));
         }
         let written = self.written_bytes + key.len() + value_len;
         if written > self.limits.max_written_bytes {
-            return Err(kv::Error::Other(format!(
+            return Err(self.refuse(format!(
                 "more than {} bytes of keys and values written in one event (max_written_bytes)",
                 self.limits.max_written_bytes
             )));

@@ -108,6 +108,48 @@ fn an_order_with_a_250_byte_message_id_is_applied_acked_and_published() {
     again.stop().unwrap();
 }
 
+/// An order whose id makes inventory's `order.<id>` key longer than
+/// `max_key_bytes`: the host refuses the state call, inventory asks for a
+/// retry (to it, a state error is transient), and the host dead-letters
+/// the order on its first attempt, saying why, instead of retrying what
+/// would be refused again. The next order flows.
+#[test]
+fn an_order_over_the_key_limit_is_dead_lettered_at_once_with_the_limit_named() {
+    let inv = Inventory::new();
+    let mut client = Client::connect();
+    inv.cleanup(&mut client);
+    declare_topic(&client, &inv.events);
+    let host = TestHost::start(&["inventory"], &inv.config("max_attempts = 5"));
+    let id = "i".repeat(600);
+    client.publish(
+        &inv.orders,
+        "",
+        format!(r#"{{"id": "{id}", "item": "Laptop", "quantity": 1}}"#).as_bytes(),
+        BasicProperties::default(),
+    );
+    let dead = client.take(&format!("{}.dlq", inv.queue), 1, Duration::from_secs(10));
+    assert_eq!(dead.len(), 1, "dead-lettered");
+    assert_eq!(
+        header(&dead[0], "x-event-host-attempts").as_deref(),
+        Some("1")
+    );
+    let reason = header(&dead[0], "x-event-host-reason").unwrap();
+    assert!(
+        reason.starts_with("a state call went over a per-event limit (key of 606 bytes")
+            && reason.contains("(max_key_bytes)"),
+        "{reason}"
+    );
+    assert_eq!(host.counter("inventory", "retried"), 0, "never retried");
+    client.publish(&inv.orders, "", &order(1), BasicProperties::default());
+    host.wait_for(
+        "/state/inventory/stock.Laptop",
+        |s, b| s == 200 && b.contains("\"value\":9"),
+        "the next order applied",
+    );
+    assert_eq!(host.metric(RECONNECTS), 0.0);
+    host.stop().unwrap();
+}
+
 #[test]
 fn a_300_kb_reject_reason_is_capped_and_the_other_handler_keeps_consuming() {
     let mut client = Client::connect();

@@ -368,12 +368,17 @@ fn kv_big(
     )
 }
 
+/// The guest saw the refusal (chaos asks for a retry on a state error),
+/// and the event is dead-lettered at once, not retried: it would go over
+/// the limit again.
 fn assert_state_error(handled: &event_host::dispatch::Handled, knob: &str) {
-    assert_eq!(handled.outcome, Outcome::Retry, "{handled:?}");
+    assert_eq!(handled.outcome, Outcome::Reject, "{handled:?}");
     let reason = handled.reason.clone().unwrap_or_default();
     assert!(
-        reason.starts_with("state error: Error::Other(") && reason.contains(knob),
-        "the guest saw the refusal, naming {knob}: {reason}"
+        reason.starts_with("a state call went over a per-event limit (")
+            && reason.contains(&format!("({knob})), which the event would do again: "))
+            && reason.contains("state error: Error::Other("),
+        "the refusal names {knob}, then what the guest said: {reason}"
     );
 }
 

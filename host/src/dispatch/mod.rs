@@ -123,6 +123,11 @@ pub enum Outcome {
 pub enum Happened<'a> {
     /// The guest ran, with this result.
     Called(&'a CallResult),
+    /// The guest ran, with this result, after the host refused one of its
+    /// state calls for going over a per-event limit (the refusal's text).
+    /// A failed call is then not retried: the same event would go over the
+    /// limit again.
+    OverLimit(&'a CallResult, &'a str),
     /// Over a bound before its guest ran (payload, headers) or before its
     /// effects could commit (the batch budget).
     TooLarge(Oversize),
@@ -209,6 +214,14 @@ pub enum Cause {
     },
     /// See [`Happened::TooLarge`].
     TooLarge(Oversize),
+    /// See [`Happened::OverLimit`]: the refusal, and how the call failed
+    /// after it.
+    OverLimit {
+        /// What the host refused.
+        limit: String,
+        /// How the call failed.
+        then: Box<Cause>,
+    },
     /// Its message id had already committed: acked, not run again.
     Duplicate,
     /// A host fault: requeued, counted by the breaker.
@@ -228,6 +241,10 @@ impl std::fmt::Display for Cause {
                 write!(f, "{ATTEMPTS_EXHAUSTED} ({attempt}/{max}): {last}")
             }
             Cause::TooLarge(over) => write!(f, "{over}"),
+            Cause::OverLimit { limit, then } => write!(
+                f,
+                "{OVER_LIMIT} ({limit}), which the event would do again: {then}"
+            ),
             Cause::Duplicate => f.write_str(DUPLICATE),
             Cause::HostFault(e) => write!(f, "host error: {e}"),
             Cause::Conflict(key) => write!(f, "state key {key:?} kept changing under the event"),
@@ -326,6 +343,21 @@ pub fn decide<'a>(happened: impl Into<Happened<'a>>, attempt: u32, max_attempts:
         Happened::Called(CallResult::HostError(e)) => {
             decision(Outcome::Requeue, Cause::HostFault(e.clone()))
         }
+        Happened::OverLimit(result, limit) => {
+            let then = match result {
+                CallResult::Retry(r) => Cause::GuestRetry(r.clone()),
+                CallResult::Trapped(failure) => Cause::GuestFault(failure.to_string()),
+                // Handled by the guest, or not the guest's doing: as ever.
+                other => return decide(Happened::Called(other), attempt, max_attempts),
+            };
+            decision(
+                Outcome::Reject,
+                Cause::OverLimit {
+                    limit: limit.to_owned(),
+                    then: Box::new(then),
+                },
+            )
+        }
         Happened::HostFault(e) => decision(Outcome::Requeue, Cause::HostFault(e.to_owned())),
         Happened::TooLarge(over) => decision(Outcome::Reject, Cause::TooLarge(over)),
         Happened::Duplicate => decision(Outcome::Ack, Cause::Duplicate),
@@ -412,6 +444,10 @@ impl From<&Handled> for crate::activity::Sample {
 
 /// How the reason of a dead-lettered, repeatedly failing event starts.
 const ATTEMPTS_EXHAUSTED: &str = "attempts exhausted";
+
+/// How the reason of an event dead-lettered for going over a per-event
+/// state limit begins.
+const OVER_LIMIT: &str = "a state call went over a per-event limit";
 
 /// Reason given for an event whose idempotency key already committed.
 const DUPLICATE: &str = "duplicate: idempotency key already committed";
@@ -674,8 +710,12 @@ impl Dispatcher {
                 ..Execution::contended(why, delivery, call.elapsed)
             });
         }
+        let happened = match &call.effects.refused {
+            Some(limit) => Happened::OverLimit(&call.result, limit),
+            None => Happened::Called(&call.result),
+        };
         let decision = decide(
-            &call.result,
+            happened,
             delivery.attempt.max(1),
             handler.settings.max_attempts,
         );
@@ -1151,6 +1191,35 @@ mod tests {
         );
         assert_eq!(
             outcome(&CallResult::HostError("io".into()), 9, 3),
+            Outcome::Requeue
+        );
+    }
+
+    #[test]
+    fn a_call_failing_after_a_refused_state_call_is_dead_lettered_at_once() {
+        let limit = "key of 600 bytes is over the limit of 512 bytes (max_key_bytes)";
+        let retry = CallResult::Retry("state error".into());
+        let d = decide(Happened::OverLimit(&retry, limit), 1, 5);
+        assert_eq!(d.outcome, Outcome::Reject);
+        let reason = d.reason.expect("a reason");
+        assert!(matches!(reason.cause(), Some(Cause::OverLimit { .. })));
+        assert_eq!(
+            reason.to_string(),
+            format!("{OVER_LIMIT} ({limit}), which the event would do again: state error")
+        );
+        let trap = CallResult::Trapped(Failure::Timeout(Duration::from_millis(5)));
+        assert_eq!(
+            decide(Happened::OverLimit(&trap, limit), 1, 5).outcome,
+            Outcome::Reject
+        );
+        // A guest that handled the refusal, or a host fault, as ever.
+        assert_eq!(
+            decide(Happened::OverLimit(&CallResult::Ok, limit), 1, 5).outcome,
+            Outcome::Ack
+        );
+        let host = CallResult::HostError("io".into());
+        assert_eq!(
+            decide(Happened::OverLimit(&host, limit), 1, 5).outcome,
             Outcome::Requeue
         );
     }
