@@ -135,7 +135,7 @@ pub enum Happened<'a> {
     Duplicate,
     /// The host failed (the state store, for example).
     HostFault(&'a str),
-    /// Re-run [`MAX_CONFLICT_RERUNS`] times, what it read kept changing.
+    /// Re-run `MAX_CONFLICT_RERUNS` (8) times, what it read kept changing.
     Conflict(&'a str),
     /// The handler was paused or removed before the event ran.
     Inactive,

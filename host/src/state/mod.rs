@@ -13,7 +13,7 @@
 //!
 //! - this module: the interface — [`Txn`], [`Commit`], [`StateStore`] —
 //!   and what both backends share: a batch's staged writes, the commit
-//!   [`plan`](plan) (dedupe, read validation, net writes, one outbox row
+//!   plan (`Plan`: dedupe, read validation, net writes, one outbox row
 //!   per batch), the outbox encoding.
 //! - `sqlite`: embedded state, one process's alone (the default).
 //! - `cache`: the SQLite backend's read cache and key filter — safe there
@@ -666,8 +666,9 @@ impl StateStore {
 
     /// Drop dedupe records older than `max_age_secs`; they only need to
     /// outlive any redelivery of their message. Deletes in chunks of
-    /// [`PRUNE_CHUNK`] rows, each its own transaction, so events committing
-    /// meanwhile wait for one chunk at most, never for the whole table.
+    /// `PRUNE_CHUNK` (10 000) rows, each its own transaction, so events
+    /// committing meanwhile wait for one chunk at most, never for the
+    /// whole table.
     /// Returns how many records were dropped.
     pub fn prune_processed(&self, max_age_secs: i64) -> Result<usize> {
         self.inner
