@@ -93,6 +93,9 @@ fn a_headers_exchange_subscription_is_routed_by_the_broker() {
 queue = "{q}"
 subscriptions = [{{ exchange = "{o}", kind = "headers", binding_keys = ["type=order,region=eu", "x-match=any,vip=yes,rush=yes"] }}]
 publishes_to = [{{ exchange = "{e}", kind = "topic" }}]
+# As `Inventory::config` has it: the retry queues `Inventory::cleanup`
+# deletes are named from this base.
+retry_base_ms = 50
 [handlers.inventory.config]
 "stock.Laptop" = "10"
 "inventory-exchange" = "{e}"
