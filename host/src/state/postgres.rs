@@ -874,36 +874,29 @@ impl Postgres {
         // one. A key first written, then read, is locked and read in a
         // round trip of its own: only its committed value says what
         // planning the batch against it must find.
-        let mut first: HashMap<&str, Option<Option<&[u8]>>> = HashMap::new();
+        let mut read_first: HashMap<&str, Option<&[u8]>> = HashMap::new();
+        let mut written = std::collections::HashSet::new();
+        let mut unlocked: Vec<&str> = Vec::new();
         for commit in commits {
             for (key, value) in &commit.reads {
-                if !batch.locked.contains_key(key.as_str()) {
-                    first.entry(key.as_str()).or_insert(Some(value.as_deref()));
+                let key = key.as_str();
+                if batch.locked.contains_key(key) || read_first.contains_key(key) {
+                    continue;
+                }
+                if written.contains(key) {
+                    unlocked.push(key);
+                } else {
+                    read_first.insert(key, value.as_deref());
                 }
             }
             // A call's reads of a key came before its own write of it.
-            for (key, _) in &commit.writes {
-                if !batch.locked.contains_key(key.as_str()) {
-                    first.entry(key.as_str()).or_insert(None);
-                }
-            }
+            written.extend(commit.writes.iter().map(|(k, _)| k.as_str()));
         }
-        let ever_read: std::collections::HashSet<&str> = commits
-            .iter()
-            .flat_map(|c| c.reads.iter().map(|(k, _)| k.as_str()))
-            .collect();
-        let mut read_first: Vec<(&str, Option<&[u8]>)> = Vec::new();
-        let mut unlocked: Vec<&str> = Vec::new();
-        for (key, read) in first {
-            match read {
-                Some(value) => read_first.push((key, value)),
-                None if ever_read.contains(key) => unlocked.push(key),
-                None => {}
-            }
-        }
+        let mut read_first: Vec<(&str, Option<&[u8]>)> = read_first.into_iter().collect();
         // Sorted: two hosts lock shared keys in one order.
         read_first.sort_unstable_by_key(|(k, _)| *k);
         unlocked.sort_unstable();
+        unlocked.dedup();
         let unlocked_bytes: Vec<&[u8]> = unlocked.iter().map(|k| k.as_bytes()).collect();
         if !unlocked.is_empty() {
             let rows = match self.query_in_batch(
